@@ -1,0 +1,269 @@
+"""Episode arrays + embodiment spec -> one flat token sequence (Gato section 2.1, 2.2).
+
+Inside every timestep the order is fixed::
+
+    [text keys, sorted] [image keys, sorted: patches in raster order] [proprio/discrete keys, sorted]
+    [SEPARATOR] [action tokens, row-major]
+
+and timesteps follow each other in time order. Beside the ids the builder returns, per position,
+the token type (:class:`~gato_like.tokenizers.vocab.TokenType`), the timestep, the local position
+(index of the token inside its timestep) and the loss mask (action and text tokens only). Image
+positions hold the ``IMAGE_PATCH`` placeholder id; their patches travel in ``patches`` (one row per
+image position, in sequence order) with their (row, col, rows, cols) in ``patch_positions``.
+Single-channel images are repeated to 3 channels so every patch has the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gato_like.tokenizers.continuous import ContinuousTokenizer
+from gato_like.tokenizers.discrete import DiscreteTokenizer
+from gato_like.tokenizers.image import ImageTokenizer
+from gato_like.tokenizers.spec import EmbodimentSpec
+from gato_like.tokenizers.text import TextTokenizer
+from gato_like.tokenizers.vocab import PATCH_SIZE, TokenType, VocabLayout
+
+#: Channels of every patch (grayscale images are repeated to RGB).
+PATCH_CHANNELS = 3
+
+
+@dataclass
+class TokenSequence:
+    """One tokenized episode (or a window of one). L = tokens, P = image patches.
+
+    Attributes:
+        ids: int64 ``(L,)`` ids of the vocabulary layout.
+        types: int8 ``(L,)`` :class:`TokenType` of each position.
+        timesteps: int32 ``(L,)`` timestep of each position, from 0.
+        local_positions: int32 ``(L,)`` index of the token inside its timestep.
+        loss_mask: bool ``(L,)`` True on targets (action and text tokens).
+        patches: float32 ``(P, 3, 16, 16)``, one per ``TokenType.IMAGE`` position, in order.
+        patch_positions: int64 ``(P, 4)``: patch row, column, rows, columns in its image.
+    """
+
+    ids: np.ndarray
+    types: np.ndarray
+    timesteps: np.ndarray
+    local_positions: np.ndarray
+    loss_mask: np.ndarray
+    patches: np.ndarray
+    patch_positions: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.timesteps[-1]) + 1 if len(self) else 0
+
+    def timestep_bounds(self) -> np.ndarray:
+        """int64 ``(T + 1,)``: timestep t spans positions ``[bounds[t], bounds[t + 1])``."""
+        return np.searchsorted(self.timesteps, np.arange(self.num_timesteps + 1), side="left")
+
+    def window(self, start: int, stop: int) -> TokenSequence:
+        """Whole timesteps ``[start, stop)``, renumbered from 0 (for context windows)."""
+        if not 0 <= start < stop <= self.num_timesteps:
+            raise ValueError(f"window: expected 0 <= start < stop <= {self.num_timesteps}, got [{start}, {stop})")
+        bounds = self.timestep_bounds()
+        lo, hi = int(bounds[start]), int(bounds[stop])
+        image = self.types == TokenType.IMAGE
+        p_lo, p_hi = int(image[:lo].sum()), int(image[:hi].sum())
+        return TokenSequence(
+            ids=self.ids[lo:hi],
+            types=self.types[lo:hi],
+            timesteps=self.timesteps[lo:hi] - start,
+            local_positions=self.local_positions[lo:hi],
+            loss_mask=self.loss_mask[lo:hi],
+            patches=self.patches[p_lo:p_hi],
+            patch_positions=self.patch_positions[p_lo:p_hi],
+        )
+
+    @staticmethod
+    def concatenate(parts: list[TokenSequence]) -> TokenSequence:
+        """Sequences one after another in time (e.g. a prompt before an episode window)."""
+        if not parts:
+            raise ValueError("concatenate: expected at least one sequence")
+        offsets = np.cumsum([0] + [p.num_timesteps for p in parts[:-1]])
+        return TokenSequence(
+            ids=np.concatenate([p.ids for p in parts]),
+            types=np.concatenate([p.types for p in parts]),
+            timesteps=np.concatenate([p.timesteps + o for p, o in zip(parts, offsets, strict=True)]).astype(np.int32),
+            local_positions=np.concatenate([p.local_positions for p in parts]),
+            loss_mask=np.concatenate([p.loss_mask for p in parts]),
+            patches=np.concatenate([p.patches for p in parts]),
+            patch_positions=np.concatenate([p.patch_positions for p in parts]),
+        )
+
+
+class SequenceBuilder:
+    """Tokenizes episodes of one embodiment. Pure and picklable: safe in data-loader workers.
+
+    Args:
+        spec: the embodiment.
+        text: the text tokenizer; its vocabulary size V sets every other id range.
+        image: the image tokenizer (16x16 patches by default).
+    """
+
+    def __init__(
+        self, spec: EmbodimentSpec, text: TextTokenizer | None = None, image: ImageTokenizer | None = None
+    ) -> None:
+        self.spec = spec
+        self.text = text if text is not None else TextTokenizer()
+        self.image = image if image is not None else ImageTokenizer(PATCH_SIZE)
+        self.layout = VocabLayout(self.text.vocab_size)
+        self.continuous = ContinuousTokenizer(self.layout.continuous_offset)
+        self.action_continuous = ContinuousTokenizer(self.layout.continuous_offset, mu_law=False)
+        self.discrete = DiscreteTokenizer(self.layout.discrete_offset, self.layout.discrete_values)
+        self.text_keys = spec.keys_by_kind("text")
+        self.image_keys = spec.keys_by_kind("image")
+        self.tensor_keys = sorted(k for k, v in spec.observations.items() if v.kind in ("proprio", "discrete"))
+
+    @property
+    def action_size(self) -> int:
+        """Action tokens per timestep."""
+        return self.spec.action.size
+
+    def fixed_observation_size(self) -> int:
+        """Observation tokens per timestep, text excluded (text length varies with the string)."""
+        size = 0
+        for key in self.image_keys:
+            height, width, _ = self.spec.observations[key].shape
+            size += self.image.num_patches(height, width)
+        return size + sum(int(np.prod(self.spec.observations[k].shape)) for k in self.tensor_keys)
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def encode_actions(self, actions: np.ndarray) -> np.ndarray:
+        """Actions ``(T, *action.shape)`` (already checked against the spec) to ids ``(T, A)``."""
+        action = self.spec.action
+        rows = np.asarray(actions).reshape(len(actions), -1)
+        if action.kind == "discrete":
+            return self.discrete.encode(rows.astype(np.int64)).reshape(rows.shape)
+        assert action.low is not None and action.high is not None
+        low, high = action.low.reshape(-1), action.high.reshape(-1)
+        scaled = np.clip(2.0 * (rows.astype(np.float64) - low) / (high - low) - 1.0, -1.0, 1.0)
+        return self.action_continuous.encode(scaled).reshape(rows.shape)
+
+    def decode_actions(self, ids: np.ndarray) -> np.ndarray:
+        """Action ids ``(..., A)`` back to actions ``(..., *action.shape)`` (within one bin of the
+        original: ``(high - low) / 1024`` per element for continuous actions, exact for discrete)."""
+        action = self.spec.action
+        ids = np.asarray(ids)
+        if ids.shape[-1:] != (self.action_size,):
+            raise ValueError(f"decode_actions: expected ids of shape (..., {self.action_size}), got {ids.shape}")
+        shape = ids.shape[:-1] + action.shape
+        if action.kind == "discrete":
+            values = self.discrete.decode(ids)
+            assert action.num_choices is not None
+            if (values >= action.num_choices).any():
+                raise ValueError(f"decode_actions: ids decode to choices >= num_choices={action.num_choices}")
+            return values.reshape(shape)
+        assert action.low is not None and action.high is not None
+        unit = self.action_continuous.decode(ids)
+        low, high = action.low.reshape(-1), action.high.reshape(-1)
+        return (low + (unit + 1.0) / 2.0 * (high - low)).astype(np.float32).reshape(shape)
+
+    # -- episodes --------------------------------------------------------------------------------
+
+    def _patches(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 ``(T, H, W, C)`` -> patches ``(T, N, 3, P, P)`` and positions ``(T, N, 4)``."""
+        steps, height, width, channels = frames.shape
+        p = self.image.patch_size
+        rows, cols = self.image.grid(height, width)
+        if height % p == 0:
+            # frames stacked vertically keep each frame's raster order when H is a multiple of P
+            patches, _ = self.image.encode(frames.reshape(steps * height, width, channels))
+        else:
+            patches = np.concatenate([self.image.encode(frame)[0] for frame in frames])
+        patches = patches.reshape(steps, rows * cols, channels, p, p)
+        if channels == 1:
+            patches = np.repeat(patches, PATCH_CHANNELS, axis=2)
+        positions = self.image.positions(height, width)
+        return patches, np.broadcast_to(positions, (steps, *positions.shape))
+
+    def build(self, observations: Mapping[str, Any], actions: np.ndarray | None = None) -> TokenSequence:
+        """Tokenize an episode.
+
+        Args:
+            observations: per observation key an array ``(T, *shape)`` (text: ``T`` strings).
+            actions: ``(T, *action.shape)``; or ``(T - 1, ...)`` / None with T = 1 when the last
+                timestep awaits its action (acting): that timestep then ends at its separator.
+
+        Raises:
+            SpecMismatchError: naming every key that does not match the spec.
+        """
+        steps = self.spec.check_episode(observations, actions)
+        num_actions = 0 if actions is None else len(actions)
+        if actions is None and steps != 1:
+            raise ValueError(f"build: actions may be None only for a single timestep, got {steps} timesteps")
+
+        # Fixed-size blocks (T, n) of ids, types and loss mask, in the timestep's order.
+        id_blocks: list[np.ndarray] = []
+        type_blocks: list[np.ndarray] = []
+        patch_list: list[np.ndarray] = []
+        position_list: list[np.ndarray] = []
+        for key in self.image_keys:
+            patches, positions = self._patches(np.asarray(observations[key]))
+            patch_list.append(patches)
+            position_list.append(positions)
+            id_blocks.append(np.full(patches.shape[:2], self.layout.image_patch_id, dtype=np.int64))
+            type_blocks.append(np.full(patches.shape[:2], TokenType.IMAGE, dtype=np.int8))
+        for key in self.tensor_keys:
+            array = np.asarray(observations[key]).reshape(steps, -1)
+            if self.spec.observations[key].kind == "proprio":
+                ids, kind = self.continuous.encode(array).reshape(array.shape), TokenType.CONTINUOUS
+            else:
+                ids, kind = self.discrete.encode(array).reshape(array.shape), TokenType.DISCRETE
+            id_blocks.append(ids)
+            type_blocks.append(np.full(ids.shape, kind, dtype=np.int8))
+        id_blocks.append(np.full((steps, 1), self.layout.separator_id, dtype=np.int64))
+        type_blocks.append(np.full((steps, 1), TokenType.SEPARATOR, dtype=np.int8))
+        action_ids = np.full((steps, self.action_size), -1, dtype=np.int64)
+        if num_actions:
+            action_ids[:num_actions] = self.encode_actions(np.asarray(actions))
+        id_blocks.append(action_ids)
+        type_blocks.append(np.full(action_ids.shape, TokenType.ACTION, dtype=np.int8))
+        fixed_ids = np.concatenate(id_blocks, axis=1)
+        fixed_types = np.concatenate(type_blocks, axis=1)
+
+        text_ids = [
+            np.concatenate([self.text.encode(str(observations[k][t])) for k in self.text_keys])
+            if self.text_keys
+            else np.zeros(0, dtype=np.int64)
+            for t in range(steps)
+        ]
+        ids_per_step, types_per_step = [], []
+        for t in range(steps):
+            width = fixed_ids.shape[1] - (self.action_size if t >= num_actions else 0)
+            ids_per_step.append(np.concatenate([text_ids[t], fixed_ids[t, :width]]))
+            types_per_step.append(
+                np.concatenate([np.full(len(text_ids[t]), TokenType.TEXT, dtype=np.int8), fixed_types[t, :width]])
+            )
+        lengths = np.array([len(x) for x in ids_per_step])
+        ids = np.concatenate(ids_per_step)
+        types = np.concatenate(types_per_step)
+        timesteps = np.repeat(np.arange(steps, dtype=np.int32), lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        local_positions = (np.arange(len(ids)) - starts).astype(np.int32)
+        loss_mask = (types == TokenType.TEXT) | (types == TokenType.ACTION)
+        if patch_list:
+            # (T, N_key, ...) per key -> per timestep, keys in order -> flat (P, ...)
+            patches = np.concatenate(patch_list, axis=1).reshape(-1, PATCH_CHANNELS, *patch_list[0].shape[-2:])
+            positions = np.concatenate(position_list, axis=1).reshape(-1, 4)
+        else:
+            p = self.image.patch_size
+            patches = np.zeros((0, PATCH_CHANNELS, p, p), dtype=np.float32)
+            positions = np.zeros((0, 4), dtype=np.int64)
+        return TokenSequence(ids, types, timesteps, local_positions, loss_mask, patches, positions)
+
+    def build_step(self, observation: Mapping[str, Any]) -> TokenSequence:
+        """One timestep awaiting its action (observation tokens + separator), for acting."""
+        self.spec.check_step(observation)
+        batched = {k: np.asarray([v]) if self.spec.observations[k].kind != "text" else np.asarray([v], dtype=object)
+                   for k, v in observation.items()}  # fmt: skip
+        return self.build(batched, None)

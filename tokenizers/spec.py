@@ -1,0 +1,497 @@
+"""Embodiment specs: what a robot observes and how it acts, as JSON loaded into typed dataclasses.
+
+Example (``embodiment.json``)::
+
+    {
+      "name": "cartpole",
+      "control_hz": 50,
+      "observations": {
+        "position": {"kind": "proprio", "shape": [3]},
+        "velocity": {"kind": "proprio", "shape": [2], "low": -50, "high": 50},
+        "pixels":   {"kind": "image", "shape": [64, 64, 3]},
+        "mission":  {"kind": "text"},
+        "carrying": {"kind": "discrete", "shape": [2], "num_values": 11}
+      },
+      "action": {"kind": "continuous", "shape": [1], "low": -1, "high": 1}
+    }
+
+Observation kinds: ``proprio`` (float, mu-law tokens, optional ``low``/``high`` bounds checked on
+input), ``image`` (uint8 ``(H, W, C)``, C in {1, 3}), ``text`` (one string per timestep) and
+``discrete`` (integers in ``[0, num_values)``, ``num_values <= 1024``). Action kinds:
+``continuous`` (``low``/``high`` required; scaled to [-1, 1] before binning) and ``discrete``
+(``num_choices``). Bounds are a number or a nested list of the observation's shape.
+
+Every problem is reported with the field's path (``observations.pixels.shape``), what was expected
+and what was found; :meth:`EmbodimentSpec.check_episode` and :meth:`EmbodimentSpec.check_step` do
+the same for data against the spec.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from gato_like.tokenizers.vocab import DISCRETE_VALUES
+
+ObservationKind = Literal["proprio", "image", "text", "discrete"]
+ActionKind = Literal["continuous", "discrete"]
+OBSERVATION_KINDS: tuple[str, ...] = ("proprio", "image", "text", "discrete")
+ACTION_KINDS: tuple[str, ...] = ("continuous", "discrete")
+DEFAULT_DTYPES = {"proprio": "float32", "image": "uint8", "text": "str", "discrete": "int64",
+                  "continuous": "float32"}  # fmt: skip
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-/]*$")
+#: Relative slack on action bounds, for float rounding at the bound itself.
+BOUND_TOLERANCE = 1e-6
+
+
+class SpecError(ValueError):
+    """An embodiment spec that is not valid. ``problems`` lists ``"path: what is wrong"`` lines."""
+
+    def __init__(self, name: str, problems: list[str], source: str | Path | None = None) -> None:
+        self.name = name
+        self.problems = problems
+        where = f" in {str(source)!r}" if source is not None else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid embodiment spec {name!r}{where} ({len(problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One way data fails its spec: which key, what is wrong, what was expected and what came."""
+
+    key: str
+    problem: str
+    expected: str
+    got: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.problem}: expected {self.expected}, got {self.got}"
+
+
+class SpecMismatchError(ValueError):
+    """Data that does not match its embodiment spec; ``violations`` has one entry per problem."""
+
+    def __init__(self, name: str, violations: list[Violation], what: str = "episode") -> None:
+        self.violations = violations
+        lines = "\n".join(f"  - {v}" for v in violations)
+        super().__init__(
+            f"{what} does not match embodiment spec {name!r} ({len(violations)} problem(s)):\n{lines}"
+        )
+
+
+def _dtype_ok(spec_dtype: str, array: np.ndarray) -> bool:
+    """Same kind of number as the spec: any float for a float spec, any integer for an integer one;
+    images must be exactly uint8."""
+    if spec_dtype == "uint8":
+        return array.dtype == np.uint8
+    kind = np.dtype(spec_dtype).kind
+    if kind == "f":
+        return array.dtype.kind == "f"
+    return array.dtype.kind in "iub"
+
+
+def _bounds(value: Any, shape: tuple[int, ...], path: str, problems: list[str]) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        problems.append(f"{path}: expected a number or a list of numbers, got {value!r}")
+        return None
+    if array.ndim and array.shape != shape:
+        problems.append(f"{path}: expected a number or shape {list(shape)}, got shape {list(array.shape)}")
+        return None
+    if np.isnan(array).any():
+        problems.append(f"{path}: expected numbers, got NaN")
+        return None
+    return np.broadcast_to(array, shape).copy()
+
+
+def _positive_int(value: Any, path: str, problems: list[str], maximum: int | None = None) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        problems.append(f"{path}: expected a positive integer, got {value!r}")
+        return None
+    if maximum is not None and value > maximum:
+        problems.append(f"{path}: expected at most {maximum}, got {value}")
+        return None
+    return value
+
+
+def _shape(value: Any, path: str, problems: list[str]) -> tuple[int, ...] | None:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
+        problems.append(f"{path}: expected a list of positive integers, got {value!r}")
+        return None
+    return tuple(int(v) for v in value)
+
+
+def _unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], path: str, problems: list[str]) -> None:
+    for name in data:
+        if name not in allowed:
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{path}{name}: unknown field{hint}; expected one of {list(allowed)}")
+
+
+@dataclass(frozen=True, eq=False)
+class ObservationSpec:
+    """One observation key. Bounds ``low``/``high`` are float64 arrays of ``shape`` (or None)."""
+
+    kind: ObservationKind
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+    num_values: int | None = None
+    description: str = ""
+
+    FIELDS = ("kind", "shape", "dtype", "low", "high", "num_values", "description")
+
+    @classmethod
+    def parse(cls, data: Any, path: str, problems: list[str]) -> ObservationSpec | None:
+        if not isinstance(data, Mapping):
+            problems.append(f"{path}: expected an object, got {type(data).__name__}")
+            return None
+        _unknown_fields(data, cls.FIELDS, f"{path}.", problems)
+        kind = data.get("kind")
+        if kind not in OBSERVATION_KINDS:
+            problems.append(f"{path}.kind: expected one of {list(OBSERVATION_KINDS)}, got {kind!r}")
+            return None
+        n = len(problems)
+        if kind == "text":
+            shape: tuple[int, ...] | None = _shape(data.get("shape", []), f"{path}.shape", problems)
+            if shape:
+                problems.append(f"{path}.shape: a text observation is one string per timestep: expected [], got {list(shape)}")  # fmt: skip
+        else:
+            if "shape" not in data:
+                problems.append(f"{path}.shape: missing; expected a list of positive integers")
+                return None
+            shape = _shape(data["shape"], f"{path}.shape", problems)
+        if shape is None:
+            return None
+        dtype = data.get("dtype", DEFAULT_DTYPES[kind])
+        expected_dtypes = {
+            "proprio": ("float16", "float32", "float64"),
+            "image": ("uint8",),
+            "text": ("str",),
+            "discrete": ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32"),
+        }[kind]
+        if dtype not in expected_dtypes:
+            problems.append(f"{path}.dtype: expected one of {list(expected_dtypes)} for kind {kind!r}, got {dtype!r}")  # fmt: skip
+        if kind == "image" and (len(shape) != 3 or shape[2] not in (1, 3)):
+            problems.append(f"{path}.shape: expected [H, W, C] with C 1 or 3 for an image, got {list(shape)}")  # fmt: skip
+        low = high = None
+        num_values = None
+        if kind == "proprio":
+            low = _bounds(data.get("low"), shape, f"{path}.low", problems)
+            high = _bounds(data.get("high"), shape, f"{path}.high", problems)
+            if low is not None and high is not None and not (low < high).all():
+                problems.append(f"{path}: expected low < high everywhere, got low={low.tolist()} high={high.tolist()}")  # fmt: skip
+        else:
+            for name in ("low", "high"):
+                if data.get(name) is not None:
+                    problems.append(f"{path}.{name}: bounds apply to proprio observations only, not {kind!r}")
+        if kind == "discrete":
+            num_values = _positive_int(data.get("num_values"), f"{path}.num_values", problems, DISCRETE_VALUES)
+        elif data.get("num_values") is not None:
+            problems.append(f"{path}.num_values: applies to discrete observations only, not {kind!r}")
+        if len(problems) > n:
+            return None
+        return cls(kind, shape, dtype, low, high, num_values, str(data.get("description", "")))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype}
+        if self.low is not None:
+            out["low"] = self.low.tolist()
+        if self.high is not None:
+            out["high"] = self.high.tolist()
+        if self.num_values is not None:
+            out["num_values"] = self.num_values
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    def violations(self, key: str, value: Any, lead: tuple[int, ...]) -> list[Violation]:
+        """Problems of ``value`` (shape ``lead + shape``) against this spec; empty when it matches."""
+        lead_str = ", ".join(map(str, lead))
+        expected_shape = "(" + ", ".join([*map(str, lead), *map(str, self.shape)]) + ("," if len(lead) + len(self.shape) == 1 else "") + ")"  # fmt: skip
+        if self.kind == "text":
+            array = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
+            if array.shape != lead:
+                return [Violation(key, "wrong shape", f"{len(lead) and 'one string per timestep, '}shape ({lead_str}{',' if len(lead) == 1 else ''})", str(tuple(array.shape)))]  # fmt: skip
+            bad = [x for x in array.reshape(-1) if not isinstance(x, str)]
+            if bad:
+                return [Violation(key, "wrong type", "str", type(bad[0]).__name__)]
+            return []
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as error:
+            return [Violation(key, "not an array", f"{self.dtype} array of shape {expected_shape}", str(error))]
+        if array.shape != lead + self.shape:
+            return [Violation(key, "wrong shape", expected_shape, str(tuple(array.shape)))]
+        if not _dtype_ok(self.dtype, array):
+            return [Violation(key, "wrong dtype", self.dtype if self.dtype == "uint8" else f"{np.dtype(self.dtype).kind == 'f' and 'a float' or 'an integer'} dtype ({self.dtype})", str(array.dtype))]  # fmt: skip
+        out: list[Violation] = []
+        if array.dtype.kind == "f":
+            bad = ~np.isfinite(array)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                out.append(Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}"))  # fmt: skip
+                return out
+        if self.kind == "discrete":
+            assert self.num_values is not None
+            bad = (array < 0) | (array >= self.num_values)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                out.append(Violation(key, "out of range", f"integers in [0, {self.num_values})", f"{array[index]} at index {index}"))  # fmt: skip
+        for bound, name, op in ((self.low, "low", np.less), (self.high, "high", np.greater)):
+            if bound is not None:
+                bad = op(array, bound)
+                if bad.any():
+                    index = tuple(int(i) for i in np.argwhere(bad)[0])
+                    out.append(Violation(key, "out of bounds", f"values within [{name}] {bound[index[len(lead):]]}", f"{array[index]} at index {index}"))  # fmt: skip
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class ActionSpec:
+    """The action: ``continuous`` with float64 bounds arrays of ``shape``, or ``discrete`` choices."""
+
+    kind: ActionKind
+    shape: tuple[int, ...] = (1,)
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+    num_choices: int | None = None
+    description: str = ""
+
+    FIELDS = ("kind", "shape", "low", "high", "num_choices", "dtype", "description")
+
+    @property
+    def size(self) -> int:
+        """Action tokens per timestep (elements of ``shape``)."""
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> str:
+        return DEFAULT_DTYPES["continuous"] if self.kind == "continuous" else "int64"
+
+    @classmethod
+    def parse(cls, data: Any, path: str, problems: list[str]) -> ActionSpec | None:
+        if not isinstance(data, Mapping):
+            problems.append(f"{path}: expected an object, got {type(data).__name__}")
+            return None
+        _unknown_fields(data, cls.FIELDS, f"{path}.", problems)
+        kind = data.get("kind")
+        if kind not in ACTION_KINDS:
+            problems.append(f"{path}.kind: expected one of {list(ACTION_KINDS)}, got {kind!r}")
+            return None
+        n = len(problems)
+        shape = _shape(data.get("shape", [1]), f"{path}.shape", problems)
+        if shape is None:
+            return None
+        low = high = None
+        num_choices = None
+        if kind == "continuous":
+            for name in ("low", "high"):
+                if data.get(name) is None:
+                    problems.append(f"{path}.{name}: missing; a continuous action needs bounds (a number or a list of shape {list(shape)})")  # fmt: skip
+            low = _bounds(data.get("low"), shape, f"{path}.low", problems)
+            high = _bounds(data.get("high"), shape, f"{path}.high", problems)
+            if low is not None and high is not None and not (low < high).all():
+                problems.append(f"{path}: expected low < high everywhere, got low={low.tolist()} high={high.tolist()}")  # fmt: skip
+            if data.get("num_choices") is not None:
+                problems.append(f"{path}.num_choices: applies to discrete actions only")
+        else:
+            num_choices = _positive_int(data.get("num_choices"), f"{path}.num_choices", problems, DISCRETE_VALUES)
+        if data.get("dtype") not in (None, DEFAULT_DTYPES["continuous"] if kind == "continuous" else "int64"):
+            problems.append(f"{path}.dtype: expected {'float32' if kind == 'continuous' else 'int64'} for a {kind} action, got {data.get('dtype')!r}")  # fmt: skip
+        if len(problems) > n:
+            return None
+        return cls(kind, shape, low, high, num_choices, str(data.get("description", "")))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype}
+        if self.kind == "continuous":
+            assert self.low is not None and self.high is not None
+            out["low"], out["high"] = self.low.tolist(), self.high.tolist()
+        else:
+            out["num_choices"] = self.num_choices
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    def violations(self, value: Any, lead: tuple[int, ...], key: str = "actions") -> list[Violation]:
+        """Problems of actions ``value`` (shape ``lead + shape``); empty when they match."""
+        array = np.asarray(value)
+        expected_shape = "(" + ", ".join([*map(str, lead), *map(str, self.shape)]) + ")"
+        if array.shape != lead + self.shape:
+            return [Violation(key, "wrong shape", expected_shape, str(tuple(array.shape)))]
+        if self.kind == "continuous":
+            if array.dtype.kind != "f":
+                return [Violation(key, "wrong dtype", "a float dtype", str(array.dtype))]
+            bad = ~np.isfinite(array)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                return [Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}")]
+            assert self.low is not None and self.high is not None
+            slack = BOUND_TOLERANCE * (self.high - self.low)
+            bad = (array < self.low - slack) | (array > self.high + slack)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                inner = index[len(lead):]
+                return [Violation(key, "out of bounds", f"values in [{self.low[inner]}, {self.high[inner]}]", f"{array[index]} at index {index}")]  # fmt: skip
+            return []
+        if array.dtype.kind not in "iub":
+            return [Violation(key, "wrong dtype", "an integer dtype", str(array.dtype))]
+        assert self.num_choices is not None
+        bad = (array < 0) | (array >= self.num_choices)
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            return [Violation(key, "out of range", f"integers in [0, {self.num_choices})", f"{array[index]} at index {index}")]  # fmt: skip
+        return []
+
+
+@dataclass(frozen=True, eq=False)
+class EmbodimentSpec:
+    """A robot: named observations (iterated in sorted key order), one action, a control rate."""
+
+    name: str
+    observations: dict[str, ObservationSpec]
+    action: ActionSpec
+    control_hz: float
+    description: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    FIELDS = ("name", "observations", "action", "control_hz", "description", "metadata")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> EmbodimentSpec:
+        """Validate and load; raises :class:`SpecError` listing every problem with its field path."""
+        if not isinstance(data, Mapping):
+            raise SpecError("?", [f"spec: expected a JSON object, got {type(data).__name__}"])
+        name = data.get("name")
+        problems: list[str] = []
+        if not isinstance(name, str) or not name:
+            problems.append(f"name: expected a non-empty string, got {name!r}")
+            name = str(name)
+        _unknown_fields(data, cls.FIELDS, "", problems)
+        observations: dict[str, ObservationSpec] = {}
+        raw_obs = data.get("observations")
+        if not isinstance(raw_obs, Mapping) or not raw_obs:
+            problems.append(f"observations: expected a non-empty object of key -> observation, got {raw_obs!r}")
+        else:
+            for key in sorted(raw_obs):
+                if not isinstance(key, str) or not KEY_PATTERN.match(key):
+                    problems.append(f"observations.{key}: expected a key of letters, digits, '_', '-', '/'")
+                    continue
+                parsed = ObservationSpec.parse(raw_obs[key], f"observations.{key}", problems)
+                if parsed is not None:
+                    observations[key] = parsed
+        if "action" not in data:
+            problems.append("action: missing; expected an object with kind 'continuous' or 'discrete'")
+            action = None
+        else:
+            action = ActionSpec.parse(data["action"], "action", problems)
+        control_hz = data.get("control_hz")
+        if isinstance(control_hz, bool) or not isinstance(control_hz, (int, float)) or not control_hz > 0:
+            problems.append(f"control_hz: expected a positive number, got {control_hz!r}")
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, Mapping):
+            problems.append(f"metadata: expected an object, got {type(metadata).__name__}")
+        if problems:
+            raise SpecError(name, problems)
+        assert action is not None
+        return cls(name, observations, action, float(control_hz), str(data.get("description", "")), dict(metadata))  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> EmbodimentSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError("?", [f"spec: not valid JSON ({error})"]) from error
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EmbodimentSpec:
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except SpecError as error:
+            raise SpecError(error.name, error.problems, source=path) from None
+        except OSError as error:
+            raise FileNotFoundError(f"embodiment spec {path}: {error.strerror}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "control_hz": self.control_hz,
+            "observations": {k: v.to_dict() for k, v in sorted(self.observations.items())},
+            "action": self.action.to_dict(),
+        }
+        if self.description:
+            out["description"] = self.description
+        if self.metadata:
+            out["metadata"] = self.metadata
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EmbodimentSpec) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def keys_by_kind(self, kind: str) -> list[str]:
+        """Observation keys of one kind, sorted."""
+        return sorted(k for k, v in self.observations.items() if v.kind == kind)
+
+    def _key_violations(self, observations: Mapping[str, Any]) -> list[Violation]:
+        out = [Violation(k, "missing key", "present", "absent") for k in sorted(self.observations) if k not in observations]  # fmt: skip
+        out += [
+            Violation(k, "unexpected key", f"one of {sorted(self.observations)}", "present")
+            for k in sorted(map(str, observations))
+            if k not in self.observations
+        ]
+        return out
+
+    def check_step(self, observation: Mapping[str, Any]) -> None:
+        """One timestep's observation ``{key: array of the key's shape}``; raises
+        :class:`SpecMismatchError` naming every violation."""
+        violations = self._key_violations(observation)
+        for key, spec in sorted(self.observations.items()):
+            if key in observation:
+                violations += spec.violations(key, observation[key], ())
+        if violations:
+            raise SpecMismatchError(self.name, violations, what="observation")
+
+    def check_episode(self, observations: Mapping[str, Any], actions: Any | None) -> int:
+        """Arrays ``(T, ...)`` per key and actions ``(T, ...)`` or ``(T - 1, ...)`` (the last step
+        awaiting its action). Returns T; raises :class:`SpecMismatchError` naming every violation."""
+        violations = self._key_violations(observations)
+        lengths = {k: len(v) for k, v in observations.items() if k in self.observations and np.ndim(v) > 0}
+        steps = max(lengths.values(), default=0)
+        if steps == 0:
+            violations.append(Violation("observations", "empty episode", "at least one timestep", "0"))
+        for key, spec in sorted(self.observations.items()):
+            if key in observations:
+                violations += spec.violations(f"obs.{key}", observations[key], (steps,))
+        if actions is not None:
+            rows = len(actions) if np.ndim(actions) > 0 else -1
+            if rows not in (steps, steps - 1):
+                violations.append(Violation("actions", "wrong length", f"{steps} or {steps - 1} rows (one per timestep)", f"{rows}"))  # fmt: skip
+            else:
+                violations += self.action.violations(actions, (rows,))
+        if violations:
+            raise SpecMismatchError(self.name, violations)
+        return steps
