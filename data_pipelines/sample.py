@@ -28,7 +28,7 @@ CARTPOLE_SPEC = {
 
 BABYAI_SPEC = {
     "name": "babyai",
-    "description": "BabyAI (minigrid): text mission, 7x7 symbolic egocentric view (object, colour, state), heading",  # noqa: E501
+    "description": "BabyAI (minigrid): text mission, 7x7 symbolic egocentric view (object, colour, state), heading",
     "control_hz": 10.0,
     "observations": {
         "mission": {"kind": "text"},

@@ -31,7 +31,11 @@ def _segments(builder, sequence) -> list[tuple[str, str, int, str]]:  # type: ig
         else:
             count = int(np.prod(spec.observations[key].shape))
         ids = first.ids[position : position + count]
-        shown = "patch placeholders" if kind == "image" else " ".join(map(str, ids[:6])) + (" …" if count > 6 else "")
+        shown = (
+            "patch placeholders"
+            if kind == "image"
+            else " ".join(map(str, ids[:6])) + (" …" if count > 6 else "")
+        )
         rows.append((f"obs.{key}", kind, count, shown))
         position += count
     rows.append(("separator", "separator", 1, str(first.ids[position])))
@@ -69,7 +73,9 @@ def run(steps: int = 8, seed: int = 0) -> None:
         for row in _segments(builder, sequence):
             table.add_row(row[0], row[1], str(row[2]), row[3])
         console.print(table)
-        decoded = builder.decode_actions(sequence.ids[sequence.types == TokenType.ACTION].reshape(len(actions), -1))
+        decoded = builder.decode_actions(
+            sequence.ids[sequence.types == TokenType.ACTION].reshape(len(actions), -1)
+        )
         error = float(np.max(np.abs(decoded.astype(np.float64) - actions)))
         console.print(
             f"  {sequence.num_timesteps} timesteps -> {len(sequence)} tokens "

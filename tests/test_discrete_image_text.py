@@ -35,7 +35,14 @@ def test_image_patches_raster_order_and_scaling() -> None:
     # patch k (raster order) holds pixel value 40k, scaled to [-1, 1] then divided by 4
     for k in range(6):
         np.testing.assert_allclose(patches[k], (40 * k / 255 * 2 - 1) / 4, atol=1e-6)
-    assert positions.tolist() == [[0, 0, 2, 3], [0, 1, 2, 3], [0, 2, 2, 3], [1, 0, 2, 3], [1, 1, 2, 3], [1, 2, 2, 3]]
+    assert positions.tolist() == [
+        [0, 0, 2, 3],
+        [0, 1, 2, 3],
+        [0, 2, 2, 3],
+        [1, 0, 2, 3],
+        [1, 1, 2, 3],
+        [1, 2, 2, 3],
+    ]
     white = ImageTokenizer().encode(np.full((16, 16), 255, np.uint8))[0]
     assert white.shape == (1, 1, 16, 16) and np.allclose(white, 0.25)
 

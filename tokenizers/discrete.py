@@ -23,7 +23,9 @@ class DiscreteTokenizer:
         num_values: int = DISCRETE_VALUES,
     ) -> None:
         if vocab_offset < 0 or num_values < 1:
-            raise ValueError(f"expected vocab_offset >= 0 and num_values >= 1, got {vocab_offset}, {num_values}")
+            raise ValueError(
+                f"expected vocab_offset >= 0 and num_values >= 1, got {vocab_offset}, {num_values}"
+            )
         self.vocab_offset = int(vocab_offset)
         self.num_values = int(num_values)
 

@@ -68,7 +68,9 @@ class TokenSequence:
     def window(self, start: int, stop: int) -> TokenSequence:
         """Whole timesteps ``[start, stop)``, renumbered from 0 (for context windows)."""
         if not 0 <= start < stop <= self.num_timesteps:
-            raise ValueError(f"window: expected 0 <= start < stop <= {self.num_timesteps}, got [{start}, {stop})")
+            raise ValueError(
+                f"window: expected 0 <= start < stop <= {self.num_timesteps}, got [{start}, {stop})"
+            )
         bounds = self.timestep_bounds()
         lo, hi = int(bounds[start]), int(bounds[stop])
         image = self.types == TokenType.IMAGE
@@ -92,7 +94,9 @@ class TokenSequence:
         return TokenSequence(
             ids=np.concatenate([p.ids for p in parts]),
             types=np.concatenate([p.types for p in parts]),
-            timesteps=np.concatenate([p.timesteps + o for p, o in zip(parts, offsets, strict=True)]).astype(np.int32),
+            timesteps=np.concatenate([p.timesteps + o for p, o in zip(parts, offsets, strict=True)]).astype(
+                np.int32
+            ),
             local_positions=np.concatenate([p.local_positions for p in parts]),
             loss_mask=np.concatenate([p.loss_mask for p in parts]),
             patches=np.concatenate([p.patches for p in parts]),
@@ -121,7 +125,9 @@ class SequenceBuilder:
         self.discrete = DiscreteTokenizer(self.layout.discrete_offset, self.layout.discrete_values)
         self.text_keys = spec.keys_by_kind("text")
         self.image_keys = spec.keys_by_kind("image")
-        self.tensor_keys = sorted(k for k, v in spec.observations.items() if v.kind in ("proprio", "discrete"))
+        self.tensor_keys = sorted(
+            k for k, v in spec.observations.items() if v.kind in ("proprio", "discrete")
+        )
 
     @property
     def action_size(self) -> int:
@@ -155,7 +161,9 @@ class SequenceBuilder:
         action = self.spec.action
         ids = np.asarray(ids)
         if ids.shape[-1:] != (self.action_size,):
-            raise ValueError(f"decode_actions: expected ids of shape (..., {self.action_size}), got {ids.shape}")
+            raise ValueError(
+                f"decode_actions: expected ids of shape (..., {self.action_size}), got {ids.shape}"
+            )
         shape = ids.shape[:-1] + action.shape
         if action.kind == "discrete":
             values = self.discrete.decode(ids)
@@ -242,7 +250,9 @@ class SequenceBuilder:
             width = fixed_ids.shape[1] - (self.action_size if t >= num_actions else 0)
             ids_per_step.append(np.concatenate([text_ids[t], fixed_ids[t, :width]]))
             types_per_step.append(
-                np.concatenate([np.full(len(text_ids[t]), TokenType.TEXT, dtype=np.int8), fixed_types[t, :width]])
+                np.concatenate(
+                    [np.full(len(text_ids[t]), TokenType.TEXT, dtype=np.int8), fixed_types[t, :width]]
+                )
             )
         lengths = np.array([len(x) for x in ids_per_step])
         ids = np.concatenate(ids_per_step)
@@ -253,7 +263,9 @@ class SequenceBuilder:
         loss_mask = (types == TokenType.TEXT) | (types == TokenType.ACTION)
         if patch_list:
             # (T, N_key, ...) per key -> per timestep, keys in order -> flat (P, ...)
-            patches = np.concatenate(patch_list, axis=1).reshape(-1, PATCH_CHANNELS, *patch_list[0].shape[-2:])
+            patches = np.concatenate(patch_list, axis=1).reshape(
+                -1, PATCH_CHANNELS, *patch_list[0].shape[-2:]
+            )
             positions = np.concatenate(position_list, axis=1).reshape(-1, 4)
         else:
             p = self.image.patch_size
@@ -264,6 +276,8 @@ class SequenceBuilder:
     def build_step(self, observation: Mapping[str, Any]) -> TokenSequence:
         """One timestep awaiting its action (observation tokens + separator), for acting."""
         self.spec.check_step(observation)
-        batched = {k: np.asarray([v]) if self.spec.observations[k].kind != "text" else np.asarray([v], dtype=object)
-                   for k, v in observation.items()}  # fmt: skip
+        batched = {
+            k: np.asarray([v]) if self.spec.observations[k].kind != "text" else np.asarray([v], dtype=object)
+            for k, v in observation.items()
+        }
         return self.build(batched, None)

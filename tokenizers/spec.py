@@ -45,8 +45,13 @@ ObservationKind = Literal["proprio", "image", "text", "discrete"]
 ActionKind = Literal["continuous", "discrete"]
 OBSERVATION_KINDS: tuple[str, ...] = ("proprio", "image", "text", "discrete")
 ACTION_KINDS: tuple[str, ...] = ("continuous", "discrete")
-DEFAULT_DTYPES = {"proprio": "float32", "image": "uint8", "text": "str", "discrete": "int64",
-                  "continuous": "float32"}  # fmt: skip
+DEFAULT_DTYPES = {
+    "proprio": "float32",
+    "image": "uint8",
+    "text": "str",
+    "discrete": "int64",
+    "continuous": "float32",
+}
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-/]*$")
 #: Relative slack on action bounds, for float rounding at the bound itself.
 BOUND_TOLERANCE = 1e-6
@@ -98,6 +103,12 @@ def _dtype_ok(spec_dtype: str, array: np.ndarray) -> bool:
     return array.dtype.kind in "iub"
 
 
+def _dtype_expectation(spec_dtype: str) -> str:
+    if spec_dtype == "uint8":
+        return "uint8"
+    return f"{'a float' if np.dtype(spec_dtype).kind == 'f' else 'an integer'} dtype ({spec_dtype})"
+
+
 def _bounds(value: Any, shape: tuple[int, ...], path: str, problems: list[str]) -> np.ndarray | None:
     if value is None:
         return None
@@ -134,7 +145,9 @@ def _shape(value: Any, path: str, problems: list[str]) -> tuple[int, ...] | None
     return tuple(int(v) for v in value)
 
 
-def _unknown_fields(data: Mapping[str, Any], allowed: tuple[str, ...], path: str, problems: list[str]) -> None:
+def _unknown_fields(
+    data: Mapping[str, Any], allowed: tuple[str, ...], path: str, problems: list[str]
+) -> None:
     for name in data:
         if name not in allowed:
             close = difflib.get_close_matches(str(name), allowed, n=1)
@@ -170,7 +183,9 @@ class ObservationSpec:
         if kind == "text":
             shape: tuple[int, ...] | None = _shape(data.get("shape", []), f"{path}.shape", problems)
             if shape:
-                problems.append(f"{path}.shape: a text observation is one string per timestep: expected [], got {list(shape)}")  # fmt: skip
+                problems.append(
+                    f"{path}.shape: a text observation is one string per timestep: expected [], got {list(shape)}"
+                )
         else:
             if "shape" not in data:
                 problems.append(f"{path}.shape: missing; expected a list of positive integers")
@@ -186,22 +201,28 @@ class ObservationSpec:
             "discrete": ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32"),
         }[kind]
         if dtype not in expected_dtypes:
-            problems.append(f"{path}.dtype: expected one of {list(expected_dtypes)} for kind {kind!r}, got {dtype!r}")  # fmt: skip
+            problems.append(
+                f"{path}.dtype: expected one of {list(expected_dtypes)} for kind {kind!r}, got {dtype!r}"
+            )
         if kind == "image" and (len(shape) != 3 or shape[2] not in (1, 3)):
-            problems.append(f"{path}.shape: expected [H, W, C] with C 1 or 3 for an image, got {list(shape)}")  # fmt: skip
+            problems.append(f"{path}.shape: expected [H, W, C] with C 1 or 3 for an image, got {list(shape)}")
         low = high = None
         num_values = None
         if kind == "proprio":
             low = _bounds(data.get("low"), shape, f"{path}.low", problems)
             high = _bounds(data.get("high"), shape, f"{path}.high", problems)
             if low is not None and high is not None and not (low < high).all():
-                problems.append(f"{path}: expected low < high everywhere, got low={low.tolist()} high={high.tolist()}")  # fmt: skip
+                problems.append(
+                    f"{path}: expected low < high everywhere, got low={low.tolist()} high={high.tolist()}"
+                )
         else:
             for name in ("low", "high"):
                 if data.get(name) is not None:
                     problems.append(f"{path}.{name}: bounds apply to proprio observations only, not {kind!r}")
         if kind == "discrete":
-            num_values = _positive_int(data.get("num_values"), f"{path}.num_values", problems, DISCRETE_VALUES)
+            num_values = _positive_int(
+                data.get("num_values"), f"{path}.num_values", problems, DISCRETE_VALUES
+            )
         elif data.get("num_values") is not None:
             problems.append(f"{path}.num_values: applies to discrete observations only, not {kind!r}")
         if len(problems) > n:
@@ -222,12 +243,12 @@ class ObservationSpec:
 
     def violations(self, key: str, value: Any, lead: tuple[int, ...]) -> list[Violation]:
         """Problems of ``value`` (shape ``lead + shape``) against this spec; empty when it matches."""
-        lead_str = ", ".join(map(str, lead))
-        expected_shape = "(" + ", ".join([*map(str, lead), *map(str, self.shape)]) + ("," if len(lead) + len(self.shape) == 1 else "") + ")"  # fmt: skip
+        expected_shape = str(lead + self.shape)
         if self.kind == "text":
             array = np.asarray(value, dtype=object) if not isinstance(value, np.ndarray) else value
             if array.shape != lead:
-                return [Violation(key, "wrong shape", f"{len(lead) and 'one string per timestep, '}shape ({lead_str}{',' if len(lead) == 1 else ''})", str(tuple(array.shape)))]  # fmt: skip
+                expected = f"one string per timestep, shape {lead}" if lead else "a single string"
+                return [Violation(key, "wrong shape", expected, f"shape {array.shape}")]
             bad = [x for x in array.reshape(-1) if not isinstance(x, str)]
             if bad:
                 return [Violation(key, "wrong type", "str", type(bad[0]).__name__)]
@@ -235,30 +256,50 @@ class ObservationSpec:
         try:
             array = np.asarray(value)
         except (TypeError, ValueError) as error:
-            return [Violation(key, "not an array", f"{self.dtype} array of shape {expected_shape}", str(error))]
+            return [
+                Violation(key, "not an array", f"{self.dtype} array of shape {expected_shape}", str(error))
+            ]
         if array.shape != lead + self.shape:
             return [Violation(key, "wrong shape", expected_shape, str(tuple(array.shape)))]
         if not _dtype_ok(self.dtype, array):
-            return [Violation(key, "wrong dtype", self.dtype if self.dtype == "uint8" else f"{np.dtype(self.dtype).kind == 'f' and 'a float' or 'an integer'} dtype ({self.dtype})", str(array.dtype))]  # fmt: skip
+            return [Violation(key, "wrong dtype", _dtype_expectation(self.dtype), str(array.dtype))]
         out: list[Violation] = []
         if array.dtype.kind == "f":
             bad = ~np.isfinite(array)
             if bad.any():
                 index = tuple(int(i) for i in np.argwhere(bad)[0])
-                out.append(Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}"))  # fmt: skip
+                out.append(
+                    Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}")
+                )
                 return out
         if self.kind == "discrete":
             assert self.num_values is not None
             bad = (array < 0) | (array >= self.num_values)
             if bad.any():
                 index = tuple(int(i) for i in np.argwhere(bad)[0])
-                out.append(Violation(key, "out of range", f"integers in [0, {self.num_values})", f"{array[index]} at index {index}"))  # fmt: skip
-        for bound, name, op in ((self.low, "low", np.less), (self.high, "high", np.greater)):
-            if bound is not None:
-                bad = op(array, bound)
-                if bad.any():
-                    index = tuple(int(i) for i in np.argwhere(bad)[0])
-                    out.append(Violation(key, "out of bounds", f"values within [{name}] {bound[index[len(lead):]]}", f"{array[index]} at index {index}"))  # fmt: skip
+                out.append(
+                    Violation(
+                        key,
+                        "out of range",
+                        f"integers in [0, {self.num_values})",
+                        f"{array[index]} at index {index}",
+                    )
+                )
+        if self.low is not None or self.high is not None:
+            low = self.low if self.low is not None else np.full(self.shape, -np.inf)
+            high = self.high if self.high is not None else np.full(self.shape, np.inf)
+            bad = (array < low) | (array > high)
+            if bad.any():
+                index = tuple(int(i) for i in np.argwhere(bad)[0])
+                inner = index[len(lead) :]
+                out.append(
+                    Violation(
+                        key,
+                        "out of bounds",
+                        f"values in [{low[inner]}, {high[inner]}]",
+                        f"{array[index]} at index {index}",
+                    )
+                )
         return out
 
 
@@ -303,17 +344,25 @@ class ActionSpec:
         if kind == "continuous":
             for name in ("low", "high"):
                 if data.get(name) is None:
-                    problems.append(f"{path}.{name}: missing; a continuous action needs bounds (a number or a list of shape {list(shape)})")  # fmt: skip
+                    problems.append(
+                        f"{path}.{name}: missing; a continuous action needs bounds (a number or a list of shape {list(shape)})"
+                    )
             low = _bounds(data.get("low"), shape, f"{path}.low", problems)
             high = _bounds(data.get("high"), shape, f"{path}.high", problems)
             if low is not None and high is not None and not (low < high).all():
-                problems.append(f"{path}: expected low < high everywhere, got low={low.tolist()} high={high.tolist()}")  # fmt: skip
+                problems.append(
+                    f"{path}: expected low < high everywhere, got low={low.tolist()} high={high.tolist()}"
+                )
             if data.get("num_choices") is not None:
                 problems.append(f"{path}.num_choices: applies to discrete actions only")
         else:
-            num_choices = _positive_int(data.get("num_choices"), f"{path}.num_choices", problems, DISCRETE_VALUES)
+            num_choices = _positive_int(
+                data.get("num_choices"), f"{path}.num_choices", problems, DISCRETE_VALUES
+            )
         if data.get("dtype") not in (None, DEFAULT_DTYPES["continuous"] if kind == "continuous" else "int64"):
-            problems.append(f"{path}.dtype: expected {'float32' if kind == 'continuous' else 'int64'} for a {kind} action, got {data.get('dtype')!r}")  # fmt: skip
+            problems.append(
+                f"{path}.dtype: expected {'float32' if kind == 'continuous' else 'int64'} for a {kind} action, got {data.get('dtype')!r}"
+            )
         if len(problems) > n:
             return None
         return cls(kind, shape, low, high, num_choices, str(data.get("description", "")))
@@ -332,7 +381,7 @@ class ActionSpec:
     def violations(self, value: Any, lead: tuple[int, ...], key: str = "actions") -> list[Violation]:
         """Problems of actions ``value`` (shape ``lead + shape``); empty when they match."""
         array = np.asarray(value)
-        expected_shape = "(" + ", ".join([*map(str, lead), *map(str, self.shape)]) + ")"
+        expected_shape = str(lead + self.shape)
         if array.shape != lead + self.shape:
             return [Violation(key, "wrong shape", expected_shape, str(tuple(array.shape)))]
         if self.kind == "continuous":
@@ -341,14 +390,25 @@ class ActionSpec:
             bad = ~np.isfinite(array)
             if bad.any():
                 index = tuple(int(i) for i in np.argwhere(bad)[0])
-                return [Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}")]
+                return [
+                    Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}")
+                ]
             assert self.low is not None and self.high is not None
-            slack = BOUND_TOLERANCE * (self.high - self.low)
+            # rounding slack: a bound stored in float32 may land just outside the float64 bound
+            magnitude = np.maximum(np.abs(self.low), np.abs(self.high))
+            slack = BOUND_TOLERANCE * (self.high - self.low) + np.finfo(array.dtype).eps * magnitude
             bad = (array < self.low - slack) | (array > self.high + slack)
             if bad.any():
                 index = tuple(int(i) for i in np.argwhere(bad)[0])
-                inner = index[len(lead):]
-                return [Violation(key, "out of bounds", f"values in [{self.low[inner]}, {self.high[inner]}]", f"{array[index]} at index {index}")]  # fmt: skip
+                inner = index[len(lead) :]
+                return [
+                    Violation(
+                        key,
+                        "out of bounds",
+                        f"values in [{self.low[inner]}, {self.high[inner]}]",
+                        f"{array[index]} at index {index}",
+                    )
+                ]
             return []
         if array.dtype.kind not in "iub":
             return [Violation(key, "wrong dtype", "an integer dtype", str(array.dtype))]
@@ -356,7 +416,14 @@ class ActionSpec:
         bad = (array < 0) | (array >= self.num_choices)
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
-            return [Violation(key, "out of range", f"integers in [0, {self.num_choices})", f"{array[index]} at index {index}")]  # fmt: skip
+            return [
+                Violation(
+                    key,
+                    "out of range",
+                    f"integers in [0, {self.num_choices})",
+                    f"{array[index]} at index {index}",
+                )
+            ]
         return []
 
 
@@ -387,7 +454,9 @@ class EmbodimentSpec:
         observations: dict[str, ObservationSpec] = {}
         raw_obs = data.get("observations")
         if not isinstance(raw_obs, Mapping) or not raw_obs:
-            problems.append(f"observations: expected a non-empty object of key -> observation, got {raw_obs!r}")
+            problems.append(
+                f"observations: expected a non-empty object of key -> observation, got {raw_obs!r}"
+            )
         else:
             for key in sorted(raw_obs):
                 if not isinstance(key, str) or not KEY_PATTERN.match(key):
@@ -410,7 +479,9 @@ class EmbodimentSpec:
         if problems:
             raise SpecError(name, problems)
         assert action is not None
-        return cls(name, observations, action, float(control_hz), str(data.get("description", "")), dict(metadata))  # fmt: skip
+        return cls(
+            name, observations, action, float(control_hz), str(data.get("description", "")), dict(metadata)
+        )
 
     @classmethod
     def from_json(cls, text: str) -> EmbodimentSpec:
@@ -456,10 +527,14 @@ class EmbodimentSpec:
         """Observation keys of one kind, sorted."""
         return sorted(k for k, v in self.observations.items() if v.kind == kind)
 
-    def _key_violations(self, observations: Mapping[str, Any]) -> list[Violation]:
-        out = [Violation(k, "missing key", "present", "absent") for k in sorted(self.observations) if k not in observations]  # fmt: skip
+    def _key_violations(self, observations: Mapping[str, Any], prefix: str = "") -> list[Violation]:
+        out = [
+            Violation(prefix + k, "missing key", "present", "absent")
+            for k in sorted(self.observations)
+            if k not in observations
+        ]
         out += [
-            Violation(k, "unexpected key", f"one of {sorted(self.observations)}", "present")
+            Violation(prefix + k, "unexpected key", f"one of {sorted(self.observations)}", "present")
             for k in sorted(map(str, observations))
             if k not in self.observations
         ]
@@ -478,7 +553,7 @@ class EmbodimentSpec:
     def check_episode(self, observations: Mapping[str, Any], actions: Any | None) -> int:
         """Arrays ``(T, ...)`` per key and actions ``(T, ...)`` or ``(T - 1, ...)`` (the last step
         awaiting its action). Returns T; raises :class:`SpecMismatchError` naming every violation."""
-        violations = self._key_violations(observations)
+        violations = self._key_violations(observations, prefix="obs.")
         lengths = {k: len(v) for k, v in observations.items() if k in self.observations and np.ndim(v) > 0}
         steps = max(lengths.values(), default=0)
         if steps == 0:
@@ -489,7 +564,14 @@ class EmbodimentSpec:
         if actions is not None:
             rows = len(actions) if np.ndim(actions) > 0 else -1
             if rows not in (steps, steps - 1):
-                violations.append(Violation("actions", "wrong length", f"{steps} or {steps - 1} rows (one per timestep)", f"{rows}"))  # fmt: skip
+                violations.append(
+                    Violation(
+                        "actions",
+                        "wrong length",
+                        f"{steps} or {steps - 1} rows (one per timestep)",
+                        f"{rows}",
+                    )
+                )
             else:
                 violations += self.action.violations(actions, (rows,))
         if violations:

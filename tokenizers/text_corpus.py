@@ -16,7 +16,11 @@ OBJECTS = ["ball", "box", "key", "door"]
 LOCATIONS = ["", " in front of you", " behind you", " on your left", " on your right"]
 DIRECTIONS = ["left", "right", "up", "down", "forward", "backward"]
 BODIES = {
-    "cartpole": ["balance the pole on the cart", "swing up the pole and balance it", "keep the cart near the centre"],
+    "cartpole": [
+        "balance the pole on the cart",
+        "swing up the pole and balance it",
+        "keep the cart near the centre",
+    ],
     "pendulum": ["swing the pendulum up and hold it upright", "keep the pendulum balanced at the top"],
     "point mass": ["move the point mass to the target", "reach the target with the point mass"],
     "reacher": ["move the fingertip to the target", "reach the red target with the two link arm"],

@@ -1,0 +1,105 @@
+"""The distribution installs one top-level package, gato_like, and a working console script."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import gato_like
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_subpackages_live_in_the_gato_like_namespace() -> None:
+    import gato_like.data_pipelines
+    import gato_like.tokenizers
+    import gato_like.training
+
+    for module, folder in (
+        (gato_like.tokenizers, "tokenizers"),
+        (gato_like.data_pipelines, "data_pipelines"),
+        (gato_like.training, "training"),
+    ):
+        assert Path(module.__file__).parent.name == folder
+
+
+def test_installed_package_shadows_no_top_level_module(tmp_path: Path) -> None:
+    # run from an unrelated directory so the checkout itself is not on sys.path
+    code = (
+        "import importlib.util, json, gato_like.tokenizers\n"
+        "out = {}\n"
+        "for name in ('tokenizers', 'training', 'data_pipelines'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    out[name] = spec.origin if spec else None\n"
+        "print(json.dumps(out))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    import json
+
+    found = json.loads(result.stdout)
+    for name, origin in found.items():
+        # absent, or someone else's package (e.g. Hugging Face tokenizers), never ours
+        assert origin is None or not str(origin).startswith(str(ROOT)), (name, origin)
+
+
+@pytest.mark.timeout(300)
+def test_wheel_contains_only_gato_like(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("gato_like-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops == {"gato_like", f"gato_like-{gato_like.__version__}.dist-info"}, tops
+    for expected in (
+        "gato_like/tokenizers/continuous.py",
+        "gato_like/tokenizers/assets/text.model",
+        "gato_like/data_pipelines/__init__.py",
+        "gato_like/training/__init__.py",
+        "gato_like/py.typed",
+    ):
+        assert expected in names
+
+
+def test_console_script_help_and_version() -> None:
+    version = subprocess.run([BIN / "gato-like", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"gato-like {gato_like.__version__}"
+    help_text = subprocess.run(
+        [BIN / "gato-like", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "demo" in help_text
+    bad = subprocess.run([BIN / "gato-like", "fly"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "fly" in bad.stderr
+
+
+def test_demo_runs_end_to_end() -> None:
+    result = subprocess.run(
+        [BIN / "gato-like", "demo", "--steps", "3"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "160", "PATH": str(BIN), "MUJOCO_GL": "egl"},
+    )
+    out = result.stdout
+    assert "dmc-cartpole" in out and "babyai" in out
+    assert "3 timesteps -> 69 tokens" in out  # cartpole: 16 patches + 5 proprio + separator + 1 action
+    assert "[3072, 3073)" in out  # separator id with V = 1024
