@@ -12,6 +12,7 @@ export MUJOCO_GL ?= egl
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@bash scripts/system-deps.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing gato-like and its dependencies into $(VENV) (first time: ~2-3 min)"
 	$(PIP) torch==2.13.0
@@ -30,6 +31,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

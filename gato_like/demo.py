@@ -8,11 +8,15 @@ and the action round trip. Later stages (training, evaluation, serving) extend i
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from gato_like.tokenizers import SequenceBuilder, TokenSequence
 
-def _segments(builder, sequence) -> list[tuple[str, str, int, str]]:  # type: ignore[no-untyped-def]
+
+def _segments(builder: SequenceBuilder, sequence: TokenSequence) -> list[tuple[str, str, int, str]]:
     """(what, type, tokens, ids) rows for the first timestep of ``sequence``."""
     from gato_like.tokenizers import TokenType
 

@@ -249,9 +249,9 @@ class ObservationSpec:
             if array.shape != lead:
                 expected = f"one string per timestep, shape {lead}" if lead else "a single string"
                 return [Violation(key, "wrong shape", expected, f"shape {array.shape}")]
-            bad = [x for x in array.reshape(-1) if not isinstance(x, str)]
-            if bad:
-                return [Violation(key, "wrong type", "str", type(bad[0]).__name__)]
+            not_str = [x for x in array.reshape(-1) if not isinstance(x, str)]
+            if not_str:
+                return [Violation(key, "wrong type", "str", type(not_str[0]).__name__)]
             return []
         try:
             array = np.asarray(value)
@@ -478,7 +478,7 @@ class EmbodimentSpec:
             problems.append(f"metadata: expected an object, got {type(metadata).__name__}")
         if problems:
             raise SpecError(name, problems)
-        assert action is not None
+        assert action is not None and isinstance(control_hz, (int, float))
         return cls(
             name, observations, action, float(control_hz), str(data.get("description", "")), dict(metadata)
         )
