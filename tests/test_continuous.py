@@ -103,3 +103,13 @@ def test_picklable() -> None:
     clone = pickle.loads(pickle.dumps(tokenizer))
     assert repr(clone) == repr(tokenizer)
     assert clone.encode(np.array([0.3])).tolist() == tokenizer.encode(np.array([0.3])).tolist()
+
+
+def test_bin_edges_are_the_uniform_grid_that_encode_uses() -> None:
+    tokenizer = ContinuousTokenizer(vocab_offset=0, mu_law=False, bins=1024)
+    edges = tokenizer.bin_edges()
+    assert edges.shape == (1025,) and edges[0] == -1.0 and edges[-1] == 1.0
+    # each interior edge opens its bin; just below it (beyond float rounding of y + 1) is the previous bin
+    inner = edges[1:-1]
+    assert tokenizer.encode(inner).tolist() == list(range(1, 1024))
+    assert tokenizer.encode(inner - 1e-12).tolist() == list(range(0, 1023))

@@ -115,3 +115,38 @@ def test_shipped_text_model_is_reproduced_by_its_script() -> None:
     from gato_like.tokenizers.train_text import train
 
     assert train() == DEFAULT_MODEL_FILE.read_bytes()
+
+
+def test_empty_inputs_decode_to_empty_outputs() -> None:
+    from gato_like.tokenizers import ContinuousTokenizer
+
+    assert TextTokenizer().decode([]) == ""
+    assert ContinuousTokenizer().decode([]).shape == (0,)
+    assert DiscreteTokenizer().decode([]).shape == (0,)
+    assert DiscreteTokenizer().encode([]).shape == (0,)
+
+
+def test_huge_unsigned_values_are_reported_not_wrapped() -> None:
+    with pytest.raises(ValueError, match="got 18446744073709551615"):
+        DiscreteTokenizer(vocab_offset=0, num_values=4).encode(np.array([2**64 - 1], dtype=np.uint64))
+
+
+def test_constructor_arguments_are_checked() -> None:
+    from gato_like.tokenizers import ContinuousTokenizer, VocabLayout
+
+    with pytest.raises(ValueError, match="mu and m: expected finite numbers > 0"):
+        ContinuousTokenizer(mu=float("nan"))
+    with pytest.raises(TypeError):
+        ContinuousTokenizer(bins=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pixel_divisor"):
+        ImageTokenizer(pixel_divisor=0)
+    with pytest.raises(ValueError, match="text_size: expected a positive int, got True"):
+        VocabLayout(True)
+    assert VocabLayout(np.int64(1024)).separator_id == 3072
+
+
+def test_patch_position_intervals_reject_impossible_positions() -> None:
+    with pytest.raises(ValueError, match=r"0 <= row < rows.*got \[5, 5, 2, 2\]"):
+        patch_position_intervals(np.array([[5, 5, 2, 2]]))
+    with pytest.raises(ValueError, match=r"got \[0, 0, 0, 0\]"):
+        patch_position_intervals(np.array([[0, 0, 0, 0]]))

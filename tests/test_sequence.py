@@ -254,3 +254,21 @@ def test_real_simulator_episodes_tokenize() -> None:
     seq = SequenceBuilder(spec, TEXT).build(obs, actions)
     assert seq.ids.tolist() == reference_ids(spec, obs, actions)
     assert TEXT.decode(seq.ids[(seq.timesteps == 0) & (seq.types == TokenType.TEXT)]) == obs["mission"][0]
+
+
+def test_build_step_text_and_window_arguments() -> None:
+    from gato_like.data_pipelines.sample import BABYAI_SPEC
+
+    builder = SequenceBuilder(EmbodimentSpec.from_dict(BABYAI_SPEC), TEXT)
+    step = {"mission": np.array("go to the red ball"), "image": np.zeros((7, 7, 3), np.uint8), "direction": 1}
+    seq = builder.build_step(step)
+    assert TEXT.decode(seq.ids[seq.types == TokenType.TEXT]) == "go to the red ball"
+    assert seq.ids[-1] == V + 2048  # ends at the separator, awaiting the action
+    obs = {k: np.stack([np.asarray(v)] * 3) for k, v in step.items()}
+    full = builder.build(obs, np.array([[0], [1], [2]]))
+    window = full.window(np.int64(1), 3)
+    assert window.timesteps.dtype == np.int32 and window.num_timesteps == 2
+    with pytest.raises(TypeError):
+        full.window(1.0, 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"expected 0 <= start < stop <= 3, got \[2, 2\)"):
+        full.window(2, 2)

@@ -190,3 +190,88 @@ def test_action_length_and_step_checks() -> None:
         SpecMismatchError, match=r"camera: wrong shape: expected \(32, 32, 3\), got \(16, 32, 3\)"
     ):
         spec.check_step(step)
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        (
+            {"kind": "continuous", "shape": [1], "low": -1, "high": float("inf")},
+            "action.high: expected finite numbers",
+        ),
+        (
+            {"kind": "continuous", "shape": [1], "low": -1e308, "high": 1e308},
+            "action.low: expected finite numbers within",
+        ),
+        (
+            {"kind": "continuous", "shape": [1], "low": True, "high": 1},
+            "action.low: expected a number or a (nested) list of numbers, got True",
+        ),
+        (
+            {"kind": "continuous", "shape": [1], "low": "-1", "high": 1},
+            "action.low: expected a number or a (nested) list of numbers, got '-1'",
+        ),
+    ],
+)
+def test_bounds_must_be_finite_numbers(action: dict, message: str) -> None:
+    with pytest.raises(SpecError) as error:
+        EmbodimentSpec.from_dict({**ARM, "action": action})
+    assert any(message in p for p in error.value.problems), error.value.problems
+
+
+def test_equal_specs_hash_equal_and_metadata_is_plain_json() -> None:
+    a = EmbodimentSpec.from_dict({**ARM, "metadata": {"a": 1, "b": 2}})
+    b = EmbodimentSpec.from_dict({**ARM, "metadata": {"b": 2, "a": 1}})
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != EmbodimentSpec.from_dict({**ARM, "control_hz": 21})
+    with pytest.raises(SpecError, match="metadata: expected plain JSON values"):
+        EmbodimentSpec.from_dict({**ARM, "metadata": {"x": np.zeros(2)}})
+
+
+def test_float32_data_at_a_float64_bound_is_in_bounds() -> None:
+    spec = EmbodimentSpec.from_dict(
+        {**ARM, "observations": {"x": {"kind": "proprio", "shape": [1], "low": -0.1, "high": 0.1}}}
+    )
+    spec.check_step({"x": np.array([0.1], np.float32)})
+    with pytest.raises(SpecMismatchError, match="x: out of bounds"):
+        spec.check_step({"x": np.array([0.1001], np.float32)})
+
+
+def test_discrete_uint8_spec_accepts_any_integer_dtype() -> None:
+    spec = EmbodimentSpec.from_dict(
+        {**ARM, "observations": {"v": {"kind": "discrete", "shape": [2], "num_values": 5, "dtype": "uint8"}}}
+    )
+    spec.check_step({"v": np.array([1, 4], np.int64)})
+
+
+@pytest.mark.parametrize(
+    ("observations", "actions", "expected"),
+    [
+        ({"joints": [[1.0, 2.0], [1.0]]}, None, "obs.joints: not an array"),
+        (None, None, "observations: expected a mapping"),
+    ],
+)
+def test_malformed_episode_containers_get_named_errors(observations, actions, expected: str) -> None:
+    spec = EmbodimentSpec.from_dict(ARM)
+    with pytest.raises((SpecMismatchError, TypeError), match=expected):
+        spec.check_episode(observations, actions)
+
+
+def test_actions_that_are_not_rows_are_named() -> None:
+    spec = EmbodimentSpec.from_dict(ARM)
+    obs, _ = _episode()
+    with pytest.raises(
+        SpecMismatchError, match=r"actions: wrong length: expected 4 or 3 rows .*got not an array of rows"
+    ):
+        spec.check_episode(obs, np.float32(0.3))
+    with pytest.raises(SpecMismatchError, match="obs: empty episode"):
+        spec.check_episode({k: v[:0] for k, v in obs.items()}, None)
+
+
+def test_spec_file_problems(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        EmbodimentSpec.from_file(tmp_path)
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"name": "\xe9"}')
+    with pytest.raises(SpecError, match="expected UTF-8 JSON text"):
+        EmbodimentSpec.from_file(path)

@@ -16,6 +16,12 @@ def as_numeric_array(values: object, *, what: str) -> np.ndarray:
     return array
 
 
+def as_ids(values: object) -> np.ndarray:
+    """``values`` as an array; an empty list becomes an empty int64 array (not float64)."""
+    array = np.asarray(values)
+    return array.astype(np.int64) if array.size == 0 and array.dtype.kind == "f" else array
+
+
 def check_finite(array: np.ndarray, *, what: str) -> None:
     """Raise ``ValueError`` naming the first NaN/Inf element, if any."""
     if array.dtype.kind != "f":

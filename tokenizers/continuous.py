@@ -14,8 +14,12 @@ embodiment's bounds); values outside are an error rather than silently clipped.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import numpy as np
 
+from gato_like.tokenizers._checks import as_ids as _as_ids
 from gato_like.tokenizers._checks import as_numeric_array, check_finite
 from gato_like.tokenizers.vocab import CONTINUOUS_BINS, GATO_TEXT_VOCAB_SIZE, MU, M
 
@@ -42,12 +46,12 @@ class ContinuousTokenizer:
         bins: int = CONTINUOUS_BINS,
         mu_law: bool = True,
     ) -> None:
-        if vocab_offset < 0:
+        if operator.index(vocab_offset) < 0:
             raise ValueError(f"vocab_offset: expected >= 0, got {vocab_offset}")
-        if mu <= 0 or m <= 0:
-            raise ValueError(f"mu and m: expected > 0, got mu={mu}, m={m}")
-        if bins < 2:
-            raise ValueError(f"bins: expected >= 2, got {bins}")
+        if not (math.isfinite(mu) and math.isfinite(m) and mu > 0 and m > 0):
+            raise ValueError(f"mu and m: expected finite numbers > 0, got mu={mu}, m={m}")
+        if operator.index(bins) < 2:
+            raise ValueError(f"bins: expected an integer >= 2, got {bins}")
         self.vocab_offset = int(vocab_offset)
         self.mu = float(mu)
         self.m = float(m)
@@ -85,7 +89,7 @@ class ContinuousTokenizer:
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Ids of any shape to float64 values of the same shape (bin centre, inverse mu-law)."""
-        ids = np.asarray(ids)
+        ids = _as_ids(ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"ContinuousTokenizer.decode: expected integer ids, got dtype {ids.dtype}")
         bins = ids.astype(np.int64) - self.vocab_offset

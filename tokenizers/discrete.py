@@ -6,8 +6,11 @@ Integers in ``[0, num_values)``, flattened row-major, shifted into the discrete 
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
+from gato_like.tokenizers._checks import as_ids
 from gato_like.tokenizers.vocab import DISCRETE_VALUES, GATO_TEXT_VOCAB_SIZE, VocabLayout
 
 
@@ -22,7 +25,7 @@ class DiscreteTokenizer:
         vocab_offset: int = VocabLayout(GATO_TEXT_VOCAB_SIZE).discrete_offset,
         num_values: int = DISCRETE_VALUES,
     ) -> None:
-        if vocab_offset < 0 or num_values < 1:
+        if operator.index(vocab_offset) < 0 or operator.index(num_values) < 1:
             raise ValueError(
                 f"expected vocab_offset >= 0 and num_values >= 1, got {vocab_offset}, {num_values}"
             )
@@ -34,22 +37,21 @@ class DiscreteTokenizer:
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """Integers of any shape ``(...)`` to ids of shape ``(prod(...),)``, int64."""
-        array = np.asarray(values)
+        array = as_ids(values).reshape(-1)
         if array.dtype.kind not in "biu":
             raise TypeError(f"DiscreteTokenizer.encode: expected an integer array, got dtype {array.dtype}")
-        flat = array.astype(np.int64).reshape(-1)
-        bad = (flat < 0) | (flat >= self.num_values)
+        bad = (array < 0) | (array >= self.num_values)  # compared before any cast: no wrap-around
         if bad.any():
             index = int(np.argmax(bad))
             raise ValueError(
                 f"DiscreteTokenizer.encode: expected values in [0, {self.num_values}), "
-                f"got {int(flat[index])} at flat index {index}"
+                f"got {array[index]} at flat index {index}"
             )
-        return flat + self.vocab_offset
+        return array.astype(np.int64) + self.vocab_offset
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Ids of any shape to the integer values, same shape, int64."""
-        ids = np.asarray(ids)
+        ids = as_ids(ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"DiscreteTokenizer.decode: expected integer ids, got dtype {ids.dtype}")
         values = ids.astype(np.int64) - self.vocab_offset

@@ -11,6 +11,7 @@ row/column intervals of Gato's within-image position encoding.
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 
@@ -21,8 +22,10 @@ class ImageTokenizer:
     """uint8 images ``(H, W, C)`` or ``(H, W)`` to patches ``(N, C, P, P)`` float32, raster order."""
 
     def __init__(self, patch_size: int = PATCH_SIZE, pixel_divisor: float = PATCH_PIXEL_DIVISOR) -> None:
-        if patch_size < 1:
-            raise ValueError(f"patch_size: expected >= 1, got {patch_size}")
+        if isinstance(patch_size, bool) or operator.index(patch_size) < 1:
+            raise ValueError(f"patch_size: expected an integer >= 1, got {patch_size!r}")
+        if not (math.isfinite(pixel_divisor) and pixel_divisor > 0):
+            raise ValueError(f"pixel_divisor: expected a finite number > 0, got {pixel_divisor!r}")
         self.patch_size = int(patch_size)
         self.pixel_divisor = float(pixel_divisor)
 
@@ -112,9 +115,18 @@ def patch_position_intervals(
     positions = np.asarray(positions, dtype=np.int64)
     if positions.ndim != 2 or positions.shape[1] != 4:
         raise ValueError(f"positions: expected shape (N, 4), got {positions.shape}")
+    if resolution < 1:
+        raise ValueError(f"resolution: expected >= 1, got {resolution}")
+    where, counts = positions[:, :2], positions[:, 2:]
+    bad = (counts < 1) | (where < 0) | (where >= counts)
+    if bad.any():
+        row = positions[np.argwhere(bad)[0][0]].tolist()
+        raise ValueError(
+            f"positions: expected rows (row, col, rows, cols) with 0 <= row < rows, 0 <= col < cols, got {row}"
+        )
     out = np.empty((positions.shape[0], 2, 2), dtype=np.int64)
-    for axis, (index, count) in enumerate(((0, 2), (1, 3))):
-        i, n = positions[:, index], positions[:, count]
+    for axis in (0, 1):
+        i, n = positions[:, axis], positions[:, axis + 2]
         start = (i * resolution) // n
         stop = np.maximum(((i + 1) * resolution) // n, start + 1)
         out[:, axis, 0], out[:, axis, 1] = start, np.minimum(stop, resolution)

@@ -15,6 +15,7 @@ Single-channel images are repeated to 3 channels so every patch has the same sha
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,7 @@ class TokenSequence:
 
     def window(self, start: int, stop: int) -> TokenSequence:
         """Whole timesteps ``[start, stop)``, renumbered from 0 (for context windows)."""
+        start, stop = operator.index(start), operator.index(stop)
         if not 0 <= start < stop <= self.num_timesteps:
             raise ValueError(
                 f"window: expected 0 <= start < stop <= {self.num_timesteps}, got [{start}, {stop})"
@@ -78,7 +80,7 @@ class TokenSequence:
         return TokenSequence(
             ids=self.ids[lo:hi],
             types=self.types[lo:hi],
-            timesteps=self.timesteps[lo:hi] - start,
+            timesteps=(self.timesteps[lo:hi] - start).astype(np.int32),
             local_positions=self.local_positions[lo:hi],
             loss_mask=self.loss_mask[lo:hi],
             patches=self.patches[p_lo:p_hi],
@@ -277,7 +279,9 @@ class SequenceBuilder:
         """One timestep awaiting its action (observation tokens + separator), for acting."""
         self.spec.check_step(observation)
         batched = {
-            k: np.asarray([v]) if self.spec.observations[k].kind != "text" else np.asarray([v], dtype=object)
+            k: np.asarray(v, dtype=object).reshape(1)
+            if self.spec.observations[k].kind == "text"
+            else np.asarray(v)[None]
             for k, v in observation.items()
         }
         return self.build(batched, None)

@@ -53,8 +53,10 @@ DEFAULT_DTYPES = {
     "continuous": "float32",
 }
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-/]*$")
-#: Relative slack on action bounds, for float rounding at the bound itself.
+#: Relative slack on bounds, for float rounding at the bound itself.
 BOUND_TOLERANCE = 1e-6
+#: Largest magnitude a bound may have (keeps ``high - low`` finite in float64).
+MAX_BOUND = 1e30
 
 
 class SpecError(ValueError):
@@ -92,10 +94,10 @@ class SpecMismatchError(ValueError):
         )
 
 
-def _dtype_ok(spec_dtype: str, array: np.ndarray) -> bool:
+def _dtype_ok(kind: str, spec_dtype: str, array: np.ndarray) -> bool:
     """Same kind of number as the spec: any float for a float spec, any integer for an integer one;
     images must be exactly uint8."""
-    if spec_dtype == "uint8":
+    if kind == "image":
         return array.dtype == np.uint8
     kind = np.dtype(spec_dtype).kind
     if kind == "f":
@@ -103,8 +105,8 @@ def _dtype_ok(spec_dtype: str, array: np.ndarray) -> bool:
     return array.dtype.kind in "iub"
 
 
-def _dtype_expectation(spec_dtype: str) -> str:
-    if spec_dtype == "uint8":
+def _dtype_expectation(kind: str, spec_dtype: str) -> str:
+    if kind == "image":
         return "uint8"
     return f"{'a float' if np.dtype(spec_dtype).kind == 'f' else 'an integer'} dtype ({spec_dtype})"
 
@@ -113,17 +115,52 @@ def _bounds(value: Any, shape: tuple[int, ...], path: str, problems: list[str]) 
     if value is None:
         return None
     try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        problems.append(f"{path}: expected a number or a list of numbers, got {value!r}")
+        raw = np.asarray(value, dtype=object)
+    except ValueError:
+        raw = np.asarray([None], dtype=object)  # ragged nesting: reported below
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.reshape(-1)):
+        problems.append(f"{path}: expected a number or a (nested) list of numbers, got {value!r}")
         return None
+    array = raw.astype(np.float64)
     if array.ndim and array.shape != shape:
         problems.append(f"{path}: expected a number or shape {list(shape)}, got shape {list(array.shape)}")
         return None
-    if np.isnan(array).any():
-        problems.append(f"{path}: expected numbers, got NaN")
+    if not (np.abs(array) <= MAX_BOUND).all():
+        problems.append(f"{path}: expected finite numbers within ±{MAX_BOUND:g}, got {value!r}")
         return None
     return np.broadcast_to(array, shape).copy()
+
+
+def _bound_violation(
+    key: str, array: np.ndarray, low: np.ndarray | None, high: np.ndarray | None, lead: tuple[int, ...]
+) -> Violation | None:
+    """The first element of ``array`` (shape ``lead + bounds shape``) outside [low, high], allowing
+    float rounding at the bound itself (a float32 copy of a float64 bound)."""
+    low = np.full(array.shape[len(lead) :], -np.inf) if low is None else low
+    high = np.full(array.shape[len(lead) :], np.inf) if high is None else high
+    finite = np.isfinite(low) & np.isfinite(high)
+    magnitude = np.maximum(
+        np.abs(np.where(np.isfinite(low), low, 0)), np.abs(np.where(np.isfinite(high), high, 0))
+    )
+    eps = np.finfo(array.dtype).eps if array.dtype.kind == "f" else 0.0
+    slack = BOUND_TOLERANCE * np.where(finite, high - low, 0.0) + eps * magnitude
+    bad = (array < low - slack) | (array > high + slack)
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    inner = index[len(lead) :]
+    return Violation(
+        key, "out of bounds", f"values in [{low[inner]}, {high[inner]}]", f"{array[index]} at index {index}"
+    )
+
+
+def _length(value: Any) -> int | None:
+    """Rows of an array-like (its first dimension), or None for scalars and ragged nests."""
+    try:
+        array = np.asarray(value) if not isinstance(value, np.ndarray) else value
+    except ValueError:
+        return None
+    return int(array.shape[0]) if array.ndim > 0 else None
 
 
 def _positive_int(value: Any, path: str, problems: list[str], maximum: int | None = None) -> int | None:
@@ -261,8 +298,10 @@ class ObservationSpec:
             ]
         if array.shape != lead + self.shape:
             return [Violation(key, "wrong shape", expected_shape, str(tuple(array.shape)))]
-        if not _dtype_ok(self.dtype, array):
-            return [Violation(key, "wrong dtype", _dtype_expectation(self.dtype), str(array.dtype))]
+        if not _dtype_ok(self.kind, self.dtype, array):
+            return [
+                Violation(key, "wrong dtype", _dtype_expectation(self.kind, self.dtype), str(array.dtype))
+            ]
         out: list[Violation] = []
         if array.dtype.kind == "f":
             bad = ~np.isfinite(array)
@@ -286,20 +325,9 @@ class ObservationSpec:
                     )
                 )
         if self.low is not None or self.high is not None:
-            low = self.low if self.low is not None else np.full(self.shape, -np.inf)
-            high = self.high if self.high is not None else np.full(self.shape, np.inf)
-            bad = (array < low) | (array > high)
-            if bad.any():
-                index = tuple(int(i) for i in np.argwhere(bad)[0])
-                inner = index[len(lead) :]
-                out.append(
-                    Violation(
-                        key,
-                        "out of bounds",
-                        f"values in [{low[inner]}, {high[inner]}]",
-                        f"{array[index]} at index {index}",
-                    )
-                )
+            violation = _bound_violation(key, array, self.low, self.high, lead)
+            if violation is not None:
+                out.append(violation)
         return out
 
 
@@ -380,7 +408,10 @@ class ActionSpec:
 
     def violations(self, value: Any, lead: tuple[int, ...], key: str = "actions") -> list[Violation]:
         """Problems of actions ``value`` (shape ``lead + shape``); empty when they match."""
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except ValueError as error:
+            return [Violation(key, "not an array", f"shape {lead + self.shape}", str(error))]
         expected_shape = str(lead + self.shape)
         if array.shape != lead + self.shape:
             return [Violation(key, "wrong shape", expected_shape, str(tuple(array.shape)))]
@@ -394,22 +425,8 @@ class ActionSpec:
                     Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}")
                 ]
             assert self.low is not None and self.high is not None
-            # rounding slack: a bound stored in float32 may land just outside the float64 bound
-            magnitude = np.maximum(np.abs(self.low), np.abs(self.high))
-            slack = BOUND_TOLERANCE * (self.high - self.low) + np.finfo(array.dtype).eps * magnitude
-            bad = (array < self.low - slack) | (array > self.high + slack)
-            if bad.any():
-                index = tuple(int(i) for i in np.argwhere(bad)[0])
-                inner = index[len(lead) :]
-                return [
-                    Violation(
-                        key,
-                        "out of bounds",
-                        f"values in [{self.low[inner]}, {self.high[inner]}]",
-                        f"{array[index]} at index {index}",
-                    )
-                ]
-            return []
+            violation = _bound_violation(key, array, self.low, self.high, lead)
+            return [violation] if violation is not None else []
         if array.dtype.kind not in "iub":
             return [Violation(key, "wrong dtype", "an integer dtype", str(array.dtype))]
         assert self.num_choices is not None
@@ -458,7 +475,7 @@ class EmbodimentSpec:
                 f"observations: expected a non-empty object of key -> observation, got {raw_obs!r}"
             )
         else:
-            for key in sorted(raw_obs):
+            for key in sorted(raw_obs, key=str):
                 if not isinstance(key, str) or not KEY_PATTERN.match(key):
                     problems.append(f"observations.{key}: expected a key of letters, digits, '_', '-', '/'")
                     continue
@@ -476,6 +493,11 @@ class EmbodimentSpec:
         metadata = data.get("metadata", {})
         if not isinstance(metadata, Mapping):
             problems.append(f"metadata: expected an object, got {type(metadata).__name__}")
+        else:
+            try:
+                json.dumps(metadata, allow_nan=False)
+            except (TypeError, ValueError) as error:
+                problems.append(f"metadata: expected plain JSON values, got {error}")
         if problems:
             raise SpecError(name, problems)
         assert action is not None and isinstance(control_hz, (int, float))
@@ -494,12 +516,15 @@ class EmbodimentSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> EmbodimentSpec:
         path = Path(path)
+        if not path.is_file():
+            what = "is a directory, not a JSON file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"embodiment spec {path}: {what}")
         try:
-            return cls.from_json(path.read_text())
+            return cls.from_json(path.read_text(encoding="utf-8"))
         except SpecError as error:
             raise SpecError(error.name, error.problems, source=path) from None
-        except OSError as error:
-            raise FileNotFoundError(f"embodiment spec {path}: {error.strerror}") from error
+        except UnicodeDecodeError as error:
+            raise SpecError("?", [f"spec: expected UTF-8 JSON text ({error})"], source=path) from None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -521,7 +546,8 @@ class EmbodimentSpec:
         return isinstance(other, EmbodimentSpec) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash(self.to_json())
+        # equal specs have equal names; hashing the name keeps hash consistent with __eq__
+        return hash(self.name)
 
     def keys_by_kind(self, kind: str) -> list[str]:
         """Observation keys of one kind, sorted."""
@@ -543,6 +569,10 @@ class EmbodimentSpec:
     def check_step(self, observation: Mapping[str, Any]) -> None:
         """One timestep's observation ``{key: array of the key's shape}``; raises
         :class:`SpecMismatchError` naming every violation."""
+        if not isinstance(observation, Mapping):
+            raise TypeError(
+                f"observation: expected a mapping of key -> array, got {type(observation).__name__}"
+            )
         violations = self._key_violations(observation)
         for key, spec in sorted(self.observations.items()):
             if key in observation:
@@ -553,25 +583,24 @@ class EmbodimentSpec:
     def check_episode(self, observations: Mapping[str, Any], actions: Any | None) -> int:
         """Arrays ``(T, ...)`` per key and actions ``(T, ...)`` or ``(T - 1, ...)`` (the last step
         awaiting its action). Returns T; raises :class:`SpecMismatchError` naming every violation."""
+        if not isinstance(observations, Mapping):
+            raise TypeError(
+                f"observations: expected a mapping of key -> (T, ...) array, got {type(observations).__name__}"
+            )
         violations = self._key_violations(observations, prefix="obs.")
-        lengths = {k: len(v) for k, v in observations.items() if k in self.observations and np.ndim(v) > 0}
-        steps = max(lengths.values(), default=0)
+        lengths = [_length(v) for k, v in observations.items() if k in self.observations]
+        steps = max((n for n in lengths if n is not None), default=0)
         if steps == 0:
-            violations.append(Violation("observations", "empty episode", "at least one timestep", "0"))
+            violations.append(Violation("obs", "empty episode", "at least one timestep", "no timesteps"))
         for key, spec in sorted(self.observations.items()):
             if key in observations:
                 violations += spec.violations(f"obs.{key}", observations[key], (steps,))
-        if actions is not None:
-            rows = len(actions) if np.ndim(actions) > 0 else -1
-            if rows not in (steps, steps - 1):
-                violations.append(
-                    Violation(
-                        "actions",
-                        "wrong length",
-                        f"{steps} or {steps - 1} rows (one per timestep)",
-                        f"{rows}",
-                    )
-                )
+        if actions is not None and steps:
+            rows = _length(actions)
+            if rows is None or rows not in (steps, steps - 1):
+                got = "not an array of rows" if rows is None else f"{rows} rows"
+                expected = f"{steps} or {steps - 1} rows (one per timestep, the last may await its action)"
+                violations.append(Violation("actions", "wrong length", expected, got))
             else:
                 violations += self.action.violations(actions, (rows,))
         if violations:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from gato_like.tokenizers._checks import as_ids
+
 DEFAULT_MODEL_FILE = Path(__file__).with_name("assets") / "text.model"
 DEFAULT_VOCAB_SIZE = 1024
 
@@ -63,7 +65,7 @@ class TextTokenizer:
 
     def decode(self, ids: np.ndarray) -> str:
         """Ids ``(n,)`` in ``[0, V)`` back to the string."""
-        ids = np.asarray(ids)
+        ids = as_ids(ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise TypeError(f"TextTokenizer.decode: expected 1-d integer ids, got {ids.dtype} {ids.shape}")
         bad = (ids < 0) | (ids >= self.vocab_size)

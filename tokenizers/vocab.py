@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
+
 #: Gato's text vocabulary size (used by the ``gato-*`` presets).
 GATO_TEXT_VOCAB_SIZE = 32000
 #: mu-law parameters of the paper.
@@ -59,8 +61,9 @@ class VocabLayout:
     def __post_init__(self) -> None:
         for name in ("text_size", "continuous_bins", "discrete_values"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"VocabLayout.{name}: expected a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
     @property
     def continuous_offset(self) -> int:
