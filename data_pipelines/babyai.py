@@ -1,0 +1,98 @@
+"""BabyAI levels (the ``minigrid`` package) with its BabyAI bot as the expert.
+
+Observations: the text mission, the 7x7 egocentric symbolic view (object, colour, state ids, all
+< 11) and the agent's heading; 7 discrete actions. Return is minigrid's ``1 - 0.9 * steps / max_steps``
+on success, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gato_like.data_pipelines.episodes import Episode
+from gato_like.tokenizers.spec import EmbodimentSpec
+
+BABYAI_SPEC: dict[str, Any] = {
+    "name": "babyai",
+    "description": "BabyAI (minigrid): text mission, 7x7 symbolic egocentric view (object, colour, state), heading",
+    "control_hz": 10.0,
+    "observations": {
+        "mission": {"kind": "text"},
+        "image": {"kind": "discrete", "shape": [7, 7, 3], "num_values": 11, "dtype": "uint8"},
+        "direction": {"kind": "discrete", "shape": [], "num_values": 4},
+    },
+    "action": {"kind": "discrete", "shape": [1], "num_choices": 7},
+}
+
+
+@dataclass
+class BabyAITask:
+    """One BabyAI level."""
+
+    name: str
+    level: str
+    max_steps: int = 64
+
+    @property
+    def spec(self) -> EmbodimentSpec:
+        return EmbodimentSpec.from_dict(BABYAI_SPEC)
+
+    @property
+    def embodiment(self) -> str:
+        return "babyai"
+
+    def rollout(
+        self, seed: int, policy: str = "expert", render: bool = True, max_steps: int | None = None
+    ) -> Episode:
+        """One episode; ``render`` is ignored (the view is symbolic)."""
+        import gymnasium as gym
+        import minigrid  # noqa: F401  (registers the BabyAI levels)
+        from minigrid.utils.baby_ai_bot import BabyAIBot
+
+        env = gym.make(self.level, max_steps=max_steps or self.max_steps)
+        with contextlib.redirect_stdout(io.StringIO()):  # level generation prints its rejections
+            obs, _ = env.reset(seed=seed)
+        bot = BabyAIBot(env.unwrapped) if policy == "expert" else None
+        rng = np.random.default_rng([seed, 2])
+        mission = obs["mission"]
+        observations: dict[str, list[Any]] = {"mission": [], "image": [], "direction": []}
+        actions, rewards = [], []
+        terminated = False
+        while True:
+            observations["mission"].append(obs["mission"])
+            observations["image"].append(np.asarray(obs["image"], dtype=np.uint8))
+            observations["direction"].append(int(obs["direction"]))
+            action = int(bot.replan()) if bot is not None else int(rng.integers(0, 7))
+            actions.append([action])
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rewards.append(float(reward))
+            if terminated or truncated:
+                break
+        env.close()
+        return Episode(
+            task=self.name,
+            embodiment="babyai",
+            observations={
+                "mission": np.asarray(observations["mission"], dtype=str),
+                "image": np.stack(observations["image"]),
+                "direction": np.asarray(observations["direction"], dtype=np.int64),
+            },
+            actions=np.asarray(actions, dtype=np.int64),
+            rewards=np.asarray(rewards, dtype=np.float32),
+            instruction=mission,
+            success=bool(terminated and rewards[-1] > 0),
+            source=f"{policy} policy in minigrid ({self.level})",
+            seed=seed,
+        )
+
+
+BABYAI_TASKS = [
+    BabyAITask("babyai-GoToRedBall", "BabyAI-GoToRedBall-v0"),
+    BabyAITask("babyai-GoToLocal", "BabyAI-GoToLocal-v0"),
+    BabyAITask("babyai-PickupLoc", "BabyAI-PickupLoc-v0"),
+]

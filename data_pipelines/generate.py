@@ -1,0 +1,168 @@
+"""``gato-like data generate``: episodes of a suite, sharded, with return normalizers, in parallel.
+
+Every episode's seed is derived from (seed, task, kind, index), so the output depends only on the
+arguments, never on the number of workers or the order in which they finish: the same seed gives
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gato_like.data_pipelines.episodes import Episode
+from gato_like.data_pipelines.shards import INDEX_FILE, TaskShardWriter, returns_summary, write_index
+from gato_like.data_pipelines.tasks import get_task, resolve_tasks
+
+#: Episodes per policy used for the expert and random return normalizers.
+NORMALIZER_EPISODES = 20
+
+
+def episode_seed(seed: int, task: str, kind: str, index: int) -> int:
+    """A 31-bit seed for one episode, independent of scheduling."""
+    entropy = [seed, zlib.crc32(task.encode()), zlib.crc32(kind.encode()), index]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    kind: str  # "data" (expert, rendered), "expert" or "random" (returns only)
+    index: int
+    seed: int
+    max_steps: int | None
+
+
+def _run(job: Job) -> tuple[Job, Episode | float]:
+    task = get_task(job.task)
+    if job.kind == "data":
+        return job, task.rollout(job.seed, "expert", render=True, max_steps=job.max_steps)
+    episode = task.rollout(job.seed, job.kind, render=False, max_steps=job.max_steps)
+    return job, episode.episode_return
+
+
+def generate(
+    out: str | Path,
+    suite: str | None = "default",
+    tasks: list[str] | None = None,
+    episodes: int = 20,
+    max_steps: int | None = None,
+    seed: int = 0,
+    workers: int = 2,
+    episodes_per_shard: int = 16,
+    normalizer_episodes: int = NORMALIZER_EPISODES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate expert episodes of a suite into shards under ``out`` and write its index.
+
+    Args:
+        out: output directory.
+        suite: a named suite (``default``, ``control``, ``babyai``, ``heldout``, ``smoke``).
+        tasks: explicit task names instead of a suite.
+        episodes: expert episodes per task.
+        max_steps: cap on episode length (default: each task's own; dm_control 1000).
+        seed: base seed.
+        workers: processes.
+        episodes_per_shard: episodes per tar shard.
+        normalizer_episodes: expert and random episodes per task for the return normalizers.
+        overwrite: replace an existing dataset in ``out``.
+        progress: show a progress bar.
+
+    Returns:
+        The index written to ``out/index.json``.
+    """
+    root = Path(out)
+    if (root / INDEX_FILE).exists() and not overwrite:
+        raise FileExistsError(
+            f"{root} already holds a dataset ({INDEX_FILE}); pass --overwrite to replace it"
+        )
+    if episodes < 1 or normalizer_episodes < 1:
+        raise ValueError(
+            f"episodes and normalizer_episodes: expected >= 1, got {episodes}, {normalizer_episodes}"
+        )
+    selected = resolve_tasks(suite, tasks)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / INDEX_FILE).unlink(missing_ok=True)
+    jobs = [
+        Job(t.name, kind, i, episode_seed(seed, t.name, kind, i), max_steps)
+        for t in selected
+        for kind, count in (
+            ("data", episodes),
+            ("expert", normalizer_episodes),
+            ("random", normalizer_episodes),
+        )
+        for i in range(count)
+    ]
+    writers = {t.name: TaskShardWriter(root, t.name, t.spec, episodes_per_shard) for t in selected}
+    # results arrive in job order, so shards are filled in the same order on every run
+    pending: dict[str, dict[int, Episode]] = {t.name: {} for t in selected}
+    next_index = dict.fromkeys(pending, 0)
+    returns: dict[str, dict[str, list[float]]] = {
+        t.name: {"expert": [], "random": [], "data": []} for t in selected
+    }
+    stats = {t.name: {"timesteps": 0, "success": 0} for t in selected}
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(max(1, workers)) if workers > 1 else _InlinePool() as pool:
+        bar = tqdm(total=len(jobs), desc="generating", unit="ep", disable=not progress)
+        for job, result in pool.imap_unordered(_run, jobs, chunksize=1):
+            bar.update()
+            if isinstance(result, float):
+                returns[job.task][job.kind].append(result)
+                continue
+            pending[job.task][job.index] = result
+            while next_index[job.task] in pending[job.task]:
+                episode = pending[job.task].pop(next_index[job.task])
+                writers[job.task].add(episode)
+                returns[job.task]["data"].append(episode.episode_return)
+                stats[job.task]["timesteps"] += episode.length
+                stats[job.task]["success"] += int(episode.success)
+                next_index[job.task] += 1
+        bar.close()
+    elapsed = time.perf_counter() - started
+    entries = {}
+    for task in selected:
+        writers[task.name].flush()
+        entries[task.name] = {
+            "embodiment": task.embodiment,
+            "spec": f"{task.name}/embodiment.json",
+            "episodes": episodes,
+            "timesteps": stats[task.name]["timesteps"],
+            "success_rate": round(stats[task.name]["success"] / episodes, 4),
+            "max_steps": max_steps or task.max_steps,
+            "returns": {
+                "dataset": returns_summary(returns[task.name]["data"]),
+                # sorted: float sums (and so the index's bytes) must not depend on arrival order
+                "expert": returns_summary(sorted(returns[task.name]["expert"])),
+                "random": returns_summary(sorted(returns[task.name]["random"])),
+            },
+            "shards": [vars(s) for s in writers[task.name].shards],
+        }
+    frames = sum(
+        e["timesteps"] for name, e in entries.items() if "pixels" in get_task(name).spec.observations
+    )
+    index = write_index(root, entries, seed=seed, suite=suite if not tasks else None)
+    # timings vary from run to run, so they stay out of the index (whose bytes are reproducible)
+    index["timing"] = {"seconds": round(elapsed, 2), "rendered_frames": frames, "workers": workers}
+    return index
+
+
+class _InlinePool:
+    """The Pool interface, in this process (workers=1: easier to debug and profile)."""
+
+    def __enter__(self) -> _InlinePool:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        pass
+
+    def imap_unordered(self, fn: Any, items: list[Job], chunksize: int = 1) -> Any:
+        return map(fn, items)

@@ -1,0 +1,83 @@
+"""The task registry and the named suites.
+
+A task makes episodes of one embodiment: ``rollout(seed, policy="expert"|"random", render=True,
+max_steps=None) -> Episode``, with ``name``, ``spec`` (the embodiment) and ``max_steps``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Protocol
+
+from gato_like.data_pipelines.babyai import BABYAI_TASKS
+from gato_like.data_pipelines.captions import CaptionTask
+from gato_like.data_pipelines.control import CONTROL_TASKS
+from gato_like.data_pipelines.episodes import Episode
+from gato_like.tokenizers.spec import EmbodimentSpec
+
+
+class Task(Protocol):
+    name: str
+    max_steps: int
+
+    @property
+    def spec(self) -> EmbodimentSpec: ...
+
+    @property
+    def embodiment(self) -> str: ...
+
+    def rollout(
+        self, seed: int, policy: str = "expert", render: bool = True, max_steps: int | None = None
+    ) -> Episode: ...
+
+
+TASKS: dict[str, Task] = {task.name: task for task in [*CONTROL_TASKS, *BABYAI_TASKS, CaptionTask()]}
+
+#: The held-out embodiment for few-shot adaptation: never in a pretraining suite.
+HELDOUT_TASKS = ("arm3-reach",)
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "default": (
+        "dmc-point_mass-easy",
+        "dmc-reacher-easy",
+        "dmc-cartpole-balance",
+        "dmc-cartpole-swingup",
+        "dmc-pendulum-swingup",
+        "babyai-GoToRedBall",
+        "babyai-GoToLocal",
+        "babyai-PickupLoc",
+        "captions",
+    ),
+    "control": (
+        "dmc-point_mass-easy",
+        "dmc-reacher-easy",
+        "dmc-cartpole-balance",
+        "dmc-cartpole-swingup",
+        "dmc-pendulum-swingup",
+    ),
+    "babyai": ("babyai-GoToRedBall", "babyai-GoToLocal", "babyai-PickupLoc"),
+    "heldout": HELDOUT_TASKS,
+    "smoke": ("dmc-point_mass-easy", "babyai-GoToRedBall", "captions"),
+}
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> KeyError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return KeyError(f"unknown {kind} {name!r}{hint} (known: {', '.join(known)})")
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise _unknown("task", name, sorted(TASKS))
+    return TASKS[name]
+
+
+def resolve_tasks(suite: str | None = None, tasks: list[str] | None = None) -> list[Task]:
+    """Tasks of a named suite, or of an explicit list of task names (not both)."""
+    if tasks:
+        return [get_task(name) for name in tasks]
+    name = suite or "default"
+    if name not in SUITES:
+        raise _unknown("suite", name, sorted(SUITES))
+    return [TASKS[task] for task in SUITES[name]]
