@@ -50,6 +50,8 @@ class Episode:
     source: str = "generated"
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+    """The sample key in its shard (set when read back)."""
 
     @property
     def length(self) -> int:
@@ -126,6 +128,7 @@ class Episode:
             source=meta.get("source", "?"),
             seed=meta.get("seed"),
             extra=meta.get("extra", {}),
+            key=str(key),
         )
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentParser
 
@@ -10,26 +14,216 @@ from gato_like import __version__
 from gato_like import demo as demo_module
 
 
+def data_generate(
+    out: Path,
+    suite: str = "default",
+    tasks: list[str] | None = None,
+    episodes: int = 20,
+    max_steps: int | None = None,
+    seed: int = 0,
+    workers: int = 2,
+    episodes_per_shard: int = 16,
+    normalizer_episodes: int = 20,
+    overwrite: bool = False,
+) -> None:
+    """Generate expert episodes of a suite into WebDataset shards, with return normalizers.
+
+    Args:
+        out: output directory (shards, embodiment specs, index.json).
+        suite: default, control, babyai, heldout or smoke.
+        tasks: task names instead of a suite.
+        episodes: expert episodes per task.
+        max_steps: cap on episode length (default: each task's own).
+        seed: base seed; the same seed gives the same bytes.
+        workers: processes.
+        episodes_per_shard: episodes per tar shard.
+        normalizer_episodes: expert and random episodes per task for the normalizers.
+        overwrite: replace an existing dataset.
+    """
+    from gato_like.data_pipelines.generate import generate
+
+    index = generate(
+        out,
+        suite,
+        tasks,
+        episodes,
+        max_steps,
+        seed,
+        workers,
+        episodes_per_shard,
+        normalizer_episodes,
+        overwrite,
+    )
+    timing = index["timing"]
+    episodes_total = sum(t["episodes"] for t in index["tasks"].values())
+    print(
+        f"wrote {episodes_total} episodes of {len(index['tasks'])} task(s) to {out} in {timing['seconds']:.1f}s "
+        f"({timing['rendered_frames'] / max(timing['seconds'], 1e-9):.0f} rendered frames/s)"
+    )
+
+
+def data_convert(
+    source: Path,
+    spec: Path,
+    out: Path,
+    task: str | None = None,
+    instruction: str = "",
+    episodes_per_shard: int = 16,
+    overwrite: bool = False,
+) -> None:
+    """Convert a folder of .npz episodes (obs.<key>, actions, rewards) into shards of one task.
+
+    Args:
+        source: folder of .npz files, one episode each.
+        spec: the embodiment spec (JSON) the episodes follow.
+        out: dataset directory (created, or the task is added to its index).
+        task: task name (default: the spec's name).
+        instruction: text instruction of the task, stored with every episode.
+        episodes_per_shard: episodes per tar shard.
+        overwrite: replace the task if the dataset already has it.
+    """
+    from gato_like.data_pipelines.convert import convert_npz
+
+    index = convert_npz(source, spec, out, task, instruction, episodes_per_shard, overwrite)
+    name = task or json.loads(Path(spec).read_text())["name"]
+    entry = index["tasks"][name]
+    print(f"wrote {entry['episodes']} episodes ({entry['timesteps']} timesteps) of task {name!r} to {out}")
+
+
+def data_inspect(
+    root: Path, montage: Path | None = None, animate: str | None = None, verify: bool = True
+) -> None:
+    """Per-task counts, lengths, returns and token counts; a PNG montage and a GIF of one episode.
+
+    Args:
+        root: dataset directory.
+        montage: where to write the frame montage (default: ROOT/montage.png).
+        animate: task to animate (default: the first task with images); writes ROOT/<task>.gif.
+        verify: re-hash every shard against index.json.
+    """
+    from rich.table import Table
+
+    from gato_like.data_pipelines import inspect as inspect_module
+    from gato_like.data_pipelines.shards import verify as verify_shards
+
+    console = _console()
+    rows = inspect_module.summarize(root)
+    table = Table(title=f"dataset {root}", title_justify="left")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for row in rows:
+        table.add_row(*[_cell(v) for v in row.values()])
+    console.print(table)
+    if verify:
+        problems = verify_shards(root)
+        console.print("checksums: all shards match index.json" if not problems else "\n".join(problems))
+    with_images = [r["task"] for r in rows if inspect_module.frames_of(root, r["task"])]
+    if with_images:
+        path = inspect_module.write_montage(root, montage or Path(root) / "montage.png")
+        console.print(f"montage: {path}")
+        task = animate or with_images[0]
+        console.print(f"animation: {inspect_module.write_animation(root, task, Path(root) / f'{task}.gif')}")
+
+
+def _console() -> Any:
+    """A rich console; wide when writing to a file or pipe, so tables stay readable in logs."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _function_parser(function: Any, positional: bool = False) -> ArgumentParser:
+    parser = ArgumentParser(description=_summary(function))
+    parser.add_function_arguments(function, fail_untyped=True, as_positional=positional)
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="gato-like",
         description="A Gato-style generalist agent: tokenize episodes, train, evaluate and serve one "
         "transformer for many embodiments.",
-        env_prefix="GATO_LIKE",
     )
     parser.add_argument("--version", action="version", version=f"gato-like {__version__}")
     commands = parser.add_subcommands(dest="command", required=True)
-    demo_parser = ArgumentParser(description=demo_module.run.__doc__)
-    demo_parser.add_function_arguments(demo_module.run)
-    commands.add_subcommand("demo", demo_parser, help="the main job end to end on the embedded default")
+    commands.add_subcommand(
+        "demo", _function_parser(demo_module.run), help="the main job end to end on the embedded default"
+    )
+    data = ArgumentParser(description="make, convert and look at episode datasets")
+    commands.add_subcommand("data", data, help="make, convert and inspect episode datasets")
+    data_commands = data.add_subcommands(dest="action", required=True)
+    for name, function in (("generate", data_generate), ("convert", data_convert)):
+        data_commands.add_subcommand(name, _function_parser(function), help=_summary(function))
+    data_commands.add_subcommand(
+        "inspect", _function_parser(data_inspect, positional=True), help=_summary(data_inspect)
+    )
     return parser
+
+
+def _summary(function: Callable[..., Any]) -> str:
+    return (function.__doc__ or "").strip().split("\n")[0]
+
+
+COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {
+    ("demo",): demo_module.run,
+    ("data", "generate"): data_generate,
+    ("data", "convert"): data_convert,
+    ("data", "inspect"): data_inspect,
+}
+
+
+def _underscored(argument: str) -> str:
+    """``--max-steps=5`` -> ``--max_steps=5``: options take dashes or underscores alike."""
+    if not argument.startswith("--"):
+        return argument
+    name, equals, value = argument.partition("=")
+    return "--" + name[2:].replace("-", "_") + equals + value
+
+
+def _normalized(argv: list[str]) -> list[str]:
+    """Dashes or underscores in option names; a boolean option given alone means true."""
+    import inspect
+
+    flags = {
+        f"--{name}"
+        for function in COMMANDS.values()
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.annotation in (bool, "bool")
+    }
+    out = []
+    for i, argument in enumerate(map(_underscored, argv)):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if argument in flags and (following is None or following.startswith("-")):
+            argument += "=true"
+        out.append(argument)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    config = parser.parse_args(argv)
-    if config.command == "demo":
-        demo_module.run(**config.demo.as_dict())
+    config = parser.parse_args(_normalized(sys.argv[1:] if argv is None else argv))
+    path: tuple[str, ...] = (config.command,)
+    arguments = config[config.command]
+    if config.command == "data":
+        path += (arguments.action,)
+        arguments = arguments[arguments.action]
+    try:
+        COMMANDS[path](**arguments.as_dict())
+    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as error:
+        # errors a user can act on: one clear line, no traceback
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"gato-like {' '.join(path)}: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,130 @@
+"""``gato-like data convert``: bring your own demonstrations.
+
+Input: a folder of ``.npz`` files, one per episode, each with ``obs.<key>`` arrays ``(T, ...)``
+for every observation key of the embodiment spec, ``actions`` ``(T, ...)`` and optionally
+``rewards`` ``(T,)`` (zeros when absent) and ``success`` (a 0-d bool). Every file is checked
+against the spec before anything is written; the errors name the file and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gato_like.data_pipelines.episodes import Episode
+from gato_like.data_pipelines.shards import (
+    INDEX_FILE,
+    DatasetError,
+    TaskShardWriter,
+    read_index,
+    returns_summary,
+    write_index,
+)
+from gato_like.tokenizers.spec import EmbodimentSpec, SpecMismatchError
+
+
+class ConversionError(ValueError):
+    """Demonstrations that cannot be converted; ``problems`` has one line per file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            f"{len(problems)} demonstration file(s) cannot be converted:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def load_npz_episode(path: Path, spec: EmbodimentSpec, task: str) -> Episode:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"not a readable .npz without pickled objects ({error})") from error
+    if "actions" not in arrays:
+        raise ValueError(f"no 'actions' array (found {sorted(arrays)})")
+    observations = {k[4:]: v for k, v in arrays.items() if k.startswith("obs.")}
+    unknown = sorted(
+        k for k in arrays if not k.startswith("obs.") and k not in ("actions", "rewards", "success")
+    )
+    if unknown:
+        raise ValueError(f"unexpected arrays {unknown}; expected obs.<key>, actions, rewards, success")
+    steps = spec.check_episode(observations, arrays["actions"])
+    if len(arrays["actions"]) != steps:
+        raise ValueError(f"actions: expected {steps} rows (one per timestep), got {len(arrays['actions'])}")
+    rewards = arrays.get("rewards", np.zeros(steps, dtype=np.float32))
+    if rewards.shape != (steps,) or rewards.dtype.kind not in "fiu":
+        raise ValueError(
+            f"rewards: expected a numeric array of shape ({steps},), got {rewards.dtype} {rewards.shape}"
+        )
+    if not np.isfinite(rewards).all():
+        raise ValueError("rewards: expected finite values, got NaN or Inf")
+    episode = Episode(
+        task=task,
+        embodiment=spec.name,
+        observations=observations,
+        actions=arrays["actions"],
+        rewards=rewards.astype(np.float32),
+        success=bool(arrays.get("success", False)),
+        source=f"converted from {path.name}",
+    )
+    return episode
+
+
+def convert_npz(
+    source: str | Path,
+    spec_file: str | Path,
+    out: str | Path,
+    task: str | None = None,
+    instruction: str = "",
+    episodes_per_shard: int = 16,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Convert a folder of ``.npz`` episodes into shards of ``task`` under ``out`` (added to its index).
+
+    Returns the dataset index.
+    """
+    source, out = Path(source), Path(out)
+    spec = EmbodimentSpec.from_file(spec_file)
+    task = task or spec.name
+    files = sorted(source.glob("*.npz")) if source.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{source}: no .npz episode files found")
+    episodes, problems = [], []
+    for path in files:
+        try:
+            episode = load_npz_episode(path, spec, task)
+            episode.instruction = instruction
+            episodes.append(episode)
+        except SpecMismatchError as error:
+            problems.append(f"{path.name}: " + "; ".join(str(v) for v in error.violations))
+        except ValueError as error:
+            problems.append(f"{path.name}: {error}")
+    if problems:
+        raise ConversionError(problems)
+    index: dict[str, Any] = {"tasks": {}}
+    if (out / INDEX_FILE).exists():
+        index = read_index(out)
+        if task in index["tasks"] and not overwrite:
+            raise DatasetError(f"{out} already has task {task!r}; pass --overwrite to replace it")
+    writer = TaskShardWriter(out, task, spec, episodes_per_shard)
+    for stale in writer.directory.glob("shard-*.tar"):
+        stale.unlink()
+    for episode in episodes:
+        writer.add(episode)
+    writer.flush()
+    returns = [e.episode_return for e in episodes]
+    index["tasks"][task] = {
+        "embodiment": spec.name,
+        "spec": f"{task}/embodiment.json",
+        "episodes": len(episodes),
+        "timesteps": sum(e.length for e in episodes),
+        "success_rate": round(sum(e.success for e in episodes) / len(episodes), 4),
+        "max_steps": max(e.length for e in episodes),
+        # the demos are the expert; a random baseline is unknown for user data
+        "returns": {"dataset": returns_summary(returns), "expert": returns_summary(returns), "random": None},
+        "shards": [vars(s) for s in writer.shards],
+    }
+    extra = {k: v for k, v in index.items() if k not in ("tasks", "format_version", "created_by")}
+    return write_index(out, index["tasks"], **extra)

@@ -1,0 +1,376 @@
+"""Streaming training data: shards -> episodes -> windows of whole timesteps -> padded batches.
+
+::
+
+    per task:  shard URLs --(resampled, seeded by rank and worker | or split by node and worker)-->
+               tar samples --shuffle(buffer)--> Episode (checked against the task's spec)
+    mix:       tasks drawn with the domain weights (a seeded draw, see _mix)
+    window:    tokenize (SequenceBuilder), cut a random window of whole timesteps to the context,
+               with probability 0.25 prepend a prompt from another episode of the same task
+               (half from its end, goal-like; half a uniform window), and attach a hindsight goal
+               (the observation of a later timestep of the same episode)
+    collate:   pad to the longest sequence in the batch (PAD id, attention mask), pad patches
+
+Works on a local dataset folder or any URL webdataset opens (``https://``, ``gs://``, ``pipe:``...;
+``s3://`` through ``pipe:aws s3 cp ... -``): the index is read with fsspec when installed, else
+urllib, and the shard URLs are the index's paths under that root.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.request
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
+from gato_like.data_pipelines.shards import INDEX_FILE, DatasetError, read_index
+from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TextTokenizer, TokenSequence, TokenType
+from gato_like.tokenizers.spec import SpecMismatchError
+
+
+@dataclass
+class LoaderConfig:
+    """How sequences are cut and mixed."""
+
+    context_length: int = 1024
+    """Tokens per sequence (prompt included)."""
+    prompt_probability: float = 0.25
+    """Share of sequences that get a prompt from another episode of the same task (Gato: 25 %)."""
+    prompt_max_fraction: float = 0.5
+    """Largest share of the context a prompt may take."""
+    shuffle_buffer: int = 32
+    """Episodes held per task for sample shuffling."""
+    prompt_pool: int = 8
+    """Recent episodes per task kept as prompt sources."""
+    domain_weights: dict[str, float] | None = None
+    """Sampling weight per task (default: equal)."""
+    hindsight_goals: bool = True
+    """Attach the observation of a later timestep as a goal."""
+    resampled: bool = True
+    """Endless stream (shards resampled per rank and worker); False: one pass, shards split by node and worker."""
+    on_error: str = "raise"
+    """``raise`` on a corrupt shard or sample, or ``skip`` it with a warning."""
+    seed: int = 0
+
+
+@dataclass
+class DatasetSource:
+    """Where a dataset lives: its index and the URL of each task's shards."""
+
+    root: str
+    index: dict[str, Any]
+    specs: dict[str, EmbodimentSpec] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, root: str | Path, tasks: list[str] | None = None) -> DatasetSource:
+        root = str(root).rstrip("/")
+        if "://" in root or root.startswith("pipe:"):
+            index = json.loads(_read_url(f"{root}/{INDEX_FILE}"))
+            specs = {
+                t: EmbodimentSpec.from_json(_read_url(f"{root}/{e['spec']}"))
+                for t, e in index["tasks"].items()
+            }
+        else:
+            index = read_index(root)
+            specs = {t: EmbodimentSpec.from_file(Path(root) / e["spec"]) for t, e in index["tasks"].items()}
+        if tasks:
+            missing = [t for t in tasks if t not in index["tasks"]]
+            if missing:
+                raise DatasetError(f"{root}: no task(s) {missing}; the dataset has {sorted(index['tasks'])}")
+            index = {**index, "tasks": {t: index["tasks"][t] for t in tasks}}
+            specs = {t: specs[t] for t in tasks}
+        return cls(root, index, specs)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.index["tasks"])
+
+    def shard_urls(self, task: str) -> list[str]:
+        return [f"{self.root}/{shard['path']}" for shard in self.index["tasks"][task]["shards"]]
+
+
+def _read_url(url: str) -> str:
+    try:
+        import fsspec
+
+        with fsspec.open(url, "r") as handle:
+            return str(handle.read())
+    except ImportError:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return str(response.read().decode())
+
+
+def episode_stream(source: DatasetSource, task: str, config: LoaderConfig) -> Any:
+    """A webdataset pipeline of one task's episodes (checked against its spec)."""
+    import webdataset as wds
+
+    urls = source.shard_urls(task)
+    spec = source.specs[task]
+    handler = wds.reraise_exception if config.on_error == "raise" else wds.warn_and_continue
+    if config.resampled:
+        shards = [wds.ResampledShards(urls, seed=config.seed, deterministic=True)]
+    else:
+        shards = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+
+    def decode(sample: dict[str, Any]) -> Episode:
+        where = f"shard {sample.get('__url__', '?')}"
+        episode = Episode.from_sample(sample, where=where)
+        try:
+            episode.check(spec)
+        except SpecMismatchError as error:
+            raise EpisodeFormatError(f"{where}: sample {sample.get('__key__')!r}: {error}") from error
+        return episode
+
+    return wds.DataPipeline(
+        *shards,
+        wds.tarfile_to_samples(handler=_named(handler)),
+        wds.shuffle(config.shuffle_buffer, initial=min(config.shuffle_buffer, 4), seed=config.seed),
+        wds.map(decode, handler=handler),
+    )
+
+
+def _named(handler: Any) -> Any:
+    """Turn webdataset's tar errors into one that names the shard."""
+
+    def handle(error: Exception) -> bool:
+        if not isinstance(error, EpisodeFormatError):
+            urls = [a for a in error.args if isinstance(a, str) and ("/" in a or "." in a)]
+            shard = urls[-1] if urls else "?"
+            error = EpisodeFormatError(
+                f"shard {shard}: unreadable tar ({type(error).__name__}: {error.args[0]})"
+            )
+        return bool(handler(error))
+
+    return handle
+
+
+class WindowSampler:
+    """Episodes of several tasks -> training sequences (numpy dicts), as described in the module doc."""
+
+    def __init__(
+        self, source: DatasetSource, config: LoaderConfig, text: TextTokenizer | None = None
+    ) -> None:
+        self.source = source
+        self.config = config
+        self.text = text or TextTokenizer()
+        self.builders = {t: SequenceBuilder(spec, self.text) for t, spec in source.specs.items()}
+        self.task_ids = {t: i for i, t in enumerate(source.tasks)}
+        for task, builder in self.builders.items():
+            per_step = builder.fixed_observation_size() + 1 + builder.action_size
+            if per_step > config.context_length:
+                raise ValueError(
+                    f"context_length {config.context_length} is shorter than one timestep of {task} "
+                    f"({per_step}+ tokens); raise it or shrink the observations"
+                )
+
+    def sample(
+        self, episode: Episode, rng: random.Random, pool: deque[tuple[str, TokenSequence]]
+    ) -> dict[str, Any]:
+        """One training sequence from ``episode``; ``pool`` holds recent (key, tokens) of its task."""
+        cfg = self.config
+        builder = self.builders[episode.task]
+        full = builder.build(episode.observations, episode.actions)
+        prompt = None
+        others = [tokens for key, tokens in pool if key != episode.key]
+        if others and rng.random() < cfg.prompt_probability:
+            prompt = _prompt(rng.choice(others), int(cfg.context_length * cfg.prompt_max_fraction), rng)
+        budget = cfg.context_length - (len(prompt) if prompt is not None else 0)
+        window, _, stop = _random_window(full, budget, rng)
+        pool.append((episode.key, full))
+        parts = [prompt, window] if prompt is not None else [window]
+        sequence = TokenSequence.concatenate(parts)
+        prompt_mask = np.zeros(len(sequence), dtype=bool)
+        if prompt is not None:
+            prompt_mask[: len(prompt)] = True
+        out = {
+            "ids": sequence.ids,
+            "types": sequence.types,
+            "local_positions": sequence.local_positions,
+            "timesteps": sequence.timesteps,
+            "loss_mask": sequence.loss_mask & ~prompt_mask,
+            "prompt_mask": prompt_mask,
+            "patches": sequence.patches,
+            "patch_positions": sequence.patch_positions,
+            "task": np.int64(self.task_ids[episode.task]),
+            "episode": episode.key,
+        }
+        if cfg.hindsight_goals:
+            goal_step = rng.randrange(stop - 1, episode.length)
+            goal = builder.build_step({k: v[goal_step] for k, v in episode.observations.items()})
+            keep = goal.types != TokenType.SEPARATOR
+            out |= {
+                "goal_ids": goal.ids[keep],
+                "goal_types": goal.types[keep],
+                "goal_local_positions": goal.local_positions[keep],
+                "goal_patches": goal.patches,
+                "goal_patch_positions": goal.patch_positions,
+            }
+        return out
+
+
+def _random_window(full: TokenSequence, budget: int, rng: random.Random) -> tuple[TokenSequence, int, int]:
+    """A random run of whole timesteps of at most ``budget`` tokens (at least one timestep)."""
+    bounds = full.timestep_bounds()
+    steps = full.num_timesteps
+    start = rng.randrange(steps)
+    # the longest run from start that fits; if it reaches the end, slide back to fill the budget
+    stop = int(np.searchsorted(bounds, bounds[start] + budget, side="right")) - 1
+    stop = max(stop, start + 1)
+    if stop >= steps:
+        stop = steps
+        first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
+        start = min(start, max(first, 0))
+    return full.window(start, stop), start, stop
+
+
+def _prompt(episode: TokenSequence, budget: int, rng: random.Random) -> TokenSequence | None:
+    """Half the time the last timesteps of the episode (goal-like), else a uniform window."""
+    bounds = episode.timestep_bounds()
+    steps = episode.num_timesteps
+    if bounds[1] > budget:
+        return None
+    if rng.random() < 0.5:
+        first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
+        return episode.window(min(first, steps - 1), steps)
+    return _random_window(episode, budget, rng)[0]
+
+
+class SequenceDataset(torch.utils.data.IterableDataset):
+    """An iterable of training sequences over a dataset (use with :func:`make_dataloader`)."""
+
+    def __init__(
+        self, source: DatasetSource, config: LoaderConfig, text: TextTokenizer | None = None
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.config = config
+        self.sampler = WindowSampler(source, config, text)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from webdataset.utils import pytorch_worker_seed
+
+        cfg = self.config
+        tasks = self.source.tasks
+        weights = [float((cfg.domain_weights or {}).get(t, 1.0)) for t in tasks]
+        rng = random.Random(cfg.seed * 1_000_003 + pytorch_worker_seed())
+        pools: dict[str, deque[tuple[str, TokenSequence]]] = defaultdict(
+            lambda: deque(maxlen=cfg.prompt_pool)
+        )
+        streams = {
+            t: iter(episode_stream(self.source, t, cfg)) for t, w in zip(tasks, weights, strict=True) if w > 0
+        }
+        for episode in _mix(streams, dict(zip(tasks, weights, strict=True)), rng):
+            yield self.sampler.sample(episode, rng, pools[episode.task])
+
+
+def _mix(
+    streams: dict[str, Iterator[Episode]], weights: dict[str, float], rng: random.Random
+) -> Iterator[Episode]:
+    """Draw the next episode from a task chosen with ``weights``, until every stream is exhausted.
+
+    (webdataset's RandomMix draws from the global ``random`` module; this one is seeded, so a
+    stream is reproducible and the same from a folder and from a URL.)
+    """
+    live = dict(streams)
+    while live:
+        names = list(live)
+        name = rng.choices(names, weights=[weights[n] for n in names])[0]
+        try:
+            yield next(live[name])
+        except StopIteration:
+            del live[name]
+
+
+# -- batching ------------------------------------------------------------------------------------------
+
+
+def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Pad a list of sequences into a batch of torch tensors. B = batch, L = longest, P = most patches.
+
+    Returns ``ids``/``types``/``local_positions``/``timesteps`` (B, L) int64, ``attention_mask``,
+    ``episode`` (B sample keys),
+    ``loss_mask``, ``prompt_mask`` (B, L) bool, ``patches`` (B, P, 3, 16, 16) float32,
+    ``patch_positions`` (B, P, 4), ``patch_mask`` (B, P) bool, ``task`` (B,); and the ``goal_*``
+    equivalents when the samples carry goals.
+    """
+
+    def pad(key: str, value: int | bool, dtype: Any) -> Any:
+        arrays = [s[key] for s in samples]
+        longest = max(len(a) for a in arrays)
+        out = np.full((len(arrays), longest, *arrays[0].shape[1:]), value, dtype=dtype)
+        for i, a in enumerate(arrays):
+            out[i, : len(a)] = a
+        return torch.from_numpy(out)
+
+    batch: dict[str, Any] = {
+        "ids": pad("ids", pad_id, np.int64),
+        "types": pad("types", int(TokenType.PAD), np.int64),
+        "local_positions": pad("local_positions", 0, np.int64),
+        "timesteps": pad("timesteps", 0, np.int64),
+        "loss_mask": pad("loss_mask", False, bool),
+        "prompt_mask": pad("prompt_mask", False, bool),
+        "task": torch.tensor([int(s["task"]) for s in samples]),
+        "episode": [str(s["episode"]) for s in samples],
+    }
+    batch["attention_mask"] = batch["types"] != int(TokenType.PAD)
+    batch |= _pad_patches(samples, "patches", "patch_positions", "patch")
+    if "goal_ids" in samples[0]:
+        batch["goal_ids"] = pad("goal_ids", pad_id, np.int64)
+        batch["goal_types"] = pad("goal_types", int(TokenType.PAD), np.int64)
+        batch["goal_local_positions"] = pad("goal_local_positions", 0, np.int64)
+        batch["goal_attention_mask"] = batch["goal_types"] != int(TokenType.PAD)
+        batch |= _pad_patches(samples, "goal_patches", "goal_patch_positions", "goal_patch")
+    return batch
+
+
+def _pad_patches(
+    samples: list[dict[str, np.ndarray]], key: str, positions: str, prefix: str
+) -> dict[str, Any]:
+    counts = [len(s[key]) for s in samples]
+    most = max(max(counts), 1)
+    shape = samples[0][key].shape[1:]
+    patches = np.zeros((len(samples), most, *shape), dtype=np.float32)
+    where = np.zeros((len(samples), most, 4), dtype=np.int64)
+    where[..., 2:] = 1  # a padded patch sits at (0, 0) of a 1x1 grid: valid input, masked out
+    mask = np.zeros((len(samples), most), dtype=bool)
+    for i, s in enumerate(samples):
+        patches[i, : counts[i]] = s[key]
+        where[i, : counts[i]] = s[positions]
+        mask[i, : counts[i]] = True
+    return {
+        f"{prefix}es": torch.from_numpy(patches),
+        f"{prefix}_positions": torch.from_numpy(where),
+        f"{prefix}_mask": torch.from_numpy(mask),
+    }
+
+
+def make_dataloader(
+    root: str | Path,
+    batch_size: int,
+    config: LoaderConfig | None = None,
+    tasks: list[str] | None = None,
+    num_workers: int = 2,
+) -> Any:
+    """A torch DataLoader of padded batches from a dataset folder or URL."""
+    import functools
+
+    config = config or LoaderConfig()
+    source = DatasetSource.open(root, tasks)
+    dataset = SequenceDataset(source, config)
+    pad_id = dataset.sampler.builders[source.tasks[0]].layout.pad_id
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate, pad_id=pad_id),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

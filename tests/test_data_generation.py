@@ -1,0 +1,148 @@
+"""Generation: real simulators, experts that beat random, deterministic bytes, atomic shards."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from gato_like.data_pipelines.episodes import Episode
+from gato_like.data_pipelines.generate import generate
+from gato_like.data_pipelines.shards import INDEX_FILE, iter_shard, read_index, verify
+from gato_like.data_pipelines.tasks import HELDOUT_TASKS, SUITES, TASKS, get_task, resolve_tasks
+
+from .conftest import SMOKE
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_layout_index_and_plain_webdataset(smoke_dataset: Path) -> None:
+    index = read_index(smoke_dataset)
+    assert sorted(index["tasks"]) == sorted(SUITES["smoke"])
+    for task, entry in index["tasks"].items():
+        assert (smoke_dataset / task / "embodiment.json").is_file()
+        assert entry["episodes"] == 4 and sum(s["episodes"] for s in entry["shards"]) == 4
+        assert entry["returns"]["expert"]["episodes"] == 2 and entry["returns"]["random"]["episodes"] == 2
+        assert all(len(s["sha256"]) == 64 for s in entry["shards"])
+    assert verify(smoke_dataset) == []
+    # plain webdataset, its own decoders: one sample per episode, json + npz
+    urls = [str(smoke_dataset / s["path"]) for s in index["tasks"]["dmc-point_mass-easy"]["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == 4
+    meta, arrays = samples[0]["json"], samples[0]["npz"]
+    assert meta["task"] == "dmc-point_mass-easy" and meta["length"] == 40
+    assert arrays["obs.pixels"].shape == (40, 64, 64, 3) and arrays["obs.pixels"].dtype == np.uint8
+    assert arrays["obs.position"].shape == (40, 2) and arrays["actions"].shape == (40, 2)
+    assert arrays["rewards"].shape == (40,)
+    assert arrays["obs.pixels"].std() > 1  # really rendered
+    babyai = next(iter_shard(smoke_dataset / index["tasks"]["babyai-GoToRedBall"]["shards"][0]["path"]))
+    assert babyai.observations["mission"][0] == babyai.instruction and babyai.success
+
+
+def test_same_seed_same_bytes_whatever_the_workers(smoke_dataset: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    generate(again, workers=1, progress=False, **SMOKE)
+    assert _hashes(again) == _hashes(smoke_dataset)
+    other = tmp_path / "other"
+    generate(other, workers=1, progress=False, seed=1, **SMOKE)
+    assert _hashes(other) != _hashes(smoke_dataset)
+
+
+def test_tampered_shard_is_detected(smoke_dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_dataset, copy)
+    shard = sorted((copy / "captions").glob("shard-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (problem,) = verify(copy)
+    assert "captions/shard-000000.tar does not match its sha256" in problem
+
+
+def test_refuses_to_overwrite_and_interruption_leaves_no_partial_shard(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        root = tmp_path / "d"
+        generate(
+            root, tasks=["babyai-GoToRedBall"], episodes=1, normalizer_episodes=1, workers=1, progress=False
+        )
+        generate(
+            root, tasks=["babyai-GoToRedBall"], episodes=1, normalizer_episodes=1, workers=1, progress=False
+        )
+
+    task = get_task("babyai-GoToRedBall")
+    real = type(task).rollout
+    calls = {"n": 0}
+
+    def flaky(self, seed, policy="expert", render=True, max_steps=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the user hits Ctrl-C half way
+        return real(self, seed, policy, render, max_steps)
+
+    monkeypatch.setattr(type(task), "rollout", flaky)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, tasks=["babyai-GoToRedBall"], episodes=5, episodes_per_shard=2, normalizer_episodes=1, workers=1, progress=False)  # fmt: skip
+    assert not (out / INDEX_FILE).exists()  # an index only for a complete dataset
+    assert not list(out.rglob("*.tmp"))
+    shards = sorted(out.rglob("shard-*.tar"))
+    assert len(shards) == 1  # the first two episodes; the third never made a shard
+    assert len(list(iter_shard(shards[0]))) == 2
+
+
+def test_suites_keep_the_heldout_embodiment_out() -> None:
+    heldout = {get_task(t).spec.name for t in HELDOUT_TASKS}
+    for name, tasks in SUITES.items():
+        if name != "heldout":
+            assert not heldout & {get_task(t).spec.name for t in tasks}, name
+    arm = get_task("arm3-reach").spec
+    for task in SUITES["default"]:
+        spec = get_task(task).spec
+        dims = {k: v.shape for k, v in spec.observations.items() if v.kind == "proprio"}
+        assert dims != {k: v.shape for k, v in arm.observations.items() if v.kind == "proprio"}
+        assert spec.action.shape != arm.action.shape
+    with pytest.raises(KeyError, match="did you mean 'default'"):
+        resolve_tasks("defualt")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_expert_beats_random(name: str) -> None:
+    task = TASKS[name]
+    steps = {"dmc-cartpole-swingup": 400, "dmc-pendulum-swingup": 400}.get(name, 250)
+    expert = [task.rollout(seed, "expert", render=False, max_steps=steps) for seed in range(3)]
+    random = [task.rollout(seed, "random", render=False, max_steps=steps) for seed in range(3)]
+    expert_return = np.mean([e.episode_return for e in expert])
+    random_return = np.mean([e.episode_return for e in random])
+    if name == "captions":
+        assert all(e.success for e in expert)
+        return
+    assert expert_return > random_return + 0.1 * max(abs(expert_return), 1e-3), (expert_return, random_return)
+    if name.startswith("babyai"):
+        assert all(e.success for e in expert)
+
+
+def test_episode_sample_round_trip_and_named_errors() -> None:
+    task = get_task("babyai-GoToRedBall")
+    episode = task.rollout(3)
+    sample = episode.to_sample("k0")
+    back = Episode.from_sample(dict(sample), where="shard x.tar")
+    assert back.key == "k0" and back.instruction == episode.instruction
+    np.testing.assert_array_equal(back.actions, episode.actions)
+    np.testing.assert_array_equal(back.observations["mission"], episode.observations["mission"])
+    assert json.loads(sample["json"])["return"] == round(episode.episode_return, 6)
+    from gato_like.data_pipelines.episodes import EpisodeFormatError
+
+    with pytest.raises(EpisodeFormatError, match=r"shard x.tar: sample 'k0': missing 'npz' member"):
+        Episode.from_sample({"__key__": "k0", "json": sample["json"]}, where="shard x.tar")
+    with pytest.raises(EpisodeFormatError, match=r"sample 'k0': .npz is corrupt"):
+        Episode.from_sample({"__key__": "k0", "json": sample["json"], "npz": b"garbage"}, where="shard x.tar")

@@ -1,0 +1,146 @@
+"""The streaming loader: whole-timestep windows, prompts, goals, domain weights, worker splits,
+named errors for broken shards, and URLs."""
+
+import functools
+import http.server
+import shutil
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gato_like.data_pipelines.episodes import EpisodeFormatError
+from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, SequenceDataset, make_dataloader
+from gato_like.data_pipelines.shards import DatasetError, read_index
+from gato_like.tokenizers import TokenType
+
+
+def _take(root, n: int, **config) -> list[dict]:
+    dataset = SequenceDataset(DatasetSource.open(root), LoaderConfig(**config))
+    out = []
+    for sample in dataset:
+        out.append(sample)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_windows_are_whole_timesteps_within_the_context(smoke_dataset: Path) -> None:
+    samples = _take(smoke_dataset, 60, context_length=256, prompt_probability=0.0)
+    for s in samples:
+        assert len(s["ids"]) <= 256
+        ts, local = s["timesteps"], s["local_positions"]
+        assert ts[0] == 0 and (np.diff(ts) >= 0).all()
+        # every timestep starts at local position 0 and ends with its actions
+        starts = np.flatnonzero(np.diff(ts, prepend=-1))
+        assert (local[starts] == 0).all()
+        assert s["types"][-1] == TokenType.ACTION
+        assert (s["loss_mask"] == np.isin(s["types"], [TokenType.TEXT, TokenType.ACTION])).all()
+        assert len(s["patches"]) == int((s["types"] == TokenType.IMAGE).sum())
+    # windows use the context: most are longer than half of it
+    assert np.median([len(s["ids"]) for s in samples]) > 128
+
+
+def test_prompts_goals_and_loss_mask(smoke_dataset: Path) -> None:
+    samples = _take(smoke_dataset, 400, context_length=256, prompt_probability=0.25)
+    prompted = [s for s in samples if s["prompt_mask"].any()]
+    share = len(prompted) / len(samples)
+    assert 0.15 < share < 0.35, share
+    for s in prompted:
+        n = int(s["prompt_mask"].sum())
+        assert s["prompt_mask"][:n].all() and not s["prompt_mask"][n:].any()  # the prompt comes first
+        assert not s["loss_mask"][:n].any()  # and is not a target
+        assert s["local_positions"][n] == 0  # the episode window starts at a timestep boundary
+    for s in samples:
+        goal_types = s["goal_types"]
+        assert len(goal_types) and not np.isin(goal_types, [TokenType.SEPARATOR, TokenType.ACTION]).any()
+
+
+def test_domain_weights(smoke_dataset: Path) -> None:
+    source = DatasetSource.open(smoke_dataset)
+    weights = dict.fromkeys(source.tasks, 0.0) | {"captions": 1.0}
+    samples = _take(smoke_dataset, 30, context_length=256, domain_weights=weights)
+    assert {int(s["task"]) for s in samples} == {source.tasks.index("captions")}
+    counts = Counter(int(s["task"]) for s in _take(smoke_dataset, 300, context_length=256))
+    assert len(counts) == 3 and min(counts.values()) > 60  # equal weights by default
+
+
+def test_one_pass_split_across_workers_sees_each_episode_once(smoke_dataset: Path) -> None:
+    config = LoaderConfig(context_length=256, resampled=False, hindsight_goals=False)
+    loader = make_dataloader(smoke_dataset, batch_size=3, config=config, num_workers=2)
+    seen = [key for batch in loader for key in batch["episode"]]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == 12  # 3 tasks x 4 episodes, no repeats
+
+
+def test_batches_are_padded_with_masks(smoke_dataset: Path) -> None:
+    loader = make_dataloader(
+        smoke_dataset, batch_size=4, config=LoaderConfig(context_length=256), num_workers=0
+    )
+    batch = next(iter(loader))
+    pad_id = 1024 + 2049
+    b, length = batch["ids"].shape
+    assert b == 4 and batch["attention_mask"].shape == (b, length)
+    assert (batch["ids"][~batch["attention_mask"]] == pad_id).all()
+    assert not batch["loss_mask"][~batch["attention_mask"]].any()
+    assert batch["patches"].shape[2:] == (3, 16, 16) and batch["patches"].dtype == torch.float32
+    assert batch["patch_mask"].sum() == (batch["types"] == TokenType.IMAGE).sum()
+    assert batch["goal_ids"].shape[0] == 4
+
+
+def test_broken_shards_and_samples_name_the_shard(smoke_dataset: Path, tmp_path: Path) -> None:
+    root = tmp_path / "broken"
+    shutil.copytree(smoke_dataset, root)
+    shard = root / read_index(root)["tasks"]["babyai-GoToRedBall"]["shards"][0]["path"]
+    shard.write_bytes(shard.read_bytes()[:1500])  # truncated mid-member
+    with pytest.raises(EpisodeFormatError, match=r"shard .*babyai-GoToRedBall/shard-000000.tar"):
+        _take(root, 200, context_length=256, domain_weights={"babyai-GoToRedBall": 1.0, "captions": 0.0, "dmc-point_mass-easy": 0.0})  # fmt: skip
+    # with on_error="skip" training goes on with the readable shards
+    assert len(_take(root, 20, context_length=256, on_error="skip")) == 20
+
+
+def test_spec_mismatch_names_shard_and_sample(smoke_dataset: Path, tmp_path: Path) -> None:
+    import json
+
+    root = tmp_path / "mismatch"
+    shutil.copytree(smoke_dataset, root)
+    spec_path = root / "dmc-point_mass-easy" / "embodiment.json"
+    spec = json.loads(spec_path.read_text())
+    spec["observations"]["position"]["shape"] = [3]
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(
+        EpisodeFormatError,
+        match=r"(?s)shard .*dmc-point_mass-easy/shard-00000\d.tar: sample 'dmc-point_mass-easy-00000\d'.*obs.position: wrong shape",
+    ):
+        _take(root, 50, context_length=256, domain_weights={"dmc-point_mass-easy": 1.0, "captions": 0.0, "babyai-GoToRedBall": 0.0})  # fmt: skip
+
+
+def test_missing_index_and_too_short_context(tmp_path: Path, smoke_dataset: Path) -> None:
+    with pytest.raises(DatasetError, match="no index.json"):
+        DatasetSource.open(tmp_path)
+    with pytest.raises(DatasetError, match=r"no task\(s\) \['nope'\]"):
+        DatasetSource.open(smoke_dataset, tasks=["nope"])
+    with pytest.raises(
+        ValueError,
+        match=r"context_length 64 is shorter than one timestep of babyai-GoToRedBall \(150\+ tokens\)",
+    ):
+        SequenceDataset(DatasetSource.open(smoke_dataset), LoaderConfig(context_length=64))
+
+
+def test_streams_from_an_http_url(smoke_dataset: Path) -> None:
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(smoke_dataset))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = _take(url, 12, context_length=256)
+        local = _take(smoke_dataset, 12, context_length=256)
+        for a, b in zip(remote, local, strict=True):
+            assert a["episode"] == b["episode"]
+            np.testing.assert_array_equal(a["ids"], b["ids"])
+    finally:
+        server.shutdown()
