@@ -118,7 +118,7 @@ def test_spec_mismatch_names_shard_and_sample(smoke_dataset: Path, tmp_path: Pat
 
 
 def test_missing_index_and_too_short_context(tmp_path: Path, smoke_dataset: Path) -> None:
-    with pytest.raises(DatasetError, match="no index.json"):
+    with pytest.raises(DatasetError, match=r"no index\.json"):
         DatasetSource.open(tmp_path)
     with pytest.raises(DatasetError, match=r"no task\(s\) \['nope'\]"):
         DatasetSource.open(smoke_dataset, tasks=["nope"])
