@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from gato_like.data_pipelines.sample import babyai_episode, cartpole_episode
+from gato_like.data_pipelines.tasks import get_task
 from gato_like.tokenizers import SequenceBuilder, TextTokenizer, TokenSequence
 
 
@@ -42,8 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     text = TextTokenizer()
     print(f"{'episode':<14}{'steps':>6}{'tokens':>9}{'tokens/s':>14}{'steps/s':>11}{'vs per-step':>13}")
-    for make in (cartpole_episode, babyai_episode):
-        spec, obs, actions = make(steps=args.steps, seed=0)
+    for name in ("dmc-cartpole-swingup", "babyai-GoToLocal"):
+        task = get_task(name)
+        episode = task.rollout(0, "expert", max_steps=args.steps)
+        spec, obs, actions = task.spec, episode.observations, episode.actions
         builder = SequenceBuilder(spec, text)
         seq = builder.build(obs, actions)
         assert (per_step(builder, obs, actions).ids == seq.ids).all()

@@ -215,7 +215,7 @@ def test_builder_matches_reference_and_invariants(case) -> None:
 
 
 def test_builder_is_picklable() -> None:
-    from gato_like.data_pipelines.sample import BABYAI_SPEC
+    from gato_like.data_pipelines.babyai import BABYAI_SPEC
 
     builder = SequenceBuilder(EmbodimentSpec.from_dict(BABYAI_SPEC), TEXT)
     clone = pickle.loads(pickle.dumps(builder))
@@ -228,7 +228,7 @@ def test_builder_is_picklable() -> None:
 
 
 def test_build_reports_spec_mismatch_with_key() -> None:
-    from gato_like.data_pipelines.sample import BABYAI_SPEC
+    from gato_like.data_pipelines.babyai import BABYAI_SPEC
 
     builder = SequenceBuilder(EmbodimentSpec.from_dict(BABYAI_SPEC), TEXT)
     obs = {"mission": np.array(["go"]), "image": np.zeros((1, 7, 7), np.uint8), "direction": np.array([7])}
@@ -243,21 +243,25 @@ def test_build_reports_spec_mismatch_with_key() -> None:
 
 
 def test_real_simulator_episodes_tokenize() -> None:
-    from gato_like.data_pipelines.sample import babyai_episode, cartpole_episode
+    from gato_like.data_pipelines.tasks import get_task
 
-    spec, obs, actions = cartpole_episode(steps=5, seed=1)
+    task = get_task("dmc-cartpole-swingup")
+    episode = task.rollout(1, "random", max_steps=5)
+    spec, obs, actions = task.spec, episode.observations, episode.actions
     assert obs["pixels"].shape == (5, 64, 64, 3) and obs["pixels"].std() > 0  # really rendered
     seq = SequenceBuilder(spec, TEXT).build(obs, actions)
     assert len(seq) == 5 * (16 + 3 + 2 + 1 + 1)
     assert seq.ids.tolist() == reference_ids(spec, obs, actions)
-    spec, obs, actions = babyai_episode(steps=12, seed=3)
+    task = get_task("babyai-GoToLocal")
+    episode = task.rollout(3, "expert", max_steps=12)
+    spec, obs, actions = task.spec, episode.observations, episode.actions
     seq = SequenceBuilder(spec, TEXT).build(obs, actions)
     assert seq.ids.tolist() == reference_ids(spec, obs, actions)
     assert TEXT.decode(seq.ids[(seq.timesteps == 0) & (seq.types == TokenType.TEXT)]) == obs["mission"][0]
 
 
 def test_build_step_text_and_window_arguments() -> None:
-    from gato_like.data_pipelines.sample import BABYAI_SPEC
+    from gato_like.data_pipelines.babyai import BABYAI_SPEC
 
     builder = SequenceBuilder(EmbodimentSpec.from_dict(BABYAI_SPEC), TEXT)
     step = {"mission": np.array("go to the red ball"), "image": np.zeros((7, 7, 3), np.uint8), "direction": 1}
