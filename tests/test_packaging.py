@@ -92,15 +92,14 @@ def test_console_script_help_and_version() -> None:
     assert bad.returncode != 0 and "fly" in bad.stderr
 
 
-def test_demo_runs_end_to_end() -> None:
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
-        [BIN / "gato-like", "demo", "--steps", "3"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"COLUMNS": "160", "PATH": str(BIN), "MUJOCO_GL": "egl"},
-    )
+        [BIN / "gato-like", "demo", "--out", str(tmp_path), "--episodes", "1", "--max-steps", "10", "--normalizer-episodes", "1"],
+        capture_output=True, text=True, check=True, env={"PATH": str(BIN), "MUJOCO_GL": "egl"},
+    )  # fmt: skip
     out = result.stdout
-    assert "dmc-cartpole" in out and "babyai" in out
-    assert "3 timesteps -> 69 tokens" in out  # cartpole: 16 patches + 5 proprio + separator + 1 action
+    for task in ("dmc-cartpole-balance", "babyai-GoToLocal", "captions", "dmc-reacher-easy"):
+        assert task in out
+    assert "10 timesteps -> 230 tokens" in out  # cartpole: 16 patches + 5 proprio + separator + 1 action
     assert "[3072, 3073)" in out  # separator id with V = 1024
+    assert (tmp_path / "data" / "index.json").is_file() and (tmp_path / "data" / "montage.png").is_file()
