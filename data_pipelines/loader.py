@@ -46,8 +46,10 @@ class LoaderConfig:
     """Share of sequences that get a prompt from another episode of the same task (Gato: 25 %)."""
     prompt_max_fraction: float = 0.5
     """Largest share of the context a prompt may take."""
-    shuffle_buffer: int = 32
-    """Episodes held per task for sample shuffling."""
+    shuffle_buffer: int = 8
+    """Episodes held per task for sample shuffling (a 1000-step 64x64 episode is ~12 MB decoded)."""
+    window_shuffle_buffer: int = 64
+    """Windows held for shuffling (several windows are cut from each decoded episode)."""
     prompt_pool: int = 8
     """Recent episodes per task kept as prompt sources."""
     domain_weights: dict[str, float] | None = None
@@ -153,7 +155,11 @@ def _named(handler: Any) -> Any:
 
 
 class WindowSampler:
-    """Episodes of several tasks -> training sequences (numpy dicts), as described in the module doc."""
+    """Episodes of several tasks -> training sequences (numpy dicts), as described in the module doc.
+
+    Windows are chosen in timestep units from each timestep's token count, and only the chosen
+    timesteps are tokenized: the cost follows the tokens produced, not the episode's length.
+    """
 
     def __init__(
         self, source: DatasetSource, config: LoaderConfig, text: TextTokenizer | None = None
@@ -163,6 +169,7 @@ class WindowSampler:
         self.text = text or TextTokenizer()
         self.builders = {t: SequenceBuilder(spec, self.text) for t, spec in source.specs.items()}
         self.task_ids = {t: i for i, t in enumerate(source.tasks)}
+        self._text_lengths: dict[str, int] = {}
         for task, builder in self.builders.items():
             per_step = builder.fixed_observation_size() + 1 + builder.action_size
             if per_step > config.context_length:
@@ -171,22 +178,63 @@ class WindowSampler:
                     f"({per_step}+ tokens); raise it or shrink the observations"
                 )
 
-    def sample(
-        self, episode: Episode, rng: random.Random, pool: deque[tuple[str, TokenSequence]]
-    ) -> dict[str, Any]:
-        """One training sequence from ``episode``; ``pool`` holds recent (key, tokens) of its task."""
-        cfg = self.config
+    def bounds(self, episode: Episode) -> np.ndarray:
+        """int64 ``(T + 1,)``: timestep t of the tokenized episode spans ``[bounds[t], bounds[t + 1])``."""
         builder = self.builders[episode.task]
-        full = builder.build(episode.observations, episode.actions)
+        lengths = np.full(
+            episode.length, builder.fixed_observation_size() + 1 + builder.action_size, np.int64
+        )
+        for key in builder.text_keys:
+            lengths += [self._text_length(str(s)) for s in episode.observations[key]]
+        return np.concatenate([[0], np.cumsum(lengths)])
+
+    def _text_length(self, text: str) -> int:
+        if text not in self._text_lengths:
+            if len(self._text_lengths) > 100_000:
+                self._text_lengths.clear()
+            self._text_lengths[text] = len(self.text.encode(text))
+        return self._text_lengths[text]
+
+    def _tokens(self, episode: Episode, start: int, stop: int) -> TokenSequence:
+        builder = self.builders[episode.task]
+        observations = {k: v[start:stop] for k, v in episode.observations.items()}
+        return builder.build(observations, episode.actions[start:stop])
+
+    def windows_per_episode(self, bounds: np.ndarray) -> int:
+        """How many windows to cut from one decoded episode: about its tokens over the context."""
+        return int(np.clip(bounds[-1] // self.config.context_length, 1, 8))
+
+    def prompt_candidates(
+        self, episode: Episode, bounds: np.ndarray, rng: random.Random
+    ) -> list[TokenSequence]:
+        """Prompts this episode can give later ones: its last timesteps (goal-like) and a uniform window."""
+        budget = int(self.config.context_length * self.config.prompt_max_fraction)
+        if bounds[1] > budget:
+            return []
+        steps = len(bounds) - 1
+        first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
+        end = self._tokens(episode, min(first, steps - 1), steps)
+        start, stop = _window_steps(bounds, budget, rng)
+        return [end, self._tokens(episode, start, stop)]
+
+    def sample(
+        self,
+        episode: Episode,
+        bounds: np.ndarray,
+        rng: random.Random,
+        pool: deque[tuple[str, list[TokenSequence]]],
+    ) -> dict[str, Any]:
+        """One training sequence from ``episode``; ``pool`` holds recent prompt candidates of its task."""
+        cfg = self.config
         prompt = None
-        others = [tokens for key, tokens in pool if key != episode.key]
+        others = [candidates for key, candidates in pool if key != episode.key and candidates]
         if others and rng.random() < cfg.prompt_probability:
-            prompt = _prompt(rng.choice(others), int(cfg.context_length * cfg.prompt_max_fraction), rng)
+            end, uniform = rng.choice(others)
+            prompt = end if rng.random() < 0.5 else uniform
         budget = cfg.context_length - (len(prompt) if prompt is not None else 0)
-        window, _, stop = _random_window(full, budget, rng)
-        pool.append((episode.key, full))
-        parts = [prompt, window] if prompt is not None else [window]
-        sequence = TokenSequence.concatenate(parts)
+        start, stop = _window_steps(bounds, budget, rng)
+        window = self._tokens(episode, start, stop)
+        sequence = TokenSequence.concatenate([prompt, window]) if prompt is not None else window
         prompt_mask = np.zeros(len(sequence), dtype=bool)
         if prompt is not None:
             prompt_mask[: len(prompt)] = True
@@ -204,7 +252,9 @@ class WindowSampler:
         }
         if cfg.hindsight_goals:
             goal_step = rng.randrange(stop - 1, episode.length)
-            goal = builder.build_step({k: v[goal_step] for k, v in episode.observations.items()})
+            goal = self.builders[episode.task].build_step(
+                {k: v[goal_step] for k, v in episode.observations.items()}
+            )
             keep = goal.types != TokenType.SEPARATOR
             out |= {
                 "goal_ids": goal.ids[keep],
@@ -216,31 +266,17 @@ class WindowSampler:
         return out
 
 
-def _random_window(full: TokenSequence, budget: int, rng: random.Random) -> tuple[TokenSequence, int, int]:
-    """A random run of whole timesteps of at most ``budget`` tokens (at least one timestep)."""
-    bounds = full.timestep_bounds()
-    steps = full.num_timesteps
+def _window_steps(bounds: np.ndarray, budget: int, rng: random.Random) -> tuple[int, int]:
+    """A random run ``[start, stop)`` of whole timesteps of at most ``budget`` tokens (at least one)."""
+    steps = len(bounds) - 1
     start = rng.randrange(steps)
     # the longest run from start that fits; if it reaches the end, slide back to fill the budget
-    stop = int(np.searchsorted(bounds, bounds[start] + budget, side="right")) - 1
-    stop = max(stop, start + 1)
+    stop = max(int(np.searchsorted(bounds, bounds[start] + budget, side="right")) - 1, start + 1)
     if stop >= steps:
         stop = steps
         first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
         start = min(start, max(first, 0))
-    return full.window(start, stop), start, stop
-
-
-def _prompt(episode: TokenSequence, budget: int, rng: random.Random) -> TokenSequence | None:
-    """Half the time the last timesteps of the episode (goal-like), else a uniform window."""
-    bounds = episode.timestep_bounds()
-    steps = episode.num_timesteps
-    if bounds[1] > budget:
-        return None
-    if rng.random() < 0.5:
-        first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
-        return episode.window(min(first, steps - 1), steps)
-    return _random_window(episode, budget, rng)[0]
+    return start, stop
 
 
 class SequenceDataset(torch.utils.data.IterableDataset):
@@ -261,14 +297,24 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         tasks = self.source.tasks
         weights = [float((cfg.domain_weights or {}).get(t, 1.0)) for t in tasks]
         rng = random.Random(cfg.seed * 1_000_003 + pytorch_worker_seed())
-        pools: dict[str, deque[tuple[str, TokenSequence]]] = defaultdict(
+        pools: dict[str, deque[tuple[str, list[TokenSequence]]]] = defaultdict(
             lambda: deque(maxlen=cfg.prompt_pool)
         )
         streams = {
             t: iter(episode_stream(self.source, t, cfg)) for t, w in zip(tasks, weights, strict=True) if w > 0
         }
+        buffer: list[dict[str, Any]] = []
         for episode in _mix(streams, dict(zip(tasks, weights, strict=True)), rng):
-            yield self.sampler.sample(episode, rng, pools[episode.task])
+            bounds = self.sampler.bounds(episode)
+            pool = pools[episode.task]
+            # several windows per decoded episode (decoding dominates), mixed through a buffer
+            for _ in range(self.sampler.windows_per_episode(bounds) if cfg.resampled else 1):
+                buffer.append(self.sampler.sample(episode, bounds, rng, pool))
+                if len(buffer) >= cfg.window_shuffle_buffer:
+                    yield buffer.pop(rng.randrange(len(buffer)))
+            pool.append((episode.key, self.sampler.prompt_candidates(episode, bounds, rng)))
+        rng.shuffle(buffer)
+        yield from buffer
 
 
 def _mix(

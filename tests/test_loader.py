@@ -45,7 +45,7 @@ def test_windows_are_whole_timesteps_within_the_context(smoke_dataset: Path) -> 
 
 
 def test_prompts_goals_and_loss_mask(smoke_dataset: Path) -> None:
-    samples = _take(smoke_dataset, 400, context_length=256, prompt_probability=0.25)
+    samples = _take(smoke_dataset, 400, context_length=512, prompt_probability=0.25)
     prompted = [s for s in samples if s["prompt_mask"].any()]
     share = len(prompted) / len(samples)
     assert 0.15 < share < 0.35, share
