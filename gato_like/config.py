@@ -1,0 +1,140 @@
+"""Model configuration: one typed dataclass, named presets (litgpt-style ``Config.from_name``).
+
+Presets ``debug`` (tests, seconds on a CPU), ``tiny`` and ``small`` (train on a CPU in minutes) and
+the paper's ``gato-79m``, ``gato-364m``, ``gato-1.18b`` (Reed et al., 2022, table 1). The ``gato-*``
+presets assume Gato's text vocabulary, V = 32000 (so 34,051 ids in all); the CPU presets use the
+shipped SentencePiece model, V = 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gato_like.tokenizers.vocab import (
+    GATO_TEXT_VOCAB_SIZE,
+    PATCH_POSITION_RESOLUTION,
+    PATCH_SIZE,
+    VocabLayout,
+)
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class Config:
+    """Everything that shapes the network. Attribute docstrings are the ``--help`` text."""
+
+    name: str = "debug"
+    """Preset name."""
+    backbone: Literal["decoder", "perceiver"] = "decoder"
+    """Causal decoder over all tokens (Gato), or Perceiver: each timestep's observation tokens
+    cross-attended into ``perceiver_latents`` latents, then causal attention over time."""
+    n_layer: int = 2
+    """Transformer blocks."""
+    n_embd: int = 64
+    """Width."""
+    n_head: int = 4
+    """Attention heads."""
+    ff_dim: int = 256
+    """Feed-forward hidden size."""
+    text_vocab_size: int = 1024
+    """V: text ids are [0, V); every other id range follows (gato_like.tokenizers.vocab)."""
+    context_length: int = 256
+    """Tokens the model attends over (prompt included)."""
+    max_local_positions: int = 512
+    """Learned local positions: the most tokens one timestep may have."""
+    image_encoder: Literal["resnet", "timm"] = "resnet"
+    """Patch encoder: Gato's ResNet v2 block, or a timm model (needs the ``timm`` extra)."""
+    timm_model: str = "resnet18"
+    """timm model name when ``image_encoder == "timm"``."""
+    patch_size: int = PATCH_SIZE
+    patch_channels: int = 3
+    patch_position_resolution: int = PATCH_POSITION_RESOLUTION
+    """Quantization levels of the within-image row/column position intervals."""
+    perceiver_latents: int = 4
+    """Latents per timestep for the Perceiver backbone."""
+    dropout: float = 0.0
+    policy_weight: float = 1.0
+    """Loss weight of the policy head (action and text tokens)."""
+    dynamics_weight: float = 0.5
+    """Loss weight of the dynamics head (next timestep's proprio/discrete observation tokens)."""
+    goal_weight: float = 0.5
+    """Loss weight of the goal-conditioned policy head."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_layer", "n_embd", "n_head", "ff_dim", "text_vocab_size", "context_length", "max_local_positions", "perceiver_latents"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name}: expected a positive integer, got {value!r}")
+        if not problems and self.n_embd % self.n_head:
+            problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.backbone not in ("decoder", "perceiver"):
+            problems.append(f"backbone: expected 'decoder' or 'perceiver', got {self.backbone!r}")
+        if self.image_encoder not in ("resnet", "timm"):
+            problems.append(f"image_encoder: expected 'resnet' or 'timm', got {self.image_encoder!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout: expected [0, 1), got {self.dropout}")
+        if problems:
+            raise ValueError(f"invalid config {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def layout(self) -> VocabLayout:
+        return VocabLayout(self.text_vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the token embedding (and of the tied output layer)."""
+        return self.layout.size
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        """A preset, with fields overridden; a mistyped name suggests the closest preset."""
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, PRESETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config field(s) {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> Config:
+        return cls.from_file(Path(directory) / CONFIG_FILE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+_GATO = {"text_vocab_size": GATO_TEXT_VOCAB_SIZE, "context_length": 1024}
+PRESETS: dict[str, Config] = {
+    c.name: c
+    for c in [
+        Config("debug", n_layer=2, n_embd=64, n_head=4, ff_dim=256, context_length=256),
+        Config("tiny", n_layer=4, n_embd=128, n_head=4, ff_dim=512, context_length=512),
+        Config("small", n_layer=6, n_embd=384, n_head=6, ff_dim=1536, context_length=1024),
+        Config("gato-79m", n_layer=8, n_embd=768, n_head=24, ff_dim=3072, **_GATO),
+        Config("gato-364m", n_layer=12, n_embd=1536, n_head=12, ff_dim=6144, **_GATO),
+        Config("gato-1.18b", n_layer=24, n_embd=2048, n_head=16, ff_dim=8192, **_GATO),
+    ]
+}

@@ -1,0 +1,377 @@
+"""The network: embeddings, backbone, heads. One forward for training, one step for acting.
+
+::
+
+    ids, types, local_positions  ──► token embedding (text, continuous, discrete, separator ids)
+    patches (P, 3, 16, 16)       ──► ResNet v2 patch block ──► + row/col interval embedding ─┐
+                                     (scattered into the image positions of the sequence) ◄──┘
+                                 + local position embedding (+ goal segment embedding)
+    x (B, L, D) ──► N pre-norm blocks: causal SDPA with RoPE, GELU MLP ──► LayerNorm ──► h (B, L, D)
+    h ──► policy head   (tied to the token embedding): next action / text token
+      ──► dynamics head (adapter + tied): next timestep's proprio / discrete observation tokens
+      ──► goal head     (adapter + tied): next action token, conditioned on a goal prefix
+
+Acting uses :class:`KVCache`: each step feeds only the new tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gato_like.config import Config
+from gato_like.tokenizers.vocab import TokenType
+
+
+def patch_intervals(positions: Tensor, resolution: int) -> Tensor:
+    """Quantized row/column intervals of patches (the torch twin of
+    :func:`gato_like.tokenizers.image.patch_position_intervals`).
+
+    Args:
+        positions: int ``(..., 4)``: (row, col, rows, cols).
+
+    Returns:
+        int64 ``(..., 2, 2)``: ``[..., axis, (start, stop)]``.
+    """
+    index, count = positions[..., :2].long(), positions[..., 2:].long().clamp(min=1)
+    start = (index * resolution) // count
+    stop = torch.maximum(((index + 1) * resolution) // count, start + 1).clamp(max=resolution)
+    return torch.stack([start, stop], dim=-1)
+
+
+class PatchEncoder(nn.Module):
+    """A ResNet v2 (pre-activation) block per 16x16 patch, then a projection: ``(N, C, P, P) -> (N, D)``.
+
+    Within-image position: learned row and column embeddings of the patch's quantized interval;
+    an index is drawn uniformly inside the interval in training and the interval's mean is used
+    in evaluation (Gato section 2.2).
+    """
+
+    def __init__(self, config: Config, hidden: int = 32) -> None:
+        super().__init__()
+        c = config.patch_channels
+        self.resolution = config.patch_position_resolution
+        self.stem = nn.Conv2d(c, hidden, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, hidden)
+        self.conv1 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.norm_out = nn.GroupNorm(8, hidden)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.proj = nn.Linear(hidden * 16, config.n_embd)
+        self.row = nn.Embedding(self.resolution, config.n_embd)
+        self.col = nn.Embedding(self.resolution, config.n_embd)
+
+    def forward(self, patches: Tensor, positions: Tensor) -> Tensor:
+        x = self.stem(patches)  # (N, h, P, P)
+        y = self.conv1(F.gelu(self.norm1(x)))
+        y = self.conv2(F.gelu(self.norm2(y)))
+        x = F.gelu(self.norm_out(x + y))
+        x = self.proj(self.pool(x).flatten(1))  # (N, D)
+        intervals = patch_intervals(positions, self.resolution)  # (N, 2, 2)
+        if self.training:
+            width = (intervals[..., 1] - intervals[..., 0]).float()
+            index = intervals[..., 0] + (torch.rand_like(width) * width).long()
+        else:
+            index = (intervals[..., 0] + intervals[..., 1] - 1) // 2
+        return x + self.row(index[:, 0]) + self.col(index[:, 1])
+
+
+class TimmPatchEncoder(nn.Module):
+    """A timm backbone as the patch encoder (``image_encoder="timm"``)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError as error:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "image_encoder='timm' needs timm (and a torchvision that imports beside your torch): "
+                "pip install 'gato-like[timm]'"
+            ) from error
+        self.body = timm.create_model(
+            config.timm_model, pretrained=False, num_classes=0, in_chans=config.patch_channels
+        )
+        self.proj = nn.Linear(self.body.num_features, config.n_embd)
+        self.positions = PatchEncoder(config, hidden=8)  # reuse its row/col embeddings
+
+    def forward(self, patches: Tensor, positions: Tensor) -> Tensor:
+        x = self.proj(self.body(patches))
+        intervals = patch_intervals(positions, self.positions.resolution)
+        index = (intervals[..., 0] + intervals[..., 1] - 1) // 2
+        return x + self.positions.row(index[:, 0]) + self.positions.col(index[:, 1])
+
+
+def rope(x: Tensor, positions: Tensor) -> Tensor:
+    """Rotary position embedding. ``x`` (B, H, T, hd), ``positions`` (B, T) absolute positions."""
+    half = x.shape[-1] // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None, :, None] * freqs  # (B, 1, T, hd/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of sequences that grow at different rates.
+
+    ``k``/``v``: per layer ``(B, H, capacity, hd)``; ``lengths`` (B,) valid entries per row.
+
+    A cache is never shifted: the keys of a layer above the first depend on every earlier token,
+    so a window that drops old timesteps is re-encoded from its tokens (see ``Policy``), which
+    keeps cached and uncached logits equal across a roll-over.
+    """
+
+    k: list[Tensor]
+    v: list[Tensor]
+    lengths: Tensor
+
+    @classmethod
+    def empty(cls, config: Config, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch, config.n_head, config.context_length, config.head_dim)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            lengths=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), x + mlp(ln(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.fc = nn.Linear(config.n_embd, config.ff_dim)
+        self.fc_out = nn.Linear(config.ff_dim, config.n_embd)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor | None = None,
+        cache: tuple[Tensor, Tensor] | None = None,
+        write_at: Tensor | None = None,
+    ) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = rope(q, positions), rope(k, positions)  # (B, H, T, hd)
+        if cache is not None:
+            assert write_at is not None
+            keys, values = cache
+            index = write_at[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
+            k, v = keys, values
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        x = x + F.dropout(self.proj(y.transpose(1, 2).reshape(b, t, d)), dropout, self.training)
+        return x + F.dropout(self.fc_out(F.gelu(self.fc(self.ln_2(x)))), dropout, self.training)
+
+
+class GatoModel(nn.Module):
+    """Embeddings + causal decoder + policy, dynamics and goal heads."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        if config.backbone != "decoder":
+            raise NotImplementedError(f"backbone {config.backbone!r} is not available yet; use 'decoder'")
+        self.config = config
+        d = config.n_embd
+        self.tokens = nn.Embedding(config.vocab_size, d)
+        self.local = nn.Embedding(config.max_local_positions, d)
+        self.goal_segment = nn.Parameter(torch.zeros(d))
+        self.patches: nn.Module = (
+            TimmPatchEncoder(config) if config.image_encoder == "timm" else PatchEncoder(config)
+        )
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        rank = max(d // 8, 16)  # small bottleneck adapters: the heads share the trunk and the output layer
+        self.dynamics_adapter = nn.Sequential(nn.Linear(d, rank), nn.GELU(), nn.Linear(rank, d))
+        self.goal_adapter = nn.Sequential(nn.Linear(d, rank), nn.GELU(), nn.Linear(rank, d))
+        self.apply(self._init)
+        for block in self.blocks:  # GPT-2 scaled init of residual projections
+            assert isinstance(block, Block)
+            for p in (block.proj.weight, block.fc_out.weight):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+        for adapter in (self.dynamics_adapter, self.goal_adapter):
+            out_layer = adapter[-1]
+            assert isinstance(out_layer, nn.Linear)
+            nn.init.zeros_(out_layer.weight)  # heads start as the policy head
+            nn.init.zeros_(out_layer.bias)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- embedding -----------------------------------------------------------------------------
+
+    def embed(
+        self,
+        ids: Tensor,
+        types: Tensor,
+        local_positions: Tensor,
+        patches: Tensor | None = None,
+        patch_positions: Tensor | None = None,
+        patch_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Token embeddings ``(B, L, D)``; image positions take their patch's embedding.
+
+        Args:
+            ids, types, local_positions: ``(B, L)``.
+            patches: ``(B, P, 3, 16, 16)``, ``patch_positions`` ``(B, P, 4)``, ``patch_mask`` ``(B, P)``;
+                the valid patches of row b fill row b's image positions in order.
+        """
+        local = local_positions.clamp(max=self.config.max_local_positions - 1)
+        x = self.tokens(ids.clamp(0, self.config.vocab_size - 1)) + self.local(local)
+        image = types == int(TokenType.IMAGE)
+        if patches is not None and patches.shape[1] and bool(image.any()):
+            mask = patch_mask if patch_mask is not None else torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)  # fmt: skip
+            assert patch_positions is not None
+            embedded = self.patches(patches[mask].to(x.dtype), patch_positions[mask])
+            x = x.clone()
+            x[image] = embedded.to(x.dtype) + self.local(local[image])
+        return x
+
+    # -- training ------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any], goal: bool = False) -> dict[str, Tensor]:
+        """Logits and losses of a padded batch (the loader's collate output).
+
+        Returns ``hidden`` (B, L', D) and ``policy_logits`` (B, L', V), plus ``loss`` and per-head
+        losses when targets exist. With ``goal=True`` the batch's goal observation is prepended
+        (L' = goal tokens + L) and the goal head's loss replaces the policy head's.
+        """
+        x = self.embed(batch["ids"], batch["types"], batch["local_positions"], batch.get("patches"),
+                       batch.get("patch_positions"), batch.get("patch_mask"))  # fmt: skip
+        n_goal = 0
+        if goal:
+            g = self.embed(batch["goal_ids"], batch["goal_types"], batch["goal_local_positions"],
+                           batch.get("goal_patches"), batch.get("goal_patch_positions"), batch.get("goal_patch_mask"))  # fmt: skip
+            x = torch.cat([g + self.goal_segment, x], dim=1)
+            n_goal = g.shape[1]
+        b, length, _ = x.shape
+        positions = torch.arange(length, device=x.device).expand(b, length)
+        mask = None
+        if goal:  # padded goal tokens must not be attended to
+            valid = torch.cat([batch["goal_attention_mask"], batch["attention_mask"]], dim=1)
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            mask = (causal[None] & valid[:, None, :])[:, None]
+        for block in self.blocks:
+            x = block(x, positions, mask=mask)
+        h = self.ln_f(x)
+        out = {"hidden": h}
+        weight = self.tokens.weight
+        if goal:
+            episode = h[:, n_goal:]
+            out["goal_logits"] = logits = (episode + self.goal_adapter(episode)) @ weight.T
+            out["goal_loss"] = self._next_token_loss(logits, batch["ids"], _action_targets(batch))
+            out["loss"] = self.config.goal_weight * out["goal_loss"]
+            return out
+        out["policy_logits"] = policy = h @ weight.T
+        out["dynamics_logits"] = dynamics = (h + self.dynamics_adapter(h)) @ weight.T
+        out["policy_loss"] = self._next_token_loss(policy, batch["ids"], batch["loss_mask"])
+        dynamics_mask = (
+            ((batch["types"] == int(TokenType.CONTINUOUS)) | (batch["types"] == int(TokenType.DISCRETE)))
+            & (batch["timesteps"] > 0)
+            & batch["attention_mask"]
+            & ~batch.get("prompt_mask", torch.zeros_like(batch["attention_mask"]))
+        )
+        out["dynamics_loss"] = self._next_token_loss(dynamics, batch["ids"], dynamics_mask)
+        out["loss"] = (
+            self.config.policy_weight * out["policy_loss"]
+            + self.config.dynamics_weight * out["dynamics_loss"]
+        )
+        return out
+
+    @staticmethod
+    def _next_token_loss(logits: Tensor, ids: Tensor, target_mask: Tensor) -> Tensor:
+        """Mean cross-entropy of predicting ``ids[:, t]`` from position ``t - 1`` where ``target_mask[:, t]``."""
+        mask = target_mask[:, 1:]
+        if not bool(mask.any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits[:, :-1][mask].float(), ids[:, 1:][mask])
+
+    # -- acting --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(
+        self,
+        x: Tensor,
+        valid: Tensor,
+        cache: KVCache,
+        head: str = "policy",
+    ) -> Tensor:
+        """Feed new token embeddings through the cache; logits of each row's last new token.
+
+        Args:
+            x: ``(B, n, D)`` embeddings of the new tokens (right-padded per row).
+            valid: ``(B, n)`` bool, a prefix of True per row.
+            cache: the rows' cache; ``lengths`` advance by each row's valid count.
+            head: ``policy``, ``dynamics`` or ``goal``.
+
+        Returns:
+            ``(B, V)`` logits at each row's last valid new token.
+        """
+        b, n, _ = x.shape
+        counts = valid.sum(1)
+        if bool((cache.lengths + counts > cache.capacity).any()):
+            raise ValueError("KV cache full: re-encode a shorter window of whole timesteps into a new cache")
+        offsets = torch.arange(n, device=x.device)
+        write_at = (cache.lengths[:, None] + offsets).clamp(max=cache.capacity - 1)  # (B, n)
+        positions = cache.lengths[:, None] + offsets
+        keys = torch.arange(cache.capacity, device=x.device)
+        limit = cache.lengths[:, None] + offsets  # query i sees keys <= its own slot
+        mask = (keys[None, None, :] <= limit[:, :, None]) & (
+            keys[None, None, :] < (cache.lengths + counts)[:, None, None]
+        )
+        for layer, block in enumerate(self.blocks):
+            x = block(
+                x, positions, mask=mask[:, None], cache=(cache.k[layer], cache.v[layer]), write_at=write_at
+            )
+        cache.lengths += counts
+        last = self.ln_f(x[torch.arange(b, device=x.device), (counts - 1).clamp(min=0)])  # (B, D)
+        return self.head_logits(last, head)
+
+    def head_logits(self, h: Tensor, head: str) -> Tensor:
+        """Logits of one head from final hidden states ``(..., D)``."""
+        if head == "policy":
+            return h @ self.tokens.weight.T
+        adapter = {"dynamics": self.dynamics_adapter, "goal": self.goal_adapter}.get(head)
+        if adapter is None:
+            raise ValueError(f"head: expected 'policy', 'dynamics' or 'goal', got {head!r}")
+        return (h + adapter(h)) @ self.tokens.weight.T
+
+
+def _action_targets(batch: dict[str, Any]) -> Tensor:
+    return (
+        (batch["types"] == int(TokenType.ACTION))
+        & batch["attention_mask"]
+        & ~batch.get("prompt_mask", torch.zeros_like(batch["attention_mask"]))
+    )

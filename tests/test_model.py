@@ -1,0 +1,152 @@
+"""The network: presets and parameter counts, forward/backward on real batches, heads, and the KV
+cache against full recomputation (including a context-window roll-over)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from gato_like.config import PRESETS, Config
+from gato_like.data_pipelines.tasks import get_task
+from gato_like.model import GatoModel, KVCache, patch_intervals
+from gato_like.tokenizers import SequenceBuilder, TokenType, patch_position_intervals
+
+
+@pytest.mark.parametrize(
+    ("name", "target"), [("gato-79m", 79e6), ("gato-364m", 364e6), ("gato-1.18b", 1.18e9)]
+)
+def test_gato_presets_have_the_papers_size(name: str, target: float) -> None:
+    config = Config.from_name(name)
+    assert config.text_vocab_size == 32000 and config.vocab_size == 34051
+    with torch.device("meta"):
+        model = GatoModel(config)
+    assert abs(model.num_parameters() / target - 1) < 0.10, model.num_parameters()
+
+
+def test_preset_names_and_files(tmp_path) -> None:
+    assert set(PRESETS) >= {"debug", "tiny", "small", "gato-79m", "gato-364m", "gato-1.18b"}
+    with pytest.raises(KeyError, match="did you mean 'small'"):
+        Config.from_name("smal")
+    config = Config.from_name("tiny", context_length=128)
+    config.save(tmp_path / "config.json")
+    assert Config.from_file(tmp_path / "config.json") == config
+    with pytest.raises(ValueError, match=r"n_embd \(65\) must be divisible by n_head \(4\)"):
+        Config.from_name("debug", n_embd=65)
+
+
+def test_patch_intervals_match_the_tokenizer() -> None:
+    positions = np.array([[r, c, 3, 5] for r in range(3) for c in range(5)] + [[0, 0, 1, 1], [6, 7, 200, 9]])
+    expected = patch_position_intervals(positions, 128)
+    np.testing.assert_array_equal(patch_intervals(torch.from_numpy(positions), 128).numpy(), expected)
+
+
+def _episode_tokens(task: str, steps: int, seed: int = 0) -> tuple[SequenceBuilder, dict]:
+    t = get_task(task)
+    episode = t.rollout(seed, "expert", max_steps=steps)
+    builder = SequenceBuilder(t.spec)
+    seq = builder.build(episode.observations, episode.actions)
+    batch = {
+        "ids": torch.from_numpy(seq.ids)[None],
+        "types": torch.from_numpy(seq.types).long()[None],
+        "local_positions": torch.from_numpy(seq.local_positions).long()[None],
+        "timesteps": torch.from_numpy(seq.timesteps).long()[None],
+        "loss_mask": torch.from_numpy(seq.loss_mask)[None],
+        "attention_mask": torch.ones(1, len(seq), dtype=torch.bool),
+        "patches": torch.from_numpy(seq.patches)[None],
+        "patch_positions": torch.from_numpy(seq.patch_positions)[None],
+        "patch_mask": torch.ones(1, len(seq.patches), dtype=torch.bool),
+    }
+    return builder, batch
+
+
+def _slice(batch: dict, start: int, stop: int) -> dict:
+    """Token positions [start, stop) of a one-row batch, with the matching patches."""
+    image = batch["types"][0] == int(TokenType.IMAGE)
+    p0, p1 = int(image[:start].sum()), int(image[:stop].sum())
+    out = {
+        k: v[:, start:stop] for k, v in batch.items() if k not in ("patches", "patch_positions", "patch_mask")
+    }
+    out |= {k: batch[k][:, p0:p1] for k in ("patches", "patch_positions", "patch_mask")}
+    return out
+
+
+def test_forward_backward_and_initial_loss() -> None:
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug"))
+    _, batch = _episode_tokens("dmc-reacher-easy", 8)
+    out = model(batch)
+    assert out["policy_logits"].shape == (1, 8 * 25, model.config.vocab_size)
+    # an untrained model is uniform-ish over the 3075 ids: loss near log(3075) = 8.03
+    assert 7.5 < float(out["policy_loss"]) < 8.6 and 7.5 < float(out["dynamics_loss"]) < 8.6
+    out["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.patches.stem.weight.grad.abs().sum() > 0  # images reach the loss
+
+
+@pytest.mark.parametrize(("task", "context"), [("dmc-cartpole-swingup", 400), ("babyai-GoToLocal", 700)])
+def test_cached_acting_matches_recomputation_across_a_roll_over(task: str, context: int) -> None:
+    torch.manual_seed(0)
+    config = Config.from_name("debug", context_length=context)
+    model = GatoModel(config).eval()
+    _, batch = _episode_tokens(task, 30 if task.startswith("dmc") else 12, seed=2)
+    ts = batch["timesteps"][0]
+    bounds = [0, *(torch.nonzero(torch.diff(ts)).flatten() + 1).tolist(), len(ts)]
+    x_all = model.embed(batch["ids"], batch["types"], batch["local_positions"], batch["patches"],
+                        batch["patch_positions"], batch["patch_mask"])  # fmt: skip
+    cache = KVCache.empty(config, 1, x_all.device, x_all.dtype)
+    window_start, rolled, steps_since_roll = 0, 0, []
+    for a, b in itertools.pairwise(bounds):
+        if int(cache.lengths[0]) + (b - a) > config.context_length:
+            # roll over: keep the newest whole timesteps (at most half the context), re-encode them
+            window_start = next(s for s in bounds if s >= a - config.context_length // 2)
+            cache = KVCache.empty(config, 1, x_all.device, x_all.dtype)
+            if window_start < a:
+                model.step(x_all[:, window_start:a], torch.ones(1, a - window_start, dtype=torch.bool), cache)
+            rolled += 1
+        cached = model.step(x_all[:, a:b], torch.ones(1, b - a, dtype=torch.bool), cache)
+        with torch.no_grad():
+            full = model(_slice(batch, window_start, b))["policy_logits"][0, -1]
+        torch.testing.assert_close(cached[0], full, rtol=1e-4, atol=1e-4)
+        steps_since_roll.append(rolled)
+    assert rolled > 0  # the window really rolled over
+    assert steps_since_roll.count(rolled) > 1  # and kept acting from the cache after it
+
+
+def test_batched_step_with_ragged_rows_matches_single_rows() -> None:
+    torch.manual_seed(0)
+    config = Config.from_name("debug", context_length=1024)
+    model = GatoModel(config).eval()
+    _, a = _episode_tokens("babyai-GoToRedBall", 3, seed=0)
+    _, b = _episode_tokens("babyai-GoToLocal", 3, seed=5)
+    xa = model.embed(a["ids"], a["types"], a["local_positions"])
+    xb = model.embed(b["ids"], b["types"], b["local_positions"])
+    n = max(xa.shape[1], xb.shape[1])
+    x = torch.zeros(2, n, config.n_embd)
+    x[0, : xa.shape[1]], x[1, : xb.shape[1]] = xa[0], xb[0]
+    valid = torch.zeros(2, n, dtype=torch.bool)
+    valid[0, : xa.shape[1]], valid[1, : xb.shape[1]] = True, True
+    both = model.step(x, valid, KVCache.empty(config, 2, x.device, x.dtype))
+    alone_a = model.step(
+        xa, torch.ones(1, xa.shape[1], dtype=torch.bool), KVCache.empty(config, 1, x.device, x.dtype)
+    )
+    alone_b = model.step(
+        xb, torch.ones(1, xb.shape[1], dtype=torch.bool), KVCache.empty(config, 1, x.device, x.dtype)
+    )
+    torch.testing.assert_close(both[0], alone_a[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[1], alone_b[0], rtol=1e-4, atol=1e-4)
+
+
+def test_goal_conditioned_forward() -> None:
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug"))
+    _, batch = _episode_tokens("dmc-point_mass-easy", 4)
+    goal = _slice(batch, 0, 5)  # 4 proprio + ... the first observation tokens as a goal
+    batch |= {"goal_ids": goal["ids"], "goal_types": goal["types"], "goal_local_positions": goal["local_positions"],
+              "goal_attention_mask": torch.ones_like(goal["ids"], dtype=torch.bool),
+              "goal_patches": goal["patches"], "goal_patch_positions": goal["patch_positions"], "goal_patch_mask": goal["patch_mask"]}  # fmt: skip
+    out = model(batch, goal=True)
+    assert out["goal_logits"].shape[1] == batch["ids"].shape[1]
+    out["loss"].backward()
+    assert model.goal_adapter[-1].weight.grad.abs().sum() > 0
