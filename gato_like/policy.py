@@ -1,0 +1,219 @@
+"""The runtime agent: ``Policy.from_checkpoint(path)``, ``reset(...)``, ``act(observation)``.
+
+Each environment keeps its token history and its rows of a shared KV cache, so acting for one
+more timestep feeds only that timestep's tokens. When the context is full, the oldest whole
+timesteps are dropped (the prompt and goal stay) and the kept window is re-encoded once; acting
+then continues from the cache. Observations are checked against the embodiment spec first; the
+error names the key, the expected and the received value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gato_like.checkpoint import Checkpoint, load_checkpoint
+from gato_like.model import KVCache
+from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TokenSequence, TokenType
+
+
+@dataclass
+class _Env:
+    prefix: Tensor  # (1, p, D) prompt and goal embeddings, kept on roll-over
+    steps: list[Tensor] = field(default_factory=list)  # (1, n_t, D) per finished timestep
+    length: int = 0  # tokens in this row of the cache
+
+
+class Policy:
+    """Acts for one or many environments of one embodiment with a trained model.
+
+    Args:
+        checkpoint: a loaded checkpoint.
+        device: where the model runs.
+        temperature: 0 picks the most likely action token; > 0 samples.
+        seed: seed of the sampler.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", temperature: float = 0.0, seed: int = 0) -> None:  # fmt: skip
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model.to(device).eval()
+        self.device = torch.device(device)
+        self.temperature = float(temperature)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.spec: EmbodimentSpec | None = None
+        self.builder: SequenceBuilder | None = None
+        self.envs: list[_Env] = []
+        self.cache: KVCache | None = None
+        self.head = "policy"
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Policy:
+        return cls(load_checkpoint(path, device), device, **kwargs)
+
+    # -- episodes ------------------------------------------------------------------------------
+
+    def reset(
+        self,
+        task: str | None = None,
+        prompt: tuple[Mapping[str, Any], np.ndarray] | None = None,
+        goal: Mapping[str, Any] | None = None,
+        num_envs: int = 1,
+        embodiment: str | None = None,
+    ) -> EmbodimentSpec:
+        """Start new episodes.
+
+        Args:
+            task: a task (or embodiment) name the checkpoint knows.
+            prompt: a demonstration ``(observations {key: (T, ...)}, actions (T, ...))`` to condition on.
+            goal: a goal observation ``{key: array}`` (one timestep); acting then uses the goal head.
+            num_envs: environments acted for together by :meth:`act_batch`.
+            embodiment: the embodiment name, when no task is given.
+
+        Returns:
+            The embodiment spec observations must follow.
+        """
+        name = task or embodiment
+        if name is None:
+            if len(self.checkpoint.specs) != 1:
+                raise ValueError(f"reset: name a task or embodiment (known: {sorted(self.checkpoint.specs)})")
+            name = next(iter(self.checkpoint.specs))
+        self.spec = self.checkpoint.spec_for(name)
+        self.builder = SequenceBuilder(self.spec, self.checkpoint.text)
+        parts = []
+        if goal is not None:
+            tokens = self.builder.build_step(goal)
+            keep = tokens.types != TokenType.SEPARATOR
+            goal_tokens = TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
+                                        tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
+                                        tokens.patch_positions)  # fmt: skip
+            parts.append(self._embed(goal_tokens) + self.model.goal_segment)
+        if prompt is not None:
+            observations, actions = prompt
+            parts.append(self._embed(self.builder.build(observations, actions)))
+        prefix = (
+            torch.cat(parts, dim=1)
+            if parts
+            else torch.zeros(1, 0, self.model.config.n_embd, device=self.device)
+        )
+        if prefix.shape[1] > self.model.config.context_length // 2:
+            raise ValueError(
+                f"reset: prompt and goal take {prefix.shape[1]} tokens; at most half the context "
+                f"({self.model.config.context_length // 2}) is allowed"
+            )
+        self.head = "goal" if goal is not None else "policy"
+        self.envs = [_Env(prefix) for _ in range(num_envs)]
+        self.cache = KVCache.empty(self.model.config, num_envs, self.device, prefix.dtype)
+        if prefix.shape[1]:
+            self._feed([prefix] * num_envs)
+        return self.spec
+
+    def act(self, observation: Mapping[str, Any]) -> np.ndarray:
+        """The action for one environment's observation ``{key: array}`` (shape ``action.shape``)."""
+        if self.builder is None:
+            raise RuntimeError("act: call reset() first")
+        if len(self.envs) != 1:
+            raise ValueError(f"act: {len(self.envs)} environments were reset; use act_batch")
+        return self.act_batch([observation])[0]
+
+    @torch.no_grad()
+    def act_batch(self, observations: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
+        """Actions for every environment, in one forward pass per action token."""
+        if self.builder is None or self.cache is None or self.spec is None:
+            raise RuntimeError("act: call reset() first")
+        if len(observations) != len(self.envs):
+            raise ValueError(
+                f"act_batch: expected {len(self.envs)} observations (one per env), got {len(observations)}"
+            )
+        builder, config = self.builder, self.model.config
+        steps = [self._embed(builder.build_step(o)) for o in observations]  # each (1, n_i, D)
+        need = [s.shape[1] + builder.action_size for s in steps]
+        for i, env in enumerate(self.envs):
+            if env.length + need[i] > config.context_length:
+                self._roll(i, need[i])
+        logits = self._feed(steps)
+        low, high = self._action_range()
+        chosen: list[list[int]] = [[] for _ in self.envs]
+        local = torch.tensor([s.shape[1] for s in steps], device=self.device)  # first action's local position
+        for j in range(builder.action_size):
+            ids = self._pick(logits, low, high)  # (N,)
+            for i, value in enumerate(ids.tolist()):
+                chosen[i].append(value)
+            tokens = self.model.embed(
+                ids[:, None],
+                torch.full_like(ids[:, None], int(TokenType.ACTION)),
+                (local + j)[:, None],
+            )
+            logits = self._feed([tokens[i : i + 1] for i in range(len(self.envs))])
+            for i in range(len(self.envs)):
+                steps[i] = torch.cat([steps[i], tokens[i : i + 1]], dim=1)
+        for env, step in zip(self.envs, steps, strict=True):
+            env.steps.append(step)
+        actions = builder.decode_actions(np.asarray(chosen, dtype=np.int64))
+        return [actions[i] for i in range(len(self.envs))]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _embed(self, tokens: TokenSequence) -> Tensor:
+        def t(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)[None]
+
+        return self.model.embed(
+            t(tokens.ids), t(tokens.types).long(), t(tokens.local_positions).long(),
+            t(tokens.patches), t(tokens.patch_positions), None,
+        )  # fmt: skip
+
+    def _feed(self, chunks: list[Tensor], rows: list[int] | None = None) -> Tensor:
+        """Append ``chunks[i]`` (1, n_i, D) to env i's cache row (only ``rows`` if given); (N, V) logits."""
+        assert self.cache is not None
+        rows = list(range(len(self.envs))) if rows is None else rows
+        width = max((chunks[i].shape[1] for i in rows), default=0)
+        x = torch.zeros(len(self.envs), max(width, 1), self.model.config.n_embd, device=self.device, dtype=chunks[rows[0]].dtype)  # fmt: skip
+        valid = torch.zeros(len(self.envs), max(width, 1), dtype=torch.bool, device=self.device)
+        for i in rows:
+            n = chunks[i].shape[1]
+            x[i, :n], valid[i, :n] = chunks[i][0], True
+            self.envs[i].length += n
+        return self.model.step(x, valid, self.cache, head=self.head)
+
+    def _roll(self, row: int, need: int) -> None:
+        """Keep the prefix and the newest whole timesteps (at most half the context); re-encode them."""
+        assert self.cache is not None
+        env, config = self.envs[row], self.model.config
+        budget = config.context_length // 2 - env.prefix.shape[1]
+        kept: list[Tensor] = []
+        for step in reversed(env.steps):
+            if sum(s.shape[1] for s in kept) + step.shape[1] > budget:
+                break
+            kept.insert(0, step)
+        env.steps = kept
+        self.cache.lengths[row] = 0
+        env.length = 0
+        window = torch.cat([env.prefix, *kept], dim=1)
+        if window.shape[1]:
+            chunks = [window if i == row else window[:, :0] for i in range(len(self.envs))]
+            self._feed(chunks, rows=[row])
+        if env.length + need > config.context_length:
+            raise ValueError(
+                f"one timestep ({need} tokens) does not fit the context ({config.context_length})"
+            )
+
+    def _action_range(self) -> tuple[int, int]:
+        assert self.builder is not None and self.spec is not None
+        layout = self.builder.layout
+        if self.spec.action.kind == "continuous":
+            return layout.continuous_offset, layout.continuous_offset + layout.continuous_bins
+        assert self.spec.action.num_choices is not None
+        return layout.discrete_offset, layout.discrete_offset + self.spec.action.num_choices
+
+    def _pick(self, logits: Tensor, low: int, high: int) -> Tensor:
+        allowed = logits[:, low:high].float()
+        if self.temperature <= 0:
+            return allowed.argmax(-1) + low
+        probs = torch.softmax(allowed / self.temperature, -1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device) + low

@@ -1,0 +1,130 @@
+"""Checkpoints and the runtime agent: save/load round trip, acting in a real simulator from the KV
+cache equals recomputing the window, batched acting equals one environment at a time, and
+observations are validated."""
+
+import numpy as np
+import pytest
+import torch
+
+from gato_like.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gato_like.config import Config
+from gato_like.data_pipelines.tasks import get_task
+from gato_like.model import GatoModel
+from gato_like.policy import Policy
+from gato_like.tokenizers import SequenceBuilder, SpecMismatchError, TextTokenizer, TokenType
+
+TASKS = ("dmc-reacher-easy", "babyai-GoToLocal")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", context_length=320))
+    specs = {get_task(t).spec.name: get_task(t).spec for t in TASKS}
+    tasks = {t: {"embodiment": get_task(t).spec.name} for t in TASKS}
+    return save_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "debug", model, TextTokenizer(), specs, tasks, {"step": 0}
+    )
+
+
+def test_round_trip_is_exact_and_pickle_free(checkpoint) -> None:
+    loaded = load_checkpoint(checkpoint)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "embodiments", "meta.json", "model.safetensors", "tasks.json", "tokenizer"]  # fmt: skip
+    torch.manual_seed(0)
+    fresh = GatoModel(Config.from_name("debug", context_length=320))
+    for (name, a), b in zip(loaded.model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert loaded.spec_for("babyai-GoToLocal").name == "babyai" and loaded.meta == {"step": 0}
+    with pytest.raises(KeyError, match="knows no task or embodiment 'cartpole'"):
+        loaded.spec_for("cartpole")
+
+
+def test_broken_checkpoints_are_named(tmp_path, checkpoint) -> None:
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_checkpoint(tmp_path)
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    config = Config.from_file(bad / "config.json")
+    Config.from_name("debug", n_layer=3, context_length=config.context_length).save(bad / "config.json")
+    with pytest.raises(CheckpointError, match="weights do not fit the config"):
+        load_checkpoint(bad)
+
+
+def _reference_action_token(policy: Policy, history: list, observation: dict) -> int:
+    """Argmax of the first action token from a full forward pass over the same window."""
+    builder = policy.builder
+    obs = {k: np.stack([h[0][k] for h in history] + [observation[k]]) for k in observation}
+    actions = np.stack([h[1] for h in history]) if history else None
+    seq = builder.build(obs, actions) if history else builder.build_step(observation)
+    batch = {
+        "ids": torch.from_numpy(seq.ids)[None], "types": torch.from_numpy(seq.types).long()[None],
+        "local_positions": torch.from_numpy(seq.local_positions).long()[None],
+        "timesteps": torch.from_numpy(seq.timesteps).long()[None], "loss_mask": torch.from_numpy(seq.loss_mask)[None],
+        "attention_mask": torch.ones(1, len(seq), dtype=torch.bool), "patches": torch.from_numpy(seq.patches)[None],
+        "patch_positions": torch.from_numpy(seq.patch_positions)[None],
+        "patch_mask": torch.ones(1, len(seq.patches), dtype=torch.bool),
+    }  # fmt: skip
+    with torch.no_grad():
+        logits = policy.model(batch)["policy_logits"][0, -1]
+    low, high = policy._action_range()
+    return int(logits[low:high].argmax()) + low
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_acting_in_the_simulator_matches_recomputation(checkpoint, task: str) -> None:
+    policy = Policy.from_checkpoint(checkpoint)
+    spec = policy.reset(task)
+    builder = SequenceBuilder(spec)
+    episode = get_task(task).rollout(4, "expert", max_steps=12)
+    history = []
+    rolled = False
+    for t in range(episode.length):
+        observation = {k: v[t] for k, v in episode.observations.items()}
+        window = list(history)
+        # the policy keeps at most half the context after a roll-over; mirror its window
+        action = policy.act(observation)
+        assert action.shape == spec.action.shape
+        first = builder.encode_actions(action[None])[0, 0]
+        kept = len(policy.envs[0].steps) - 1  # timesteps kept before this one
+        rolled |= kept < len(window)
+        assert first == _reference_action_token(
+            policy, window[len(window) - kept :] if kept else [], observation
+        )
+        history.append((observation, action))
+    assert rolled == (task == "babyai-GoToLocal")  # 156 tokens a step: the 320-token context rolls
+
+
+def test_batched_acting_equals_one_at_a_time(checkpoint) -> None:
+    task = get_task("babyai-GoToLocal")
+    episodes = [task.rollout(seed, "expert", max_steps=4) for seed in (1, 2, 3)]
+    batched = Policy.from_checkpoint(checkpoint)
+    batched.reset("babyai-GoToLocal", num_envs=3)
+    singles = [Policy.from_checkpoint(checkpoint) for _ in episodes]
+    for single in singles:
+        single.reset("babyai-GoToLocal")
+    for t in range(min(e.length for e in episodes)):
+        observations = [{k: v[t] for k, v in e.observations.items()} for e in episodes]
+        together = batched.act_batch(observations)
+        for single, observation, action in zip(singles, observations, together, strict=True):
+            np.testing.assert_array_equal(single.act(observation), action)
+
+
+def test_observations_are_validated_and_prompt_goal_accepted(checkpoint) -> None:
+    policy = Policy.from_checkpoint(checkpoint)
+    task = get_task("dmc-reacher-easy")
+    episode = task.rollout(0, "expert", max_steps=3)
+    spec = policy.reset("dmc-reacher-easy", prompt=(episode.observations, episode.actions))
+    observation = {k: v[0] for k, v in episode.observations.items()}
+    bad = dict(observation, position=np.array([0.1, np.nan], np.float32))
+    with pytest.raises(
+        SpecMismatchError,
+        match=r"position: non-finite value: expected finite values, got nan at index \(1,\)",
+    ):  # noqa: E501
+        policy.act(bad)
+    assert policy.act(observation).shape == spec.action.shape  # still usable after the error
+    policy.reset("dmc-reacher-easy", goal={k: v[-1] for k, v in episode.observations.items()})
+    assert policy.head == "goal" and policy.act(observation).shape == (2,)
+    with pytest.raises(RuntimeError, match="call reset"):
+        Policy.from_checkpoint(checkpoint).act(observation)
