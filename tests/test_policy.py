@@ -11,7 +11,7 @@ from gato_like.config import Config
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.model import GatoModel
 from gato_like.policy import Policy
-from gato_like.tokenizers import SequenceBuilder, SpecMismatchError, TextTokenizer, TokenType
+from gato_like.tokenizers import SequenceBuilder, SpecMismatchError, TextTokenizer
 
 TASKS = ("dmc-reacher-easy", "babyai-GoToLocal")
 
@@ -121,7 +121,7 @@ def test_observations_are_validated_and_prompt_goal_accepted(checkpoint) -> None
     with pytest.raises(
         SpecMismatchError,
         match=r"position: non-finite value: expected finite values, got nan at index \(1,\)",
-    ):  # noqa: E501
+    ):
         policy.act(bad)
     assert policy.act(observation).shape == spec.action.shape  # still usable after the error
     policy.reset("dmc-reacher-easy", goal={k: v[-1] for k, v in episode.observations.items()})
