@@ -40,7 +40,7 @@ def test_round_trip_is_exact_and_pickle_free(checkpoint) -> None:
 
 
 def test_broken_checkpoints_are_named(tmp_path, checkpoint) -> None:
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
         load_checkpoint(tmp_path)
     import shutil
 
