@@ -187,13 +187,32 @@ class Block(nn.Module):
         return x + F.dropout(self.fc_out(F.gelu(self.fc(self.ln_2(x)))), dropout, self.training)
 
 
+class CrossAttention(nn.Module):
+    """Latent queries attend to a timestep's observation tokens, then an MLP (both pre-norm)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        d = config.n_embd
+        self.ln_q, self.ln_kv, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attention = nn.MultiheadAttention(d, config.n_head, batch_first=True, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d))
+
+    def forward(self, queries: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        """``queries`` (B, Q, D), ``tokens`` (B, L, D), ``mask`` (B, Q, L) True where allowed -> (B, Q, D)."""
+        kv = self.ln_kv(tokens)
+        q, k, v = self.ln_q(queries), kv, kv
+        heads = self.attention.num_heads
+        attn_mask = ~mask.repeat_interleave(heads, dim=0)  # MultiheadAttention: True = blocked
+        y, _ = self.attention(q, k, v, attn_mask=attn_mask, need_weights=False)
+        x = queries + y
+        return x + self.mlp(self.ln_2(x))
+
+
 class GatoModel(nn.Module):
     """Embeddings + causal decoder + policy, dynamics and goal heads."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        if config.backbone != "decoder":
-            raise NotImplementedError(f"backbone {config.backbone!r} is not available yet; use 'decoder'")
         self.config = config
         d = config.n_embd
         self.tokens = nn.Embedding(config.vocab_size, d)
@@ -203,6 +222,9 @@ class GatoModel(nn.Module):
             TimmPatchEncoder(config) if config.image_encoder == "timm" else PatchEncoder(config)
         )
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        if config.backbone == "perceiver":
+            self.latents = nn.Parameter(torch.randn(config.perceiver_latents, d) * 0.02)
+            self.cross = CrossAttention(config)
         self.ln_f = nn.LayerNorm(d)
         rank = max(d // 8, 16)  # small bottleneck adapters: the heads share the trunk and the output layer
         self.dynamics_adapter = nn.Sequential(nn.Linear(d, rank), nn.GELU(), nn.Linear(rank, d))
@@ -276,44 +298,113 @@ class GatoModel(nn.Module):
                            batch.get("goal_patches"), batch.get("goal_patch_positions"), batch.get("goal_patch_mask"))  # fmt: skip
             x = torch.cat([g + self.goal_segment, x], dim=1)
             n_goal = g.shape[1]
-        b, length, _ = x.shape
-        positions = torch.arange(length, device=x.device).expand(b, length)
-        mask = None
-        if goal:  # padded goal tokens must not be attended to
-            valid = torch.cat([batch["goal_attention_mask"], batch["attention_mask"]], dim=1)
-            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-            mask = (causal[None] & valid[:, None, :])[:, None]
-        for block in self.blocks:
-            x = block(x, positions, mask=mask)
+        types, timesteps, valid = batch["types"], batch["timesteps"], batch["attention_mask"]
+        if goal:  # the goal is a segment before the first timestep
+            types = torch.cat([batch["goal_types"], types], dim=1)
+            timesteps = torch.cat([torch.full_like(batch["goal_types"], -1), timesteps], dim=1)
+            valid = torch.cat([batch["goal_attention_mask"], valid], dim=1)
+        x, predicts = self.trunk(x, types, timesteps, valid)
         h = self.ln_f(x)
         out = {"hidden": h}
         weight = self.tokens.weight
         if goal:
             episode = h[:, n_goal:]
             out["goal_logits"] = logits = (episode + self.goal_adapter(episode)) @ weight.T
-            out["goal_loss"] = self._next_token_loss(logits, batch["ids"], _action_targets(batch))
+            out["goal_loss"] = self._next_token_loss(
+                logits, batch["ids"], _action_targets(batch), predicts[:, n_goal:]
+            )
             out["loss"] = self.config.goal_weight * out["goal_loss"]
             return out
         out["policy_logits"] = policy = h @ weight.T
         out["dynamics_logits"] = dynamics = (h + self.dynamics_adapter(h)) @ weight.T
-        out["policy_loss"] = self._next_token_loss(policy, batch["ids"], batch["loss_mask"])
+        out["policy_loss"] = self._next_token_loss(policy, batch["ids"], batch["loss_mask"], predicts)
         dynamics_mask = (
             ((batch["types"] == int(TokenType.CONTINUOUS)) | (batch["types"] == int(TokenType.DISCRETE)))
             & (batch["timesteps"] > 0)
             & batch["attention_mask"]
             & ~batch.get("prompt_mask", torch.zeros_like(batch["attention_mask"]))
         )
-        out["dynamics_loss"] = self._next_token_loss(dynamics, batch["ids"], dynamics_mask)
+        out["dynamics_loss"] = self._next_token_loss(dynamics, batch["ids"], dynamics_mask, predicts)
         out["loss"] = (
             self.config.policy_weight * out["policy_loss"]
             + self.config.dynamics_weight * out["dynamics_loss"]
         )
         return out
 
+    def trunk(self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone over embedded tokens ``(B, L, D)``: hidden states ``(B, L, D)`` aligned with the
+        input, and ``(B, L)`` True where a position makes a prediction (every valid token for the
+        decoder; only separator and action tokens for the Perceiver, whose observation tokens are
+        folded into latents)."""
+        if self.config.backbone == "perceiver":
+            sequence, sequence_valid, back = self.perceive(x, types, timesteps, valid)
+            h = self._blocks(sequence, sequence_valid)
+            out = torch.gather(h, 1, back.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))
+            return out * (back >= 0)[..., None], back >= 0
+        return self._blocks(x, valid), valid
+
+    def _blocks(self, x: Tensor, valid: Tensor) -> Tensor:
+        b, length, _ = x.shape
+        positions = torch.arange(length, device=x.device).expand(b, length)
+        # right padding needs no mask under causal attention; anything else gets an explicit one
+        right_padded = bool((valid.long().diff(dim=1) <= 0).all())
+        mask = None
+        if not right_padded:
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            mask = causal[None] & valid[:, None, :]
+            mask = (mask | ~mask.any(-1, keepdim=True))[:, None]
+        for block in self.blocks:
+            x = block(x, positions, mask=mask)
+        return x
+
+    def perceive(
+        self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Perceiver input: each timestep's observation tokens cross-attended into K latents, then
+        the timestep's separator and action tokens, timesteps in order.
+
+        Args:
+            x: ``(B, L, D)`` token embeddings; ``types``, ``timesteps``, ``valid``: ``(B, L)``.
+
+        Returns:
+            sequence ``(B, S, D)`` and its validity ``(B, S)`` (valid entries first), and for every
+            input token its index in the sequence (``-1`` for observation tokens and padding).
+        """
+        b, length, d = x.shape
+        k = self.config.perceiver_latents
+        action_like = (types == int(TokenType.SEPARATOR)) | (types == int(TokenType.ACTION))
+        observation = valid & ~action_like
+        step = (timesteps - timesteps.masked_fill(~valid, 1 << 30).min(dim=1, keepdim=True).values).clamp(
+            min=0
+        )
+        steps = int(step.masked_fill(~valid, 0).max()) + 1
+        query_step = torch.arange(steps, device=x.device).repeat_interleave(k)  # (T*K,)
+        cross_mask = observation[:, None, :] & (step[:, None, :] == query_step[None, :, None])  # (B, T*K, L)
+        latent_valid = cross_mask.any(-1)
+        queries = self.latents.repeat(steps, 1).expand(b, -1, -1)
+        latents = self.cross(queries, x, cross_mask | ~latent_valid[..., None])  # empty rows: finite, unused
+        token_valid = valid & action_like
+        big = (steps + 1) * (k + length)
+        latent_key = (query_step * (k + length) + torch.arange(k, device=x.device).repeat(steps)).expand(
+            b, -1
+        )
+        token_key = step * (k + length) + k + torch.arange(length, device=x.device)
+        keys = torch.cat(
+            [latent_key.masked_fill(~latent_valid, big), token_key.masked_fill(~token_valid, big)], dim=1
+        )
+        order = keys.argsort(dim=1, stable=True)
+        features = torch.gather(torch.cat([latents, x], dim=1), 1, order[..., None].expand(-1, -1, d))
+        sequence_valid = torch.gather(torch.cat([latent_valid, token_valid], dim=1), 1, order)
+        width = max(int(sequence_valid.sum(1).max()), 1)
+        inverse = order.argsort(dim=1)[:, steps * k :]  # position of every input token in the sequence
+        back = inverse.masked_fill(~token_valid, -1)
+        return features[:, :width], sequence_valid[:, :width], back
+
     @staticmethod
-    def _next_token_loss(logits: Tensor, ids: Tensor, target_mask: Tensor) -> Tensor:
-        """Mean cross-entropy of predicting ``ids[:, t]`` from position ``t - 1`` where ``target_mask[:, t]``."""
-        mask = target_mask[:, 1:]
+    def _next_token_loss(logits: Tensor, ids: Tensor, target_mask: Tensor, predicts: Tensor) -> Tensor:
+        """Mean cross-entropy of predicting ``ids[:, t]`` from position ``t - 1``, where ``target_mask[:, t]``
+        and position ``t - 1`` makes predictions."""
+        mask = target_mask[:, 1:] & predicts[:, :-1]
         if not bool(mask.any()):
             return logits.sum() * 0.0
         return F.cross_entropy(logits[:, :-1][mask].float(), ids[:, 1:][mask])
@@ -358,6 +449,15 @@ class GatoModel(nn.Module):
         cache.lengths += counts
         last = self.ln_f(x[torch.arange(b, device=x.device), (counts - 1).clamp(min=0)])  # (B, D)
         return self.head_logits(last, head)
+
+    def backbone_inputs(self, x: Tensor, types: Tensor, timesteps: Tensor) -> Tensor:
+        """What one row of tokens ``(1, L, D)`` feeds the backbone when acting: the embeddings
+        themselves (decoder), or the Perceiver's latents and action-side tokens."""
+        if self.config.backbone != "perceiver":
+            return x
+        valid = torch.ones_like(types, dtype=torch.bool)
+        sequence, sequence_valid, _ = self.perceive(x, types, timesteps, valid)
+        return sequence[:, : int(sequence_valid.sum())]
 
     def head_logits(self, h: Tensor, head: str) -> Tensor:
         """Logits of one head from final hidden states ``(..., D)``."""

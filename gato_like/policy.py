@@ -92,7 +92,7 @@ class Policy:
             goal_tokens = TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
                                         tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
                                         tokens.patch_positions)  # fmt: skip
-            parts.append(self._embed(goal_tokens) + self.model.goal_segment)
+            parts.append(self._embed(goal_tokens, goal=True))
         if prompt is not None:
             observations, actions = prompt
             parts.append(self._embed(self.builder.build(observations, actions)))
@@ -159,14 +159,17 @@ class Policy:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _embed(self, tokens: TokenSequence) -> Tensor:
+    def _embed(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
+        """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
+
         def t(a: np.ndarray) -> Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)[None]
 
-        return self.model.embed(
-            t(tokens.ids), t(tokens.types).long(), t(tokens.local_positions).long(),
-            t(tokens.patches), t(tokens.patch_positions), None,
-        )  # fmt: skip
+        types = t(tokens.types).long()
+        x = self.model.embed(t(tokens.ids), types, t(tokens.local_positions).long(), t(tokens.patches), t(tokens.patch_positions), None)  # fmt: skip
+        if goal:
+            x = x + self.model.goal_segment
+        return self.model.backbone_inputs(x, types, t(tokens.timesteps).long())
 
     def _feed(self, chunks: list[Tensor], rows: list[int] | None = None) -> Tensor:
         """Append ``chunks[i]`` (1, n_i, D) to env i's cache row (only ``rows`` if given); (N, V) logits."""
