@@ -8,6 +8,8 @@ against the spec before anything is written; the errors name the file and the ke
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from gato_like.data_pipelines.shards import (
     INDEX_FILE,
     DatasetError,
     TaskShardWriter,
+    check_task_name,
     read_index,
     returns_summary,
     write_index,
@@ -36,12 +39,25 @@ class ConversionError(ValueError):
         )
 
 
+def _success(value: np.ndarray | None) -> bool:
+    if value is None:
+        return False
+    if value.shape != () or value.dtype.kind not in "biu":
+        raise ValueError(f"success: expected a 0-d bool or integer, got {value.dtype} of shape {value.shape}")
+    return bool(value)
+
+
 def load_npz_episode(path: Path, spec: EmbodimentSpec, task: str) -> Episode:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with loaded as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"not a readable .npz without pickled objects ({error})") from error
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(
+            f"not a readable .npz without pickled objects ({type(error).__name__}: {error})"
+        ) from error
     if "actions" not in arrays:
         raise ValueError(f"no 'actions' array (found {sorted(arrays)})")
     observations = {k[4:]: v for k, v in arrays.items() if k.startswith("obs.")}
@@ -58,15 +74,15 @@ def load_npz_episode(path: Path, spec: EmbodimentSpec, task: str) -> Episode:
         raise ValueError(
             f"rewards: expected a numeric array of shape ({steps},), got {rewards.dtype} {rewards.shape}"
         )
-    if not np.isfinite(rewards).all():
-        raise ValueError("rewards: expected finite values, got NaN or Inf")
+    if not np.isfinite(rewards.astype(np.float32)).all():
+        raise ValueError("rewards: expected finite float32 values, got NaN, Inf or a value beyond float32")
     episode = Episode(
         task=task,
         embodiment=spec.name,
         observations=observations,
         actions=arrays["actions"],
         rewards=rewards.astype(np.float32),
-        success=bool(arrays.get("success", False)),
+        success=_success(arrays.get("success")),
         source=f"converted from {path.name}",
     )
     return episode
@@ -87,7 +103,7 @@ def convert_npz(
     """
     source, out = Path(source), Path(out)
     spec = EmbodimentSpec.from_file(spec_file)
-    task = task or spec.name
+    task = check_task_name(task or spec.name)
     files = sorted(source.glob("*.npz")) if source.is_dir() else []
     if not files:
         raise FileNotFoundError(f"{source}: no .npz episode files found")
@@ -108,6 +124,15 @@ def convert_npz(
         index = read_index(out)
         if task in index["tasks"] and not overwrite:
             raise DatasetError(f"{out} already has task {task!r}; pass --overwrite to replace it")
+    if task in index["tasks"]:
+        # take the task out of the index before touching its shards: a failure below leaves a
+        # consistent dataset without it, never an index that lists missing shards
+        del index["tasks"][task]
+        extra = {k: v for k, v in index.items() if k not in ("tasks", "format_version", "created_by")}
+        if index["tasks"]:
+            write_index(out, index["tasks"], **extra)
+        else:
+            (out / INDEX_FILE).unlink()
     writer = TaskShardWriter(out, task, spec, episodes_per_shard)
     for stale in writer.directory.glob("shard-*.tar"):
         stale.unlink()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,5 +158,7 @@ def read_npz(data: bytes, location: str = "?") -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
-        raise EpisodeFormatError(f"{location}: .npz is corrupt or not an npz ({error})") from error
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise EpisodeFormatError(
+            f"{location}: .npz is corrupt or not an npz ({type(error).__name__}: {error})"
+        ) from error

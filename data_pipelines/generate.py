@@ -88,7 +88,11 @@ def generate(
         raise ValueError(
             f"episodes and normalizer_episodes: expected >= 1, got {episodes}, {normalizer_episodes}"
         )
-    selected = resolve_tasks(suite, tasks)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps: expected >= 1 (or unset for each task's own), got {max_steps}")
+    if episodes_per_shard < 1:
+        raise ValueError(f"episodes_per_shard: expected >= 1, got {episodes_per_shard}")
+    selected = list({t.name: t for t in resolve_tasks(suite, tasks)}.values())  # each task once
     root.mkdir(parents=True, exist_ok=True)
     (root / INDEX_FILE).unlink(missing_ok=True)
     jobs = [

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
-from gato_like.data_pipelines.shards import INDEX_FILE, DatasetError, read_index
+from gato_like.data_pipelines.shards import INDEX_FILE, DatasetError, check_index, read_index
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TextTokenizer, TokenSequence, TokenType
 from gato_like.tokenizers.spec import SpecMismatchError
 
@@ -74,8 +74,8 @@ class DatasetSource:
     @classmethod
     def open(cls, root: str | Path, tasks: list[str] | None = None) -> DatasetSource:
         root = str(root).rstrip("/")
-        if "://" in root or root.startswith("pipe:"):
-            index = json.loads(_read_url(f"{root}/{INDEX_FILE}"))
+        if "://" in root:
+            index = check_index(json.loads(_read_url(f"{root}/{INDEX_FILE}")), f"{root}/{INDEX_FILE}")
             specs = {
                 t: EmbodimentSpec.from_json(_read_url(f"{root}/{e['spec']}"))
                 for t, e in index["tasks"].items()
@@ -100,14 +100,19 @@ class DatasetSource:
 
 
 def _read_url(url: str) -> str:
-    try:
-        import fsspec
-
-        with fsspec.open(url, "r") as handle:
-            return str(handle.read())
-    except ImportError:
+    """A small text file at ``url``: http(s) with urllib, other schemes through fsspec."""
+    if url.startswith(("http://", "https://")):
         with urllib.request.urlopen(url, timeout=60) as response:
             return str(response.read().decode())
+    try:
+        import fsspec
+    except ImportError as error:
+        scheme = url.split("://")[0]
+        raise DatasetError(
+            f"{url}: reading {scheme}:// needs fsspec and its backend (e.g. pip install fsspec s3fs gcsfs)"
+        ) from error
+    with fsspec.open(url, "r") as handle:
+        return str(handle.read())
 
 
 def episode_stream(source: DatasetSource, task: str, config: LoaderConfig) -> Any:
@@ -170,6 +175,21 @@ class WindowSampler:
         self.builders = {t: SequenceBuilder(spec, self.text) for t, spec in source.specs.items()}
         self.task_ids = {t: i for i, t in enumerate(source.tasks)}
         self._text_lengths: dict[str, int] = {}
+        if not 0.0 <= config.prompt_probability <= 1.0 or not 0.0 < config.prompt_max_fraction < 1.0:
+            raise ValueError(
+                "prompt_probability: expected [0, 1] and prompt_max_fraction: expected (0, 1), got "
+                f"{config.prompt_probability}, {config.prompt_max_fraction}"
+            )
+        if config.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error: expected 'raise' or 'skip', got {config.on_error!r}")
+        weights = config.domain_weights or {}
+        unknown = sorted(set(weights) - set(source.tasks))
+        if unknown:
+            raise ValueError(f"domain_weights: no task(s) {unknown} in the dataset (tasks: {source.tasks})")
+        if any(w < 0 for w in weights.values()) or not any(weights.get(t, 1.0) > 0 for t in source.tasks):
+            raise ValueError(
+                f"domain_weights: expected non-negative weights, at least one positive, got {weights}"
+            )
         for task, builder in self.builders.items():
             per_step = builder.fixed_observation_size() + 1 + builder.action_size
             if per_step > config.context_length:
@@ -209,13 +229,12 @@ class WindowSampler:
     ) -> list[TokenSequence]:
         """Prompts this episode can give later ones: its last timesteps (goal-like) and a uniform window."""
         budget = int(self.config.context_length * self.config.prompt_max_fraction)
-        if bounds[1] > budget:
-            return []
+        if int(np.diff(bounds).max()) > budget:
+            return []  # some timestep alone exceeds the prompt budget
         steps = len(bounds) - 1
         first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
-        end = self._tokens(episode, min(first, steps - 1), steps)
         start, stop = _window_steps(bounds, budget, rng)
-        return [end, self._tokens(episode, start, stop)]
+        return [self._tokens(episode, first, steps), self._tokens(episode, start, stop)]
 
     def sample(
         self,
@@ -231,6 +250,14 @@ class WindowSampler:
         if others and rng.random() < cfg.prompt_probability:
             end, uniform = rng.choice(others)
             prompt = end if rng.random() < 0.5 else uniform
+        longest = int(np.diff(bounds).max())
+        if longest > cfg.context_length:
+            raise ValueError(
+                f"{episode.task}: a timestep of episode {episode.key!r} has {longest} tokens, more than "
+                f"context_length {cfg.context_length}"
+            )
+        if prompt is not None and cfg.context_length - len(prompt) < longest:
+            prompt = None  # the window must still hold any whole timestep
         budget = cfg.context_length - (len(prompt) if prompt is not None else 0)
         start, stop = _window_steps(bounds, budget, rng)
         window = self._tokens(episode, start, stop)

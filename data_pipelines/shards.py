@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from gato_like.tokenizers.spec import EmbodimentSpec
 INDEX_FILE = "index.json"
 SPEC_FILE = "embodiment.json"
 INDEX_VERSION = 1
+TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -73,7 +75,9 @@ class TaskShardWriter:
     _count: int = 0
 
     def __post_init__(self) -> None:
-        self.directory = self.root / self.task
+        if self.episodes_per_shard < 1:
+            raise ValueError(f"episodes_per_shard: expected >= 1, got {self.episodes_per_shard}")
+        self.directory = self.root / check_task_name(self.task)
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(".*.tmp"):
             stale.unlink()
@@ -158,14 +162,41 @@ def read_index(root: str | Path) -> dict[str, Any]:
             f"{root}: no {INDEX_FILE}{hint}; make one with `gato-like data generate` or `data convert`"
         )
     try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{path}: not valid JSON ({error})") from error
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: not valid UTF-8 JSON ({error})") from error
+    return check_index(index, str(path))
+
+
+def check_index(index: Any, where: str) -> dict[str, Any]:
+    """The index if it has the expected structure, else a DatasetError naming ``where``."""
+    if not isinstance(index, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(index).__name__}")
     if index.get("format_version") != INDEX_VERSION:
         raise DatasetError(
-            f"{path}: format_version {index.get('format_version')!r}, expected {INDEX_VERSION}"
+            f"{where}: format_version {index.get('format_version')!r}, expected {INDEX_VERSION}"
         )
+    tasks = index.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise DatasetError(f"{where}: expected a non-empty 'tasks' object")
+    for task, entry in tasks.items():
+        missing = [
+            k
+            for k in ("spec", "episodes", "shards", "returns")
+            if not isinstance(entry, dict) or k not in entry
+        ]
+        if missing:
+            raise DatasetError(f"{where}: task {task!r} lacks {missing}")
     return index
+
+
+def check_task_name(task: str) -> str:
+    """Task names become folder names and WebDataset keys: letters, digits, '_' and '-' only."""
+    if not TASK_NAME.fullmatch(task):
+        raise ValueError(
+            f"task name {task!r}: expected letters, digits, '_' and '-' only (no dots or slashes)"
+        )
+    return task
 
 
 def load_spec(root: str | Path, task: str) -> EmbodimentSpec:

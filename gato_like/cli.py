@@ -17,7 +17,7 @@ from gato_like import demo as demo_module
 def data_generate(
     out: Path,
     suite: str = "default",
-    tasks: list[str] | None = None,
+    tasks: str | None = None,
     episodes: int = 20,
     max_steps: int | None = None,
     seed: int = 0,
@@ -31,7 +31,7 @@ def data_generate(
     Args:
         out: output directory (shards, embodiment specs, index.json).
         suite: default, control, babyai, heldout or smoke.
-        tasks: task names instead of a suite.
+        tasks: comma-separated task names instead of a suite (e.g. dmc-reacher-easy,captions).
         episodes: expert episodes per task.
         max_steps: cap on episode length (default: each task's own).
         seed: base seed; the same seed gives the same bytes.
@@ -42,10 +42,11 @@ def data_generate(
     """
     from gato_like.data_pipelines.generate import generate
 
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     index = generate(
         out,
         suite,
-        tasks,
+        names,
         episodes,
         max_steps,
         seed,
@@ -107,16 +108,20 @@ def data_inspect(
     from gato_like.data_pipelines.shards import verify as verify_shards
 
     console = _console()
+    if verify:
+        problems = verify_shards(root)
+        console.print("checksums: all shards match index.json" if not problems else "\n".join(problems))
+        if problems:
+            raise ValueError(f"{root}: {len(problems)} shard(s) do not match index.json (listed above)")
     rows = inspect_module.summarize(root)
+    if animate is not None and animate not in {r["task"] for r in rows}:
+        raise KeyError(f"--animate: no task {animate!r} in {root} (tasks: {[r['task'] for r in rows]})")
     table = Table(title=f"dataset {root}", title_justify="left")
     for column in rows[0]:
         table.add_column(column, justify="left" if column == "task" else "right")
     for row in rows:
         table.add_row(*[_cell(v) for v in row.values()])
     console.print(table)
-    if verify:
-        problems = verify_shards(root)
-        console.print("checksums: all shards match index.json" if not problems else "\n".join(problems))
     with_images = [r["task"] for r in rows if inspect_module.frames_of(root, r["task"])]
     if with_images:
         path = inspect_module.write_montage(root, montage or Path(root) / "montage.png")
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         arguments = arguments[arguments.action]
     try:
         COMMANDS[path](**arguments.as_dict())
-    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as error:
+    except (OSError, KeyError, ValueError) as error:
         # errors a user can act on: one clear line, no traceback
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"gato-like {' '.join(path)}: error: {message}", file=sys.stderr)

@@ -74,7 +74,7 @@ def test_cli_generate_inspect_convert(tmp_path: Path) -> None:
     env = {"PATH": str(BIN), "MUJOCO_GL": "egl", "COLUMNS": "200"}
     out = tmp_path / "ds"
     run = subprocess.run(
-        [BIN / "gato-like", "data", "generate", "--out", str(out), "--tasks", '["dmc-reacher-easy"]',
+        [BIN / "gato-like", "data", "generate", "--out", str(out), "--tasks", "dmc-reacher-easy",
          "--episodes", "2", "--max-steps", "20", "--normalizer-episodes", "2", "--workers", "1"],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
@@ -92,3 +92,24 @@ def test_cli_generate_inspect_convert(tmp_path: Path) -> None:
     assert "wrote 2 episodes (10 timesteps) of task 'arm3'" in converted.stdout
     assert sorted(read_index(out)["tasks"]) == ["arm3", "dmc-reacher-easy"]
     assert json.loads((out / "arm3" / "embodiment.json").read_text())["name"] == "arm3"
+
+
+def test_convert_rejects_unreadable_files_and_bad_names(tmp_path: Path) -> None:
+    spec = _write_demos(tmp_path / "demos", count=1, steps=4)
+    np.save(tmp_path / "demos" / "single.npy", np.zeros(3))
+    (tmp_path / "demos" / "single.npy").rename(tmp_path / "demos" / "renamed.npz")
+    (tmp_path / "demos" / "truncated.npz").write_bytes(
+        (tmp_path / "demos" / "demo_00.npz").read_bytes()[:300]
+    )
+    good = dict(np.load(tmp_path / "demos" / "demo_00.npz"))
+    np.savez(tmp_path / "demos" / "huge.npz", **good | {"rewards": np.full(4, 1e39)})
+    np.savez(tmp_path / "demos" / "success.npz", **good | {"success": np.array([1, 0])})
+    with pytest.raises(ConversionError) as error:
+        convert_npz(tmp_path / "demos", spec, tmp_path / "out")
+    text = str(error.value)
+    assert "renamed.npz: not a readable .npz" in text and "truncated.npz: not a readable .npz" in text
+    assert "huge.npz: rewards: expected finite float32 values" in text
+    assert "success.npz: success: expected a 0-d bool or integer" in text
+    for bad in ("my.robot", "../escape"):
+        with pytest.raises(ValueError, match="expected letters, digits"):
+            convert_npz(tmp_path / "demos", spec, tmp_path / "out2", task=bad)

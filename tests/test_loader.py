@@ -144,3 +144,21 @@ def test_streams_from_an_http_url(smoke_dataset: Path) -> None:
             np.testing.assert_array_equal(a["ids"], b["ids"])
     finally:
         server.shutdown()
+
+
+def test_config_mistakes_are_named(smoke_dataset: Path) -> None:
+    source = DatasetSource.open(smoke_dataset)
+    with pytest.raises(ValueError, match=r"domain_weights: no task\(s\) \['babyai-gotoredball'\]"):
+        SequenceDataset(source, LoaderConfig(domain_weights={"babyai-gotoredball": 0.0}))
+    with pytest.raises(ValueError, match="at least one positive"):
+        SequenceDataset(source, LoaderConfig(domain_weights=dict.fromkeys(source.tasks, 0.0)))
+    with pytest.raises(ValueError, match="on_error: expected 'raise' or 'skip', got 'Raise'"):
+        SequenceDataset(source, LoaderConfig(on_error="Raise"))
+
+
+@pytest.mark.parametrize(("context", "fraction"), [(160, 0.5), (200, 0.9), (300, 0.3), (512, 0.5)])
+def test_sequences_never_exceed_the_context(smoke_dataset: Path, context: int, fraction: float) -> None:
+    samples = _take(
+        smoke_dataset, 150, context_length=context, prompt_probability=0.5, prompt_max_fraction=fraction
+    )
+    assert max(len(s["ids"]) for s in samples) <= context
