@@ -107,12 +107,20 @@ class TimmPatchEncoder(nn.Module):
         return x + self.positions.row(index[:, 0]) + self.positions.col(index[:, 1])
 
 
-def rope(x: Tensor, positions: Tensor) -> Tensor:
-    """Rotary position embedding. ``x`` (B, H, T, hd), ``positions`` (B, T) absolute positions."""
+def rope_tables(positions: Tensor, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin ``(B, 1, T, hd/2)`` of the rotary embedding at absolute ``positions`` (B, T)."""
+    half = head_dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half
+    )
+    angles = positions.to(torch.float32)[:, None, :, None] * freqs
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate ``x`` (B, H, T, hd) by the tables of :func:`rope_tables`."""
+    cos, sin = tables
     half = x.shape[-1] // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None, :, None] * freqs  # (B, 1, T, hd/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -163,21 +171,24 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        positions: Tensor,
+        tables: tuple[Tensor, Tensor],
         mask: Tensor | None = None,
         cache: tuple[Tensor, Tensor] | None = None,
         write_at: Tensor | None = None,
+        upto: int | None = None,
     ) -> Tensor:
+        """``x`` (B, T, D); ``tables`` rotary cos/sin; ``cache`` this layer's (keys, values) to write the
+        new keys into at ``write_at`` (B, T) and attend over up to ``upto`` entries."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln_1(x)).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = rope(q, positions), rope(k, positions)  # (B, H, T, hd)
+        q, k = rope(q, tables), rope(k, tables)  # (B, H, T, hd)
         if cache is not None:
             assert write_at is not None
             keys, values = cache
             index = write_at[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             keys.scatter_(2, index, k)
             values.scatter_(2, index, v)
-            k, v = keys, values
+            k, v = keys[:, :, :upto], values[:, :, :upto]
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
@@ -283,12 +294,13 @@ class GatoModel(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Any], goal: bool = False) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], goal: bool = False, logits: bool = False) -> dict[str, Tensor]:
         """Logits and losses of a padded batch (the loader's collate output).
 
-        Returns ``hidden`` (B, L', D) and ``policy_logits`` (B, L', V), plus ``loss`` and per-head
-        losses when targets exist. With ``goal=True`` the batch's goal observation is prepended
-        (L' = goal tokens + L) and the goal head's loss replaces the policy head's.
+        Returns ``hidden`` (B, L', D), ``loss`` and the per-head losses (logits are computed only at
+        the target positions); with ``logits=True`` also ``policy_logits``/``dynamics_logits``
+        (B, L, V). With ``goal=True`` the batch's goal observation is prepended (L' = goal tokens
+        + L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
         """
         x = self.embed(batch["ids"], batch["types"], batch["local_positions"], batch.get("patches"),
                        batch.get("patch_positions"), batch.get("patch_mask"))  # fmt: skip
@@ -305,30 +317,31 @@ class GatoModel(nn.Module):
             valid = torch.cat([batch["goal_attention_mask"], valid], dim=1)
         x, predicts = self.trunk(x, types, timesteps, valid)
         h = self.ln_f(x)
-        out = {"hidden": h}
-        weight = self.tokens.weight
+        out: dict[str, Tensor] = {"hidden": h}
         if goal:
-            episode = h[:, n_goal:]
-            out["goal_logits"] = logits = (episode + self.goal_adapter(episode)) @ weight.T
+            episode, predicts = h[:, n_goal:], predicts[:, n_goal:]
             out["goal_loss"] = self._next_token_loss(
-                logits, batch["ids"], _action_targets(batch), predicts[:, n_goal:]
+                episode, "goal", batch["ids"], _action_targets(batch), predicts
             )
             out["loss"] = self.config.goal_weight * out["goal_loss"]
+            if logits:
+                out["goal_logits"] = self.head_logits(episode, "goal")
             return out
-        out["policy_logits"] = policy = h @ weight.T
-        out["dynamics_logits"] = dynamics = (h + self.dynamics_adapter(h)) @ weight.T
-        out["policy_loss"] = self._next_token_loss(policy, batch["ids"], batch["loss_mask"], predicts)
         dynamics_mask = (
             ((batch["types"] == int(TokenType.CONTINUOUS)) | (batch["types"] == int(TokenType.DISCRETE)))
             & (batch["timesteps"] > 0)
             & batch["attention_mask"]
             & ~batch.get("prompt_mask", torch.zeros_like(batch["attention_mask"]))
         )
-        out["dynamics_loss"] = self._next_token_loss(dynamics, batch["ids"], dynamics_mask, predicts)
+        out["policy_loss"] = self._next_token_loss(h, "policy", batch["ids"], batch["loss_mask"], predicts)
+        out["dynamics_loss"] = self._next_token_loss(h, "dynamics", batch["ids"], dynamics_mask, predicts)
         out["loss"] = (
             self.config.policy_weight * out["policy_loss"]
             + self.config.dynamics_weight * out["dynamics_loss"]
         )
+        if logits:
+            out["policy_logits"] = self.head_logits(h, "policy")
+            out["dynamics_logits"] = self.head_logits(h, "dynamics")
         return out
 
     def trunk(self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -353,8 +366,9 @@ class GatoModel(nn.Module):
             causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
             mask = causal[None] & valid[:, None, :]
             mask = (mask | ~mask.any(-1, keepdim=True))[:, None]
+        tables = rope_tables(positions, self.config.head_dim, x.dtype)
         for block in self.blocks:
-            x = block(x, positions, mask=mask)
+            x = block(x, tables, mask=mask)
         return x
 
     def perceive(
@@ -400,14 +414,15 @@ class GatoModel(nn.Module):
         back = inverse.masked_fill(~token_valid, -1)
         return features[:, :width], sequence_valid[:, :width], back
 
-    @staticmethod
-    def _next_token_loss(logits: Tensor, ids: Tensor, target_mask: Tensor, predicts: Tensor) -> Tensor:
+    def _next_token_loss(
+        self, h: Tensor, head: str, ids: Tensor, target_mask: Tensor, predicts: Tensor
+    ) -> Tensor:
         """Mean cross-entropy of predicting ``ids[:, t]`` from position ``t - 1``, where ``target_mask[:, t]``
-        and position ``t - 1`` makes predictions."""
+        and position ``t - 1`` makes predictions; logits are computed at those positions only."""
         mask = target_mask[:, 1:] & predicts[:, :-1]
         if not bool(mask.any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits[:, :-1][mask].float(), ids[:, 1:][mask])
+            return h.sum() * 0.0
+        return F.cross_entropy(self.head_logits(h[:, :-1][mask], head).float(), ids[:, 1:][mask])
 
     # -- acting --------------------------------------------------------------------------------
 
@@ -437,15 +452,16 @@ class GatoModel(nn.Module):
         offsets = torch.arange(n, device=x.device)
         write_at = (cache.lengths[:, None] + offsets).clamp(max=cache.capacity - 1)  # (B, n)
         positions = cache.lengths[:, None] + offsets
-        keys = torch.arange(cache.capacity, device=x.device)
+        upto = int((cache.lengths + counts).max())  # attend over the filled part of the cache only
+        keys = torch.arange(upto, device=x.device)
         limit = cache.lengths[:, None] + offsets  # query i sees keys <= its own slot
         mask = (keys[None, None, :] <= limit[:, :, None]) & (
             keys[None, None, :] < (cache.lengths + counts)[:, None, None]
         )
+        tables = rope_tables(positions, self.config.head_dim, x.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(
-                x, positions, mask=mask[:, None], cache=(cache.k[layer], cache.v[layer]), write_at=write_at
-            )
+            cached = (cache.k[layer], cache.v[layer])
+            x = block(x, tables, mask=mask[:, None], cache=cached, write_at=write_at, upto=upto)
         cache.lengths += counts
         last = self.ln_f(x[torch.arange(b, device=x.device), (counts - 1).clamp(min=0)])  # (B, D)
         return self.head_logits(last, head)

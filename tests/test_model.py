@@ -76,7 +76,7 @@ def test_forward_backward_and_initial_loss(backbone: str) -> None:
     torch.manual_seed(0)
     model = GatoModel(Config.from_name("debug", backbone=backbone))
     _, batch = _episode_tokens("dmc-reacher-easy", 8)
-    out = model(batch)
+    out = model(batch, logits=True)
     assert out["policy_logits"].shape == (1, 8 * 25, model.config.vocab_size)
     # an untrained model is uniform-ish over the 3075 ids: loss near log(3075) = 8.03
     assert 7.5 < float(out["policy_loss"]) < 8.6
@@ -123,7 +123,7 @@ def test_cached_acting_matches_recomputation_across_a_roll_over(
             rolled += 1
         cached = model.step(inputs[t], torch.ones(1, sizes[t], dtype=torch.bool), cache)
         with torch.no_grad():
-            full = model(_slice(batch, window_start, b))["policy_logits"][0, -1]
+            full = model(_slice(batch, window_start, b), logits=True)["policy_logits"][0, -1]
         torch.testing.assert_close(cached[0], full, rtol=1e-4, atol=1e-4)
         steps_since_roll.append(rolled)
     assert rolled > 0  # the window really rolled over
@@ -162,7 +162,7 @@ def test_goal_conditioned_forward() -> None:
     batch |= {"goal_ids": goal["ids"], "goal_types": goal["types"], "goal_local_positions": goal["local_positions"],
               "goal_attention_mask": torch.ones_like(goal["ids"], dtype=torch.bool),
               "goal_patches": goal["patches"], "goal_patch_positions": goal["patch_positions"], "goal_patch_mask": goal["patch_mask"]}  # fmt: skip
-    out = model(batch, goal=True)
+    out = model(batch, goal=True, logits=True)
     assert out["goal_logits"].shape[1] == batch["ids"].shape[1]
     out["loss"].backward()
     assert model.goal_adapter[-1].weight.grad.abs().sum() > 0

@@ -76,7 +76,7 @@ def _reference_action_token(policy: Policy, history: list, observation: dict) ->
         "patch_mask": torch.ones(1, len(seq.patches), dtype=torch.bool),
     }  # fmt: skip
     with torch.no_grad():
-        logits = policy.model(batch)["policy_logits"][0, -1]
+        logits = policy.model(batch, logits=True)["policy_logits"][0, -1]
     low, high = policy._action_range()
     return int(logits[low:high].argmax()) + low
 
