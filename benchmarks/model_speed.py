@@ -14,7 +14,6 @@ recomputing the whole history, at 64, 256 and 1024 tokens of history.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
@@ -24,10 +23,10 @@ from gato_like.model import GatoModel, KVCache
 from gato_like.tokenizers import TokenType
 
 
-def matmul_peak(size: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+def matmul_peak(size: int = 2048, dtype: torch.dtype = torch.float32, n: int = 10) -> float:
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
-    start, n = time.perf_counter(), 10
+    start = time.perf_counter()
     for _ in range(n):
         a @ b
     return 2 * size**3 * n / (time.perf_counter() - start)
@@ -127,6 +126,20 @@ def acting_ms(config: Config, history: int, repeats: int = 10) -> tuple[float, f
     return cached * 1e3, (time.perf_counter() - start) / repeats * 1e3
 
 
+def step_memory_mb(preset: str, batch: int) -> float:
+    """Peak resident memory of two training steps of ``preset`` in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys; sys.path.insert(0, 'benchmarks'); import model_speed as m;"
+        f"c = m.Config.from_name('{preset}'); s = m.ours(c, m.batch_for(c, {batch}), False); s(); s();"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -135,8 +148,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our model")
     args = parser.parse_args()
     torch.manual_seed(0)
-    peak32, peak16 = matmul_peak(), matmul_peak(dtype=torch.bfloat16)
-    print(f"matmul peak on this machine: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.0f} GFLOP/s")
+    peak32, peak16 = matmul_peak(), matmul_peak(512, torch.bfloat16, n=2)  # small: bf16 may be very slow
+    print(f"matmul peak on this machine: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
+    fast_bf16 = peak16 > peak32
+    if not fast_bf16:
+        print("bf16 matmul is slower than fp32 here (no bf16 units on this CPU): timing fp32 only")
     print(
         f"{'preset':<7}{'params':>8}{'precision':>10}{'ours tok/s':>12}{'GPT-2 tok/s':>13}{'ratio':>7}{'FLOP/s':>10}{'of fp32 peak':>14}"
     )
@@ -145,7 +161,7 @@ def main() -> None:
         batch = batch_for(config, args.batch)
         tokens = batch["ids"].numel()
         params = GatoModel(config).num_parameters()
-        for bf16 in (False, True):
+        for bf16 in (False, True) if fast_bf16 else (False,):
             rate = train_rate(ours(config, batch, bf16), args.steps, tokens)
             hf = train_rate(gpt2(config, batch, bf16), args.steps, tokens)
             flops = rate * flops_per_token(config)
@@ -154,11 +170,12 @@ def main() -> None:
                 f"{name:<7}{params / 1e6:>7.1f}M{label:>10}{rate:>12,.0f}{hf:>13,.0f}{rate / hf:>6.2f}x{flops / 1e9:>8.0f}G{flops / peak32:>13.0%}"
             )
         if args.compile:
-            rate = train_rate(ours(config, batch, True, compiled=True), args.steps, tokens)
-            print(f"{name:<7}{'':>8}{'bf16+compile':>10}{rate:>12,.0f}")
-    print(
-        f"peak resident memory of this process (all training runs above): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
-    )
+            rate = train_rate(ours(config, batch, fast_bf16, compiled=True), args.steps, tokens)
+            print(f"{name:<7}{'':>8}{'compiled':>10}{rate:>12,.0f}")
+    for name in args.presets:
+        print(
+            f"peak resident memory of a {name} training step (batch {args.batch}, fresh process): {step_memory_mb(name, args.batch):.0f} MB"
+        )
     print("acting, ms per timestep (23 observation tokens + 1 action token), small preset:")
     config = Config.from_name("small", context_length=1100)
     for history in (64, 256, 1024):

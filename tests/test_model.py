@@ -166,3 +166,28 @@ def test_goal_conditioned_forward() -> None:
     assert out["goal_logits"].shape[1] == batch["ids"].shape[1]
     out["loss"].backward()
     assert model.goal_adapter[-1].weight.grad.abs().sum() > 0
+
+
+def test_timm_patch_encoder_when_timm_imports() -> None:
+    pytest.importorskip("timm", reason="timm needs a torchvision that imports beside this torch (GPU installs)")
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", image_encoder="timm", timm_model="resnet18"))
+    _, batch = _episode_tokens("dmc-reacher-easy", 2)
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+
+
+def test_timm_encoder_without_timm_says_how_to_install(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "timm":
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    with pytest.raises(ImportError, match=r"pip install 'gato-like\[timm\]'"):
+        GatoModel(Config.from_name("debug", image_encoder="timm"))
