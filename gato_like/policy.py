@@ -20,7 +20,7 @@ from torch import Tensor
 
 from gato_like.checkpoint import Checkpoint, load_checkpoint
 from gato_like.model import KVCache
-from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TokenSequence, TokenType
+from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenSequence, TokenType
 
 
 @dataclass
@@ -157,7 +157,95 @@ class Policy:
         actions = builder.decode_actions(np.asarray(chosen, dtype=np.int64))
         return [actions[i] for i in range(len(self.envs))]
 
+    @torch.no_grad()
+    def rollout(self, observation: Mapping[str, Any], actions: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Open-loop dynamics: predicted observations after each of ``actions`` (k, *action.shape),
+        starting from the current history and ``observation``; the policy's own state is untouched.
+
+        Proprioceptive and discrete keys are predicted by the dynamics head; text and images are
+        carried over from ``observation`` (the model does not generate pixels). Decoder backbone only.
+
+        Returns:
+            k dicts ``{key: array}`` of the predicted proprio/discrete observations.
+        """
+        if self.builder is None or self.cache is None or self.spec is None:
+            raise RuntimeError("rollout: call reset() first")
+        if self.model.config.backbone != "decoder":
+            raise NotImplementedError(
+                "rollout: the dynamics head predicts observation tokens with the decoder backbone only"
+            )
+        if len(self.envs) != 1:
+            raise ValueError("rollout: reset with num_envs=1")
+        builder, spec = self.builder, self.spec
+        actions = np.asarray(actions)
+        problems = spec.action.violations(actions, (len(actions),))
+        if problems:
+            raise SpecMismatchError(spec.name, problems, what="rollout actions")
+        template = builder.build_step(observation)
+        per_step = len(template) + builder.action_size
+        if per_step * (len(actions) + 1) > self.model.config.context_length - self.envs[0].length:
+            raise ValueError(f"rollout: {len(actions)} steps do not fit in the remaining context; use fewer")
+        saved = (self.cache, self.envs[0].length)
+        self.cache = KVCache(
+            [k.clone() for k in saved[0].k], [v.clone() for v in saved[0].v], saved[0].lengths.clone()
+        )
+        layout = builder.layout
+        generated = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)
+        ranges = {
+            int(TokenType.CONTINUOUS): (layout.continuous_offset, layout.discrete_offset),
+            int(TokenType.DISCRETE): (layout.discrete_offset, layout.separator_id),
+        }
+        try:
+            self._feed([self._embed(template)])
+            predictions = []
+            for action in actions:
+                action_ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None]
+                local = torch.arange(len(template), len(template) + builder.action_size)[None]
+                tokens = self.model.embed(
+                    action_ids, torch.full_like(action_ids, int(TokenType.ACTION)), local
+                )
+                logits = self._feed([tokens], head="dynamics")
+                ids = template.ids.copy()
+                position, last = 0, len(template) - 1  # the last template token is the separator
+                while position < last:
+                    end = position + 1
+                    if generated[position]:
+                        low, high = ranges[int(template.types[position])]
+                        ids[position] = int(logits[0, low:high].argmax()) + low
+                    else:  # a run of carried-over text or image tokens
+                        while end < last and not generated[end]:
+                            end += 1
+                    logits = self._feed([self._embed(_part(template, ids, position, end))], head="dynamics")
+                    position = end
+                self._feed([self._embed(_part(template, ids, last, last + 1))])
+                predictions.append(self._decode_observation(ids, template))
+            return predictions
+        finally:
+            self.cache, self.envs[0].length = saved
+
+    def predict(self, observation: Mapping[str, Any], action: np.ndarray) -> dict[str, np.ndarray]:
+        """The next observation's proprio/discrete keys after ``action`` (see :meth:`rollout`)."""
+        return self.rollout(observation, np.asarray(action)[None])[0]
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _decode_observation(self, ids: np.ndarray, template: TokenSequence) -> dict[str, np.ndarray]:
+        """Predicted proprio/discrete keys from the ids of one generated observation."""
+        assert self.builder is not None and self.spec is not None
+        builder, out = self.builder, {}
+        tensors = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)
+        values = ids[tensors]
+        at = 0
+        for key in builder.tensor_keys:
+            obs = self.spec.observations[key]
+            n = int(np.prod(obs.shape))
+            chunk = values[at : at + n]
+            if obs.kind == "proprio":
+                out[key] = builder.continuous.decode(chunk).astype(np.float32).reshape(obs.shape)
+            else:
+                out[key] = builder.discrete.decode(chunk).reshape(obs.shape)
+            at += n
+        return out
 
     def _embed(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
         """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
@@ -171,7 +259,7 @@ class Policy:
             x = x + self.model.goal_segment
         return self.model.backbone_inputs(x, types, t(tokens.timesteps).long())
 
-    def _feed(self, chunks: list[Tensor], rows: list[int] | None = None) -> Tensor:
+    def _feed(self, chunks: list[Tensor], rows: list[int] | None = None, head: str | None = None) -> Tensor:
         """Append ``chunks[i]`` (1, n_i, D) to env i's cache row (only ``rows`` if given); (N, V) logits."""
         assert self.cache is not None
         rows = list(range(len(self.envs))) if rows is None else rows
@@ -182,7 +270,7 @@ class Policy:
             n = chunks[i].shape[1]
             x[i, :n], valid[i, :n] = chunks[i][0], True
             self.envs[i].length += n
-        return self.model.step(x, valid, self.cache, head=self.head)
+        return self.model.step(x, valid, self.cache, head=head or self.head)
 
     def _roll(self, row: int, need: int) -> None:
         """Keep the prefix and the newest whole timesteps (at most half the context); re-encode them."""
@@ -220,3 +308,14 @@ class Policy:
             return allowed.argmax(-1) + low
         probs = torch.softmax(allowed / self.temperature, -1).cpu()
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device) + low
+
+
+def _part(template: TokenSequence, ids: np.ndarray, start: int, end: int) -> TokenSequence:
+    """Positions ``[start, end)`` of one timestep's tokens, with ``ids`` in place of its ids."""
+    image = template.types == TokenType.IMAGE
+    patches = slice(int(image[:start].sum()), int(image[:end].sum()))
+    return TokenSequence(
+        ids[start:end], template.types[start:end], template.timesteps[start:end],
+        template.local_positions[start:end], template.loss_mask[start:end],
+        template.patches[patches], template.patch_positions[patches],
+    )  # fmt: skip

@@ -169,7 +169,9 @@ def test_goal_conditioned_forward() -> None:
 
 
 def test_timm_patch_encoder_when_timm_imports() -> None:
-    pytest.importorskip("timm", reason="timm needs a torchvision that imports beside this torch (GPU installs)")
+    pytest.importorskip(
+        "timm", reason="timm needs a torchvision that imports beside this torch (GPU installs)"
+    )
     torch.manual_seed(0)
     model = GatoModel(Config.from_name("debug", image_encoder="timm", timm_model="resnet18"))
     _, batch = _episode_tokens("dmc-reacher-easy", 2)

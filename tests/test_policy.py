@@ -11,7 +11,7 @@ from gato_like.config import Config
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.model import GatoModel
 from gato_like.policy import Policy
-from gato_like.tokenizers import SequenceBuilder, SpecMismatchError, TextTokenizer
+from gato_like.tokenizers import SequenceBuilder, SpecMismatchError, TextTokenizer, TokenType
 
 TASKS = ("dmc-reacher-easy", "babyai-GoToLocal")
 
@@ -140,3 +140,61 @@ def test_observations_are_validated_and_prompt_goal_accepted(checkpoint) -> None
     assert policy.head == "goal" and policy.act(observation).shape == (2,)
     with pytest.raises(RuntimeError, match="call reset"):
         Policy.from_checkpoint(checkpoint).act(observation)
+
+
+def test_dynamics_rollout_predicts_observations_and_leaves_the_policy_untouched(checkpoint) -> None:
+    task = get_task("dmc-reacher-easy")
+    episode = task.rollout(1, "expert", max_steps=4)
+    observations = [{k: v[t] for k, v in episode.observations.items()} for t in range(4)]
+    policy, twin = Policy.from_checkpoint(checkpoint), Policy.from_checkpoint(checkpoint)
+    policy.reset("dmc-reacher-easy")
+    twin.reset("dmc-reacher-easy")
+    for t in range(2):
+        np.testing.assert_array_equal(policy.act(observations[t]), twin.act(observations[t]))
+    predicted = policy.rollout(observations[2], episode.actions[2:4])
+    assert len(predicted) == 2
+    for step in predicted:
+        assert sorted(step) == ["position", "to_target", "velocity"]
+        assert step["position"].shape == (2,) and step["velocity"].shape == (2,)
+        assert all(np.isfinite(v).all() for v in step.values())
+    np.testing.assert_array_equal(policy.act(observations[2]), twin.act(observations[2]))  # state untouched
+    assert sorted(policy.predict(observations[3], episode.actions[3])) == [
+        "position",
+        "to_target",
+        "velocity",
+    ]
+
+
+def test_rollout_first_token_matches_a_full_forward(checkpoint) -> None:
+    task = get_task("babyai-GoToLocal")
+    episode = task.rollout(3, "expert", max_steps=2)
+    observation = {k: v[0] for k, v in episode.observations.items()}
+    policy = Policy.from_checkpoint(checkpoint)
+    policy.reset("babyai-GoToLocal")
+    predicted = policy.predict(observation, episode.actions[0])
+    builder = policy.builder
+    # reference: [o_0, sep, a_0, the carried-over mission of step 1] -> dynamics head at the last position
+    step = builder.build({k: np.asarray(v)[None] for k, v in observation.items()}, episode.actions[:1])
+    mission = builder.text.encode(str(observation["mission"]))
+    ids = np.concatenate([step.ids, mission])
+    types = np.concatenate([step.types, np.full(len(mission), int(TokenType.TEXT))])
+    local = np.concatenate([step.local_positions, np.arange(len(mission))])
+    batch = {"ids": torch.from_numpy(ids)[None], "types": torch.from_numpy(types).long()[None],
+             "local_positions": torch.from_numpy(local).long()[None],
+             "timesteps": torch.from_numpy(np.r_[step.timesteps, np.ones(len(mission), int)]).long()[None],
+             "loss_mask": torch.zeros(1, len(ids), dtype=torch.bool), "attention_mask": torch.ones(1, len(ids), dtype=torch.bool)}  # fmt: skip
+    with torch.no_grad():
+        logits = policy.model(batch, logits=True)["dynamics_logits"][0, -1]
+    layout = builder.layout
+    expected = int(
+        logits[layout.discrete_offset : layout.separator_id].argmax()
+    )  # the heading, a discrete value
+    assert int(predicted["direction"]) == expected
+
+
+def test_rollout_needs_the_decoder(perceiver_checkpoint) -> None:
+    policy = Policy.from_checkpoint(perceiver_checkpoint)
+    policy.reset("dmc-reacher-easy")
+    episode = get_task("dmc-reacher-easy").rollout(0, "expert", max_steps=1)
+    with pytest.raises(NotImplementedError, match="decoder backbone only"):
+        policy.rollout({k: v[0] for k, v in episode.observations.items()}, episode.actions)
