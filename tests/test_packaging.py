@@ -42,6 +42,8 @@ def test_installed_package_shadows_no_top_level_module(tmp_path: Path) -> None:
     import json
 
     found = json.loads(result.stdout)
+    assert found["tokenizers"] is not None, "Hugging Face tokenizers (a dev dependency) should be importable"
+    assert "site-packages" in found["tokenizers"]
     for name, origin in found.items():
         # absent, or someone else's package (e.g. Hugging Face tokenizers), never ours
         ours = [ROOT / folder for folder in ("tokenizers", "training", "data_pipelines", "gato_like")]
