@@ -44,6 +44,7 @@ def test_round_trip_is_exact_and_pickle_free(checkpoint) -> None:
     for (name, a), b in zip(loaded.model.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert loaded.spec_for("babyai-GoToLocal").name == "babyai" and loaded.meta == {"step": 0}
+    assert Config.from_checkpoint(checkpoint) == loaded.model.config
     with pytest.raises(KeyError, match="knows no task or embodiment 'cartpole'"):
         loaded.spec_for("cartpole")
 
