@@ -50,6 +50,15 @@ def test_installed_package_shadows_no_top_level_module(tmp_path: Path) -> None:
         assert origin is None or not any(str(origin).startswith(str(p)) for p in ours), (name, origin)
 
 
+def test_checkout_root_on_sys_path_still_gets_hugging_faces_tokenizers() -> None:
+    # `python -c` from the repository root puts the root on sys.path, where our tokenizers/ folder lives
+    code = "import tokenizers, gato_like.tokenizers as ours; print(tokenizers.__file__); print(ours.ContinuousTokenizer.__name__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "site-packages" in out[0] and out[1] == "ContinuousTokenizer"
+
+
 @pytest.mark.timeout(300)
 def test_wheel_contains_only_gato_like(tmp_path: Path) -> None:
     subprocess.run(
