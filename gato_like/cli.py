@@ -130,6 +130,54 @@ def data_inspect(
         console.print(f"animation: {inspect_module.write_animation(root, task, Path(root) / f'{task}.gif')}")
 
 
+def train(
+    data: Path,
+    out: Path,
+    preset: str = "small",
+    max_steps: int = 1000,
+    batch_size: int = 8,
+    context_length: int | None = None,
+    lr: float = 3e-4,
+    warmup_steps: int = 100,
+    accumulate: int = 1,
+    clip: float = 1.0,
+    workers: int = 1,
+    devices: str = "auto",
+    strategy: str = "auto",
+    precision: str | None = None,
+    val_every: int = 200,
+    seed: int = 0,
+    resume: bool = False,
+) -> None:
+    """Pretrain a preset on a dataset (Lightning: one CPU or many GPUs, same code).
+
+    Args:
+        data: dataset directory or URL (made by `gato-like data generate` or `data convert`).
+        out: run directory: checkpoint/ (safetensors model), lightning/ (trainer state), logs/.
+        preset: debug, tiny, small, gato-79m, gato-364m or gato-1.18b.
+        max_steps: optimizer steps.
+        batch_size: sequences per step and device.
+        context_length: tokens per sequence (default: the preset's).
+        lr: peak learning rate (AdamW, linear warm-up, cosine decay).
+        warmup_steps: warm-up steps.
+        accumulate: gradient accumulation steps.
+        clip: gradient norm clipping.
+        workers: data-loader workers per device.
+        devices: devices per node ("auto", a count, or a list).
+        strategy: auto, ddp or fsdp.
+        precision: Lightning precision (default: bf16-mixed on GPUs with bf16, else 32-true).
+        val_every: validate and export the checkpoint every this many steps.
+        seed: seed of the model, the data order and the sampler.
+        resume: continue from OUT/lightning/last.ckpt.
+    """
+    from gato_like.training.train import train as run
+
+    parsed: int | str = int(devices) if devices.isdigit() else devices
+    checkpoint = run(data, out, preset, max_steps, batch_size, context_length, lr, warmup_steps, accumulate, clip,
+                     workers, parsed, "auto", strategy, precision, val_every, seed=seed, resume=resume)  # fmt: skip
+    print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
+
+
 def _console() -> Any:
     """A rich console; wide when writing to a file or pipe, so tables stay readable in logs."""
     from rich.console import Console
@@ -164,6 +212,7 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand(
         "demo", _function_parser(demo_module.run), help="the main job end to end on the embedded default"
     )
+    commands.add_subcommand("train", _function_parser(train), help=_summary(train))
     data = ArgumentParser(description="make, convert and look at episode datasets")
     commands.add_subcommand("data", data, help="make, convert and inspect episode datasets")
     data_commands = data.add_subcommands(dest="action", required=True)
@@ -181,6 +230,7 @@ def _summary(function: Callable[..., Any]) -> str:
 
 COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {
     ("demo",): demo_module.run,
+    ("train",): train,
     ("data", "generate"): data_generate,
     ("data", "convert"): data_convert,
     ("data", "inspect"): data_inspect,

@@ -1,0 +1,51 @@
+"""The LightningDataModule over streaming shards (``gato_like.data_pipelines.loader``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, make_dataloader
+
+
+class GatoData(L.LightningDataModule):
+    """Training batches from an endless resampled stream (each rank and worker its own shard
+    order); validation from a fixed number of batches of a separate seeded stream."""
+
+    def __init__(
+        self,
+        data: str | Path,
+        batch_size: int = 8,
+        context_length: int = 1024,
+        workers: int = 1,
+        tasks: list[str] | None = None,
+        domain_weights: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data = str(data)
+        self.batch_size = batch_size
+        self.context_length = context_length
+        self.workers = workers
+        self.tasks = tasks
+        self.domain_weights = domain_weights
+        self.seed = seed
+        self.source = DatasetSource.open(self.data, tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.source.tasks
+
+    def _loader(self, seed: int) -> Any:
+        config = LoaderConfig(
+            context_length=self.context_length, domain_weights=self.domain_weights, seed=seed
+        )
+        return make_dataloader(self.data, self.batch_size, config, self.tasks, num_workers=self.workers)
+
+    def train_dataloader(self) -> Any:
+        return self._loader(self.seed)
+
+    def val_dataloader(self) -> Any:
+        return self._loader(self.seed + 10_007)

@@ -1,0 +1,107 @@
+"""The LightningModule: one GatoModel, AdamW with linear warm-up and cosine decay, per-task
+validation losses, and an export of the model in the checkpoint format of ``gato_like.checkpoint``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from gato_like.config import Config
+from gato_like.model import GatoModel
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to ``lr``."""
+    max_steps: int = 1000
+    """Cosine decay to ``min_lr_ratio * lr`` at this step."""
+    min_lr_ratio: float = 0.1
+    goal_every: int = 4
+    """Every this many steps, add the goal-conditioned head's loss on the batch's hindsight goals (0: never)."""
+
+
+class GatoLightning(L.LightningModule):
+    """Trains the policy and dynamics heads on every batch, the goal head every ``goal_every`` steps."""
+
+    def __init__(
+        self, config: Config, optim: OptimConfig | None = None, task_names: list[str] | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.optim = optim or OptimConfig()
+        self.task_names = task_names or []
+        self.save_hyperparameters(
+            {"config": config.to_dict(), "optim": asdict(self.optim), "task_names": self.task_names}
+        )
+        self.model = GatoModel(config)
+
+    def training_step(self, batch: dict[str, Any], batch_index: int) -> torch.Tensor:
+        out = self.model(batch)
+        loss = out["loss"]
+        use_goal = (
+            self.optim.goal_every > 0
+            and "goal_ids" in batch
+            and self.global_step % self.optim.goal_every == 0
+        )
+        if use_goal:
+            goal = self.model(batch, goal=True)
+            loss = loss + goal["loss"]
+            self.log("train/goal_loss", goal["goal_loss"], batch_size=len(batch["ids"]))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {self.global_step}")
+        size = len(batch["ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/policy_loss", out["policy_loss"], batch_size=size)
+        self.log("train/dynamics_loss", out["dynamics_loss"], batch_size=size)
+        self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum", batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_index: int) -> None:
+        size = len(batch["ids"])
+        for task_id in batch["task"].unique().tolist():
+            rows = batch["task"] == task_id
+            part = {
+                k: v[rows] if torch.is_tensor(v) and v.shape[:1] == rows.shape else v
+                for k, v in batch.items()
+            }
+            name = self.task_names[task_id] if task_id < len(self.task_names) else str(task_id)
+            loss = self.model(part)["policy_loss"]
+            self.log(f"val/{name}/policy_loss", loss, batch_size=int(rows.sum()), add_dataloader_idx=False)
+        self.log("val/loss", self.model(batch)["loss"], prog_bar=True, batch_size=size)
+
+    def configure_optimizers(self) -> Any:
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
+        for name, parameter in self.model.named_parameters():
+            (
+                decay if parameter.ndim >= 2 and "tokens" not in name and "local" not in name else no_decay
+            ).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.optim.lr,
+            betas=self.optim.betas,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.optim))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lr_factor(step: int, optim: OptimConfig) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine to ``min_lr_ratio``."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
