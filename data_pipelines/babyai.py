@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gato_like.data_pipelines.control import Actor
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.tokenizers.spec import EmbodimentSpec
 
@@ -47,7 +48,7 @@ class BabyAITask:
         return "babyai"
 
     def rollout(
-        self, seed: int, policy: str = "expert", render: bool = True, max_steps: int | None = None
+        self, seed: int, policy: str | Actor = "expert", render: bool = True, max_steps: int | None = None
     ) -> Episode:
         """One episode; ``render`` is ignored (the view is symbolic)."""
         import gymnasium as gym
@@ -67,7 +68,10 @@ class BabyAITask:
             observations["mission"].append(obs["mission"])
             observations["image"].append(np.asarray(obs["image"], dtype=np.uint8))
             observations["direction"].append(int(obs["direction"]))
-            action = int(bot.replan()) if bot is not None else int(rng.integers(0, 7))
+            if callable(policy):
+                action = int(np.asarray(policy({k: v[-1] for k, v in observations.items()})).reshape(-1)[0])
+            else:
+                action = int(bot.replan()) if bot is not None else int(rng.integers(0, 7))
             actions.append([action])
             obs, reward, terminated, truncated, _ = env.step(action)
             rewards.append(float(reward))
@@ -86,7 +90,7 @@ class BabyAITask:
             rewards=np.asarray(rewards, dtype=np.float32),
             instruction=mission,
             success=bool(terminated and rewards[-1] > 0),
-            source=f"{policy} policy in minigrid ({self.level})",
+            source=f"{policy if isinstance(policy, str) else 'learned'} policy in minigrid ({self.level})",
             seed=seed,
         )
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.control import CONTROL_TASKS, IMAGE_SIZE, ControlTask
+from gato_like.data_pipelines.control import CONTROL_TASKS, IMAGE_SIZE, Actor, ControlTask
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.tokenizers.spec import EmbodimentSpec
 
@@ -85,7 +85,7 @@ class CaptionTask:
         return "captions"
 
     def rollout(
-        self, seed: int, policy: str = "expert", render: bool = True, max_steps: int | None = None
+        self, seed: int, policy: str | Actor = "expert", render: bool = True, max_steps: int | None = None
     ) -> Episode:
         """``frames`` captioned frames of one body (chosen by ``seed``), one every 5 control steps."""
         from gato_like.data_pipelines.control import _renderer

@@ -26,6 +26,8 @@ from gato_like.tokenizers.spec import EmbodimentSpec
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 IMAGE_SIZE = 64
+#: A policy to roll out: observation ``{key: array}`` -> action array.
+Actor = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 # --------------------------------------------------------------------------------------------------
 # our own body: a planar 3-link arm reaching a random target (kept out of pretraining)
@@ -275,9 +277,10 @@ class ControlTask:
         return env
 
     def rollout(
-        self, seed: int, policy: str = "expert", render: bool = True, max_steps: int | None = None
+        self, seed: int, policy: str | Actor = "expert", render: bool = True, max_steps: int | None = None
     ) -> Episode:
-        """One episode from ``seed``: ``policy`` is ``expert`` or ``random`` (uniform actions)."""
+        """One episode from ``seed``: ``policy`` is ``expert``, ``random`` (uniform actions) or a
+        callable from the observation ``{key: array}`` to the action (e.g. ``Policy.act``)."""
         env = self._environment(seed)
         timestep = env.reset()
         expert = self.expert(env.physics) if policy == "expert" else None
@@ -294,7 +297,12 @@ class ControlTask:
             if renderer is not None:
                 renderer.update_scene(env.physics.data.ptr, camera=0)
                 observations["pixels"].append(renderer.render().copy())
-            action = expert(env.physics) if expert is not None else rng.uniform(-1.0, 1.0, self.action_size)
+            if callable(policy):
+                action = policy({k: v[-1] for k, v in observations.items()})
+            elif expert is not None:
+                action = expert(env.physics)
+            else:
+                action = rng.uniform(-1.0, 1.0, self.action_size)
             action = np.asarray(action, dtype=np.float32).reshape(self.action_size)
             actions.append(action)
             timestep = env.step(action)
@@ -309,7 +317,7 @@ class ControlTask:
             rewards=np.asarray(rewards, dtype=np.float32),
             instruction=self.instruction,
             success=bool(rewards[-1] > 0.5),
-            source=f"{policy} policy in {'dm_control' if self.domain != 'arm3' else 'mujoco'} ({self.domain}/{self.task})",
+            source=f"{policy if isinstance(policy, str) else 'learned'} policy in {'dm_control' if self.domain != 'arm3' else 'mujoco'} ({self.domain}/{self.task})",
             seed=seed,
         )
 

@@ -178,6 +178,41 @@ def train(
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 
 
+def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, episodes: int = 10, max_steps: int | None = None, seed: int = 0) -> None:  # fmt: skip
+    """Roll a checkpoint's policy out in the real simulators: expert-normalized scores, success rates, plot, GIFs.
+
+    Args:
+        ckpt: checkpoint directory (e.g. RUN/checkpoint).
+        out: where eval.json, scores.png and the GIFs go (default: CKPT/../eval).
+        tasks: comma-separated task names (default: every task the checkpoint was trained on).
+        episodes: episodes per task.
+        max_steps: episode length cap (default: the training data's).
+        seed: seed of the evaluation episodes (disjoint from the training seeds).
+    """
+    from rich.table import Table
+
+    from gato_like.training.evaluate import evaluate as run
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    destination = out or Path(ckpt).resolve().parent / "eval"
+    summary = run(ckpt, destination, names, episodes, max_steps, seed)
+    table = Table(title=f"evaluation of {ckpt} ({episodes} episodes per task)", title_justify="left")
+    for column in ("task", "mean return", "expert-normalized score", "success"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, result in summary["tasks"].items():
+        table.add_row(
+            name,
+            _cell(result["mean_return"]),
+            _cell(result["expert_normalized_score"]),
+            _cell(result["success_rate"]),
+        )
+    console = _console()
+    console.print(table)
+    console.print(
+        f"mean score {_cell(summary['mean_score'])}; results in {destination} (eval.json, scores.png, GIFs)"
+    )
+
+
 def _console() -> Any:
     """A rich console; wide when writing to a file or pipe, so tables stay readable in logs."""
     from rich.console import Console
@@ -213,6 +248,7 @@ def build_parser() -> ArgumentParser:
         "demo", _function_parser(demo_module.run), help="the main job end to end on the embedded default"
     )
     commands.add_subcommand("train", _function_parser(train), help=_summary(train))
+    commands.add_subcommand("eval", _function_parser(evaluate), help=_summary(evaluate))
     data = ArgumentParser(description="make, convert and look at episode datasets")
     commands.add_subcommand("data", data, help="make, convert and inspect episode datasets")
     data_commands = data.add_subcommands(dest="action", required=True)
@@ -231,6 +267,7 @@ def _summary(function: Callable[..., Any]) -> str:
 COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {
     ("demo",): demo_module.run,
     ("train",): train,
+    ("eval",): evaluate,
     ("data", "generate"): data_generate,
     ("data", "convert"): data_convert,
     ("data", "inspect"): data_inspect,

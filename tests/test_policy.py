@@ -199,3 +199,13 @@ def test_rollout_needs_the_decoder(perceiver_checkpoint) -> None:
     episode = get_task("dmc-reacher-easy").rollout(0, "expert", max_steps=1)
     with pytest.raises(NotImplementedError, match="decoder backbone only"):
         policy.rollout({k: v[0] for k, v in episode.observations.items()}, episode.actions)
+
+
+def test_evaluate_rolls_out_in_the_simulator_with_a_video(checkpoint, tmp_path) -> None:
+    from gato_like.training.evaluate import evaluate
+
+    summary = evaluate(checkpoint, tmp_path, tasks=["dmc-reacher-easy"], episodes=2, max_steps=15)
+    result = summary["tasks"]["dmc-reacher-easy"]
+    assert len(result["returns"]) == 2 and result["max_steps"] == 15
+    assert result["expert_normalized_score"] is None  # this checkpoint carries no normalizers
+    assert (tmp_path / "dmc-reacher-easy.gif").stat().st_size > 0 and (tmp_path / "eval.json").is_file()

@@ -73,3 +73,19 @@ def test_trained_policy_beats_random_in_the_environment(trained: Path) -> None:
     expert, random = normalizers["expert"]["mean"], normalizers["random"]["mean"]
     score = (np.mean(returns) - random) / (expert - random)
     assert score >= TARGET_SCORE, (score, np.mean(returns), expert, random)
+
+
+def test_eval_command_scores_writes_json_and_plot(trained: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(
+        [bin_dir / "gato-like", "eval", "--ckpt", str(trained), "--out", str(tmp_path), "--episodes", "3"],
+        capture_output=True, text=True, check=True, env={"PATH": str(bin_dir), "MUJOCO_GL": "egl"},
+    )  # fmt: skip
+    assert "babyai-GoToRedBall" in result.stdout
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    task = summary["tasks"]["babyai-GoToRedBall"]
+    assert task["episodes"] == 3 and len(task["returns"]) == 3 and task["expert_normalized_score"] is not None
+    assert (tmp_path / "scores.png").stat().st_size > 0

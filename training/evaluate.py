@@ -1,0 +1,107 @@
+"""``gato-like eval``: roll the runtime agent out in the real simulators and score it.
+
+Per task: mean return over N episodes, the expert-normalized score
+``(R - R_random) / (R_expert - R_random)`` with the normalizers the checkpoint carries from its
+dataset, and the success rate. Writes ``eval.json``, a bar plot ``scores.png`` and a GIF of the
+first episode of every task with images.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gato_like.data_pipelines.tasks import get_task
+from gato_like.policy import Policy
+
+
+def evaluate(
+    checkpoint: str | Path,
+    out: str | Path,
+    tasks: list[str] | None = None,
+    episodes: int = 10,
+    max_steps: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate every task (default: every task the checkpoint was trained on that has a reward)."""
+    policy = Policy.from_checkpoint(checkpoint)
+    known = policy.checkpoint.tasks
+    names = tasks or [t for t in sorted(known) if t != "captions"]
+    if episodes < 1:
+        raise ValueError(f"episodes: expected >= 1, got {episodes}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for name in names:
+        task = get_task(name)
+        steps = max_steps or known.get(name, {}).get("max_steps") or task.max_steps
+        returns, successes = [], []
+        for i in range(episodes):
+            policy.reset(name)
+            episode_seed = (
+                1_000_000 + zlib.crc32(name.encode()) % 1000 * 1000 + seed * 100 + i
+            )  # unseen by training
+            episode = task.rollout(episode_seed, policy.act, render=True, max_steps=steps)
+            returns.append(episode.episode_return)
+            successes.append(episode.success)
+            if i == 0 and "pixels" in episode.observations:
+                _gif(episode.observations["pixels"], out / f"{name}.gif")
+        normalizers = known.get(name, {}).get("returns") or {}
+        expert, random = normalizers.get("expert"), normalizers.get("random")
+        mean = float(np.mean(returns))
+        score = None
+        if expert and random and expert["mean"] != random["mean"]:
+            score = (mean - random["mean"]) / (expert["mean"] - random["mean"])
+        results[name] = {
+            "episodes": episodes,
+            "max_steps": steps,
+            "mean_return": round(mean, 4),
+            "returns": [round(r, 4) for r in returns],
+            "expert_normalized_score": None if score is None else round(score, 4),
+            "success_rate": round(float(np.mean(successes)), 4),
+        }
+    scores = [
+        r["expert_normalized_score"] for r in results.values() if r["expert_normalized_score"] is not None
+    ]
+    summary = {
+        "checkpoint": str(checkpoint),
+        "tasks": results,
+        "mean_score": round(float(np.mean(scores)), 4) if scores else None,
+    }
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plot(results, out / "scores.png")
+    return summary
+
+
+def _gif(frames: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    images = [
+        Image.fromarray(f).resize((f.shape[1] * 3, f.shape[0] * 3), Image.Resampling.NEAREST)
+        for f in frames[:300]
+    ]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    scores = [results[n]["expert_normalized_score"] or 0.0 for n in names]
+    figure, axis = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
+    axis.bar(range(len(names)), scores, color="#4c72b0")
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="expert")
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axis.set_ylabel("expert-normalized score")
+    axis.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
