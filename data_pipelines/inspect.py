@@ -76,19 +76,24 @@ def write_montage(root: str | Path, path: str | Path, per_task: int = 6) -> Path
     return path
 
 
-def write_animation(
-    root: str | Path, task: str, path: str | Path, fps: int = 25, max_frames: int = 250
-) -> Path:
-    """A GIF of the first episode of ``task``."""
+def save_gif(frames: np.ndarray, path: str | Path, fps: int = 25, max_frames: int = 250) -> Path:
+    """Frames ``(T, H, W, 3)`` uint8 as a looping GIF, each pixel scaled up 3x."""
     from PIL import Image
 
-    frames = frames_of(root, task)
-    if not frames:
-        raise ValueError(f"{task}: no image observations to animate")
     images = [
         Image.fromarray(f).resize((f.shape[1] * 3, f.shape[0] * 3), Image.Resampling.NEAREST)
-        for f in frames[0][:max_frames]
+        for f in frames[:max_frames]
     ]
     path = Path(path)
     images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return path
+
+
+def write_animation(
+    root: str | Path, task: str, path: str | Path, fps: int = 25, max_frames: int = 250
+) -> Path:
+    """A GIF of the first episode of ``task``."""
+    frames = frames_of(root, task)
+    if not frames:
+        raise ValueError(f"{task}: no image observations to animate")
+    return save_gif(frames[0], path, fps, max_frames)

@@ -42,7 +42,7 @@ def data_generate(
     """
     from gato_like.data_pipelines.generate import generate
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    names = _task_list(tasks)
     index = generate(
         out,
         suite,
@@ -193,7 +193,7 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
 
     from gato_like.training.evaluate import evaluate as run
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    names = _task_list(tasks)
     destination = out or Path(ckpt).resolve().parent / "eval"
     summary = run(ckpt, destination, names, episodes, max_steps, seed)
     table = Table(title=f"evaluation of {ckpt} ({episodes} episodes per task)", title_justify="left")
@@ -211,6 +211,11 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
     console.print(
         f"mean score {_cell(summary['mean_score'])}; results in {destination} (eval.json, scores.png, GIFs)"
     )
+
+
+def _task_list(tasks: str | None) -> list[str] | None:
+    """``"a, b"`` -> ``["a", "b"]``; None stays None (every task)."""
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
 
 
 def _console() -> Any:

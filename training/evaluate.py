@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gato_like.data_pipelines.inspect import save_gif
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.policy import Policy
 
@@ -49,7 +50,7 @@ def evaluate(
             returns.append(episode.episode_return)
             successes.append(episode.success)
             if i == 0 and "pixels" in episode.observations:
-                _gif(episode.observations["pixels"], out / f"{name}.gif")
+                save_gif(episode.observations["pixels"], out / f"{name}.gif", max_frames=300)
         normalizers = known.get(name, {}).get("returns") or {}
         expert, random = normalizers.get("expert"), normalizers.get("random")
         mean = float(np.mean(returns))
@@ -75,16 +76,6 @@ def evaluate(
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(results, out / "scores.png")
     return summary
-
-
-def _gif(frames: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    images = [
-        Image.fromarray(f).resize((f.shape[1] * 3, f.shape[0] * 3), Image.Resampling.NEAREST)
-        for f in frames[:300]
-    ]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

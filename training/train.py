@@ -94,9 +94,10 @@ def train(
     """
     L.seed_everything(seed, workers=True)
     out = Path(out)
-    config = Config.from_name(preset, **(overrides or {}))
-    if context_length is not None:
-        config = Config.from_name(preset, **{**(overrides or {}), "context_length": context_length})
+    fields = dict(overrides or {}) | (
+        {"context_length": context_length} if context_length is not None else {}
+    )
+    config = Config.from_name(preset, **fields)
     datamodule = GatoData(data, batch_size, config.context_length, workers, seed=seed)
     module = GatoLightning(
         config, OptimConfig(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps), datamodule.task_names
