@@ -18,6 +18,7 @@ urllib, and the shard URLs are the index's paths under that root.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import urllib.request
@@ -316,8 +317,25 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         self.source = source
         self.config = config
         self.sampler = WindowSampler(source, config, text)
+        self.skip_batches = 0
+        """Batches of ``batch_size`` the DataLoader already delivered (a resumed run skips them)."""
+        self.batch_size = 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        samples = self._samples()
+        skip = self._skipped_samples()
+        if skip:
+            samples = itertools.islice(samples, skip, None)
+        return samples
+
+    def _skipped_samples(self) -> int:
+        """Samples this worker drops to resume a stream after ``skip_batches`` batches: a
+        DataLoader takes batch k from worker ``k % num_workers``, ``batch_size`` samples each."""
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return len(range(worker, self.skip_batches, workers)) * self.batch_size
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
         from webdataset.utils import pytorch_worker_seed
 
         cfg = self.config
@@ -431,13 +449,19 @@ def make_dataloader(
     config: LoaderConfig | None = None,
     tasks: list[str] | None = None,
     num_workers: int = 2,
+    skip_batches: int = 0,
 ) -> Any:
-    """A torch DataLoader of padded batches from a dataset folder or URL."""
+    """A torch DataLoader of padded batches from a dataset folder or URL.
+
+    ``skip_batches``: start the (deterministic) stream after this many batches, so a resumed run
+    sees the batches the uninterrupted run would have seen.
+    """
     import functools
 
     config = config or LoaderConfig()
     source = DatasetSource.open(root, tasks)
     dataset = SequenceDataset(source, config)
+    dataset.skip_batches, dataset.batch_size = skip_batches, batch_size
     pad_id = dataset.sampler.builders[source.tasks[0]].layout.pad_id
     return torch.utils.data.DataLoader(
         dataset,
@@ -446,4 +470,7 @@ def make_dataloader(
         collate_fn=functools.partial(collate, pad_id=pad_id),
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        # its own generator: starting an iterator must not draw from the global torch RNG, which
+        # dropout uses (a resumed run would otherwise see different dropout masks)
+        generator=torch.Generator().manual_seed(config.seed),
     )

@@ -148,6 +148,7 @@ def train(
     val_every: int = 200,
     seed: int = 0,
     resume: bool = False,
+    max_minutes: float | None = None,
 ) -> None:
     """Pretrain a preset on a dataset (Lightning: one CPU or many GPUs, same code).
 
@@ -169,12 +170,13 @@ def train(
         val_every: validate and export the checkpoint every this many steps.
         seed: seed of the model, the data order and the sampler.
         resume: continue from OUT/lightning/last.ckpt.
+        max_minutes: stop after this much wall time even before max_steps (the checkpoint is exported).
     """
     from gato_like.training.train import train as run
 
     parsed: int | str = int(devices) if devices.isdigit() else devices
     checkpoint = run(data, out, preset, max_steps, batch_size, context_length, lr, warmup_steps, accumulate, clip,
-                     workers, parsed, "auto", strategy, precision, val_every, seed=seed, resume=resume)  # fmt: skip
+                     workers, parsed, "auto", strategy, precision, val_every, seed=seed, resume=resume, max_minutes=max_minutes)  # fmt: skip
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 
 

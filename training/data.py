@@ -38,14 +38,20 @@ class GatoData(L.LightningDataModule):
     def task_names(self) -> list[str]:
         return self.source.tasks
 
-    def _loader(self, seed: int) -> Any:
+    def _loader(self, seed: int, skip_batches: int = 0) -> Any:
         config = LoaderConfig(
             context_length=self.context_length, domain_weights=self.domain_weights, seed=seed
         )
-        return make_dataloader(self.data, self.batch_size, config, self.tasks, num_workers=self.workers)
+        return make_dataloader(
+            self.data, self.batch_size, config, self.tasks, self.workers, skip_batches=skip_batches
+        )
 
     def train_dataloader(self) -> Any:
-        return self._loader(self.seed)
+        # A resumed trainer has restored its step count before it asks for the loader: skip the
+        # batches the interrupted run consumed, so the resumed run sees the same data.
+        trainer = self.trainer
+        done = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        return self._loader(self.seed, skip_batches=done)
 
     def val_dataloader(self) -> Any:
         return self._loader(self.seed + 10_007)

@@ -80,6 +80,19 @@ class GatoLightning(L.LightningModule):
             self.log(f"val/{name}/policy_loss", loss, batch_size=int(rows.sum()), add_dataloader_idx=False)
         self.log("val/loss", self.model(batch)["loss"], prog_bar=True, batch_size=size)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the RNG streams (dropout) continue where they were, so a resumed run repeats the losses
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rng") or {}
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
     def configure_optimizers(self) -> Any:
         decay: list[torch.nn.Parameter] = []
         no_decay: list[torch.nn.Parameter] = []

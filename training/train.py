@@ -4,6 +4,7 @@ on many GPUs (``--devices``, ``--strategy ddp|fsdp``), bf16 where the hardware h
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,17 @@ class ExportCheckpoint(L.Callback):
     def __init__(self, out: Path, data: GatoData, every: int) -> None:
         self.out, self.data, self.every = out, data, every
         self.started = time.perf_counter()
+        self.earlier = 0.0  # training seconds of the run before a resume
+
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"training_seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.earlier = float(state.get("training_seconds", 0.0))
+        self.started = time.perf_counter()
 
     def export(self, trainer: L.Trainer, module: GatoLightning) -> None:
         if trainer.global_rank != 0:
@@ -43,7 +55,7 @@ class ExportCheckpoint(L.Callback):
             "step": trainer.global_step,
             "data": self.data.data,
             "preset": module.config.name,
-            "training_seconds": round(time.perf_counter() - self.started, 1),
+            "training_seconds": round(self.seconds(), 1),
         }
         save_checkpoint(self.out / "checkpoint", module.model, TextTokenizer(), specs, tasks, meta)
 
@@ -84,13 +96,19 @@ def train(
     val_batches: int = 4,
     seed: int = 0,
     resume: bool = False,
+    max_minutes: float | None = None,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    log_every: int = 10,
+    callbacks: list[L.Callback] | None = None,
 ) -> Path:
     """Train and return the exported checkpoint directory (``OUT/checkpoint``).
 
-    ``OUT/lightning/last.ckpt`` holds the trainer state for ``resume``; ``OUT/logs`` the CSV
-    (and TensorBoard, if installed) logs.
+    ``OUT/lightning/last.ckpt`` holds the trainer state for ``resume`` (written atomically through
+    an fsspec transaction, read back with ``weights_only=True``: tensors and plain containers, no
+    arbitrary unpickling); ``OUT/logs`` the CSV (and TensorBoard, if installed) logs. A resumed run
+    continues the model, optimizer, schedule, RNG and data stream where the interrupted run stopped,
+    and reproduces its losses. ``callbacks`` are added to the trainer's.
     """
     L.seed_everything(seed, workers=True)
     out = Path(out)
@@ -110,10 +128,11 @@ def train(
     except ImportError:
         pass
     state = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=out / "lightning", save_last=True, every_n_train_steps=val_every
+        dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=val_every
     )
     trainer = L.Trainer(
         max_steps=max_steps,
+        max_time=None if max_minutes is None else timedelta(minutes=max_minutes),
         accelerator=accelerator,
         devices=devices,
         strategy=strategy,
@@ -125,10 +144,14 @@ def train(
         limit_val_batches=val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
-        callbacks=[state, ExportCheckpoint(out, datamodule, val_every)],
+        callbacks=[state, ExportCheckpoint(out, datamodule, val_every), *(callbacks or [])],
         enable_progress_bar=progress,
-        log_every_n_steps=10,
+        log_every_n_steps=log_every,
     )
     last = out / "lightning" / "last.ckpt"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last.exists() else None)
+    if resume and not last.exists():
+        raise FileNotFoundError(
+            f"--resume: no trainer state at {last} (expected a run started with --out {out})"
+        )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     return out / "checkpoint"
