@@ -67,18 +67,33 @@ class GatoLightning(L.LightningModule):
         self.log("train/tokens", batch["attention_mask"].sum().float(), reduce_fx="sum", batch_size=size)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        count = max(len(self.task_names), 1)
+        self._val_sums = torch.zeros(count, dtype=torch.float64, device=self.device)
+        self._val_rows = torch.zeros(count, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict[str, Any], batch_index: int) -> None:
-        size = len(batch["ids"])
+        """Policy loss per task, accumulated as (loss x rows) sums; summed over ranks at epoch end."""
         for task_id in batch["task"].unique().tolist():
             rows = batch["task"] == task_id
             part = {
                 k: v[rows] if torch.is_tensor(v) and v.shape[:1] == rows.shape else v
                 for k, v in batch.items()
             }
-            name = self.task_names[task_id] if task_id < len(self.task_names) else str(task_id)
-            loss = self.model(part)["policy_loss"]
-            self.log(f"val/{name}/policy_loss", loss, batch_size=int(rows.sum()), add_dataloader_idx=False)
-        self.log("val/loss", self.model(batch)["loss"], prog_bar=True, batch_size=size)
+            slot = task_id if task_id < len(self._val_sums) else 0
+            self._val_sums[slot] += self.model(part)["policy_loss"].double() * rows.sum()
+            self._val_rows[slot] += rows.sum()
+        self.log(
+            "val/loss", self.model(batch)["loss"], prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        # every rank takes part in the reduction, whatever tasks its own batches held
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        rows = self.trainer.strategy.reduce(self._val_rows, reduce_op="sum")
+        for slot, name in enumerate(self.task_names):
+            if rows[slot] > 0:
+                self.log(f"val/{name}/policy_loss", (sums[slot] / rows[slot]).float())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the RNG streams (dropout) continue where they were, so a resumed run repeats the losses

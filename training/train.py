@@ -69,6 +69,14 @@ class ExportCheckpoint(L.Callback):
         self.export(trainer, module)
 
 
+def _strategy(name: str) -> Any:
+    """``ddp`` finds unused parameters: the goal head trains every ``goal_every`` steps and the image
+    encoder only on batches with images, so some parameters get no gradient on some steps."""
+    if name == "ddp":
+        return L.pytorch.strategies.DDPStrategy(find_unused_parameters=True)
+    return name
+
+
 def default_precision() -> str:
     """bf16 mixed precision where the GPU has bf16, fp32 otherwise (CPUs without bf16 units are ~100x slower in bf16)."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -135,7 +143,7 @@ def train(
         max_time=None if max_minutes is None else timedelta(minutes=max_minutes),
         accelerator=accelerator,
         devices=devices,
-        strategy=strategy,
+        strategy=_strategy(strategy),
         precision=precision or default_precision(),  # type: ignore[arg-type]
         accumulate_grad_batches=accumulate,
         gradient_clip_val=clip,

@@ -1,0 +1,67 @@
+"""Scale-out without code changes: the same ``train()`` under Lightning's DDP with 2 CPU
+processes (gloo). Each rank must see its own data and both must end with identical weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+DRIVER = """
+    import hashlib, json, sys
+    import lightning as L
+    from safetensors.torch import save_file
+    from gato_like.training.train import train
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            digest = hashlib.sha256(batch["ids"].numpy().tobytes()).hexdigest()
+            self.batches.append({"digest": digest, "episodes": batch["episode"]})
+
+        def on_train_end(self, trainer, module):
+            out = sys.argv[2]
+            rank = trainer.global_rank
+            state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
+            save_file(state, f"{out}/rank{rank}.safetensors")
+            with open(f"{out}/rank{rank}.json", "w") as f:
+                json.dump({"world_size": trainer.world_size, "batches": self.batches}, f)
+
+    if __name__ == "__main__":
+        train(sys.argv[1], sys.argv[2] + "/run", preset="debug", max_steps=6, batch_size=2,
+              context_length=256, warmup_steps=2, val_every=3, val_batches=1, workers=1,
+              devices=2, accelerator="cpu", strategy="ddp", progress=False, callbacks=[Record()])
+"""
+
+
+def test_ddp_two_cpu_processes_split_data_and_agree_on_weights(smoke_dataset: Path, tmp_path: Path) -> None:
+    driver = tmp_path / "ddp.py"
+    driver.write_text(textwrap.dedent(DRIVER))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(driver), str(smoke_dataset), str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert [len(r["batches"]) for r in records] == [6, 6]
+    digests = [{b["digest"] for b in r["batches"]} for r in records]
+    assert not digests[0] & digests[1], "the two ranks trained on identical batches"
+    episodes = [sorted({e for b in r["batches"] for e in b["episodes"]}) for r in records]
+    assert episodes[0] != episodes[1]
+
+    weights = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    initial = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")  # rank 0's export
+    assert all(torch.equal(initial[n], weights[0][n]) for n in initial)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["step"] == 6
