@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -176,7 +177,8 @@ def train(
 
     parsed: int | str = int(devices) if devices.isdigit() else devices
     checkpoint = run(data, out, preset, max_steps, batch_size, context_length, lr, warmup_steps, accumulate, clip,
-                     workers, parsed, "auto", strategy, precision, val_every, seed=seed, resume=resume, max_minutes=max_minutes)  # fmt: skip
+                     workers, parsed, "auto", strategy, precision, val_every, seed=seed, resume=resume, max_minutes=max_minutes,
+                     command=shlex.join(["gato-like", *sys.argv[1:]]))  # fmt: skip
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 
 
@@ -191,14 +193,24 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
         max_steps: episode length cap (default: the training data's).
         seed: seed of the evaluation episodes (disjoint from the training seeds).
     """
-    from rich.table import Table
 
     from gato_like.training.evaluate import evaluate as run
 
     names = _task_list(tasks)
     destination = out or Path(ckpt).resolve().parent / "eval"
-    summary = run(ckpt, destination, names, episodes, max_steps, seed)
-    table = Table(title=f"evaluation of {ckpt} ({episodes} episodes per task)", title_justify="left")
+    summary = run(
+        ckpt, destination, names, episodes, max_steps, seed, command=shlex.join(["gato-like", *sys.argv[1:]])
+    )
+    print_evaluation(summary, destination)
+
+
+def print_evaluation(summary: dict[str, Any], destination: Path) -> None:
+    """The per-task table of an evaluation summary (``eval.json``), and where its files went."""
+    first = next(iter(summary["tasks"].values()), {"episodes": 0})
+    table = Table(
+        title=f"evaluation of {summary['checkpoint']} ({first['episodes']} episodes per task)",
+        title_justify="left",
+    )
     for column in ("task", "mean return", "expert-normalized score", "success"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for name, result in summary["tasks"].items():
@@ -211,7 +223,7 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
     console = _console()
     console.print(table)
     console.print(
-        f"mean score {_cell(summary['mean_score'])}; results in {destination} (eval.json, scores.png, GIFs)"
+        f"mean score {_cell(summary['mean_score'])}; results in {destination} (eval.json, scores.png, GIFs, model_card.md)"
     )
 
 

@@ -1,12 +1,16 @@
-"""``gato-like demo``: the main job on the embedded default.
+"""``gato-like demo``: the main job on the embedded default, end to end.
 
-So far: generate the default suite in the real simulators (short episodes), inspect it (table,
-checksums, montage, GIF), and print how one timestep of every embodiment is tokenized. Training,
-evaluation and serving extend it as they land.
+1. generate the default suite in the real simulators (scripted experts, short episodes) and shard it;
+2. inspect it (table, checksums, montage, GIF) and show how each embodiment is tokenized;
+3. train a ``tiny`` model on it for a few minutes with Lightning (loss curves to ``losses.png``);
+4. evaluate it in the simulators (expert-normalized scores, ``scores.png``, GIFs) and write its card.
+
+Everything goes under ``OUT`` (default ``demo_out``); the last lines say where.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,21 +55,29 @@ def _segments(builder: SequenceBuilder, sequence: TokenSequence) -> list[tuple[s
 
 def run(
     out: Path = Path("demo_out"),
-    episodes: int = 2,
-    max_steps: int = 100,
+    episodes: int = 10,
+    max_steps: int = 200,
     normalizer_episodes: int = 5,
     workers: int = 2,
     seed: int = 0,
+    preset: str = "tiny",
+    train_steps: int = 600,
+    train_minutes: float = 7.0,
+    eval_episodes: int = 3,
 ) -> None:
-    """Generate the default suite, inspect it, and show how each embodiment is tokenized.
+    """Generate the default suite, inspect it, train a small model on it, evaluate it, write its card.
 
     Args:
-        out: where everything goes (the dataset in OUT/data).
+        out: where everything goes (OUT/data, OUT/run, OUT/run/eval).
         episodes: expert episodes per task.
         max_steps: episode length cap (short, so the demo is quick).
         normalizer_episodes: expert and random episodes per task for the score normalizers.
         workers: processes for generation.
         seed: base seed.
+        preset: model preset to train.
+        train_steps: optimizer steps (the cosine schedule's length).
+        train_minutes: wall-time cap of training (stops earlier than train_steps if reached).
+        eval_episodes: evaluation episodes per task.
     """
     from rich.table import Table
 
@@ -120,8 +132,45 @@ def run(
     for name, (start, stop) in layout.ranges().items():
         ids.add_row(name, f"[{start}, {stop})")
     console.print(ids)
+    console.rule(f"4. train a {preset} model ({train_steps} steps or {train_minutes:g} minutes)")
+    run_dir = Path(out) / "run"
+    checkpoint = _train(root, run_dir, preset, train_steps, train_minutes, seed)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    console.print(
+        f"{meta['step']} steps, {meta['tokens']:,} tokens in {meta['training_seconds'] / 60:.1f} min "
+        f"({meta['tokens_per_second']:,.0f} tokens/s); final policy loss "
+        f"{meta['metrics'].get('train/policy_loss', float('nan')):.3f}"
+    )
+    console.rule(f"5. evaluate it in the simulators ({eval_episodes} unseen episodes per task)")
+    from gato_like.cli import print_evaluation
+    from gato_like.training.evaluate import evaluate
+
+    summary = evaluate(checkpoint, run_dir / "eval", episodes=eval_episodes, seed=seed)
+    print_evaluation(summary, run_dir / "eval")
     console.rule("done")
     console.print(
-        f"in {time.perf_counter() - started:.0f}s. Dataset: {root} (index.json, one folder per task); "
-        f"montage: {root / 'montage.png'}. Training, evaluation and serving join this demo as they land."
+        f"in {(time.perf_counter() - started) / 60:.1f} min. Where everything went:\n"
+        f"  dataset     {root} (index.json, one folder of shards per task, montage.png)\n"
+        f"  checkpoint  {checkpoint} (model.safetensors, config, tokenizer, specs)\n"
+        f"  trainer     {run_dir / 'lightning' / 'last.ckpt'} (resume with gato-like train --resume true)\n"
+        f"  logs        {run_dir / 'logs' / 'metrics.csv'}, curves {run_dir / 'losses.png'}\n"
+        f"  evaluation  {run_dir / 'eval'} (eval.json, scores.png, one GIF per task)\n"
+        f"  model card  {run_dir / 'eval' / 'model_card.md'}"
     )
+
+
+def _train(data: Path, run_dir: Path, preset: str, steps: int, minutes: float, seed: int) -> Path:
+    """Train quietly (Lightning's banner and warnings off, the progress bar on)."""
+    import logging
+    import warnings
+
+    from gato_like.training.train import train
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return train(data, run_dir, preset=preset, max_steps=steps, batch_size=8, context_length=512,
+                     lr=1e-3, warmup_steps=min(50, steps // 10), val_every=max(steps // 4, 1), seed=seed,
+                     max_minutes=minutes, command=f"gato-like train --data {data} --out {run_dir} "
+                     f"--preset {preset} --max_steps {steps} --batch_size 8 --context_length 512 --lr 1e-3 "
+                     f"--max_minutes {minutes:g}")  # fmt: skip

@@ -89,3 +89,16 @@ def test_eval_command_scores_writes_json_and_plot(trained: Path, tmp_path: Path)
     task = summary["tasks"]["babyai-GoToRedBall"]
     assert task["episodes"] == 3 and len(task["returns"]) == 3 and task["expert_normalized_score"] is not None
     assert (tmp_path / "scores.png").stat().st_size > 0
+    card = (tmp_path / "model_card.md").read_text()
+    assert "# Model card: gato-like `debug`" in card
+    assert f"| babyai-GoToRedBall | 3 | {task['mean_return']:,.2f} | {task['expert_normalized_score']:,.2f} |" in card
+    assert "| optimizer steps | 300 |" in card and "gato-like eval --ckpt" in card
+    assert "{{" not in card and "Undefined" not in card
+
+
+def test_training_meta_records_compute_and_tokens(trained: Path) -> None:
+    meta = json.loads((trained / "meta.json").read_text())
+    assert meta["preset"] == "debug" and meta["settings"]["batch_size"] == 16
+    assert meta["tokens"] > 300 * 16 * 100  # 300 steps of 16 sequences, mostly full
+    assert meta["tokens_per_second"] > 0 and meta["compute"]["precision"] == "32-true"
+    assert (trained.parent / "losses.png").stat().st_size > 0

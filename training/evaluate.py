@@ -9,12 +9,14 @@ first episode of every task with images.
 from __future__ import annotations
 
 import json
+import shlex
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gato_like.checkpoint import Checkpoint
 from gato_like.data_pipelines.inspect import save_gif
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.policy import Policy
@@ -27,8 +29,13 @@ def evaluate(
     episodes: int = 10,
     max_steps: int | None = None,
     seed: int = 0,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every task (default: every task the checkpoint was trained on that has a reward)."""
+    """Evaluate every task (default: every task the checkpoint was trained on that has a reward),
+    and write ``eval.json``, ``scores.png``, a GIF per task with images and ``model_card.md``.
+
+    ``command``: the command line to print in the card (default: the equivalent ``gato-like eval``).
+    """
     policy = Policy.from_checkpoint(checkpoint)
     known = policy.checkpoint.tasks
     names = tasks or [t for t in sorted(known) if t != "captions"]
@@ -68,14 +75,65 @@ def evaluate(
     scores = [
         r["expert_normalized_score"] for r in results.values() if r["expert_normalized_score"] is not None
     ]
+    if command is None:
+        command = shlex.join(
+            ["gato-like", "eval", "--ckpt", str(checkpoint), "--out", str(out), "--episodes", str(episodes)]
+            + (["--tasks", ",".join(tasks)] if tasks else [])
+            + (["--max_steps", str(max_steps)] if max_steps else [])
+            + (["--seed", str(seed)] if seed else [])
+        )
     summary = {
         "checkpoint": str(checkpoint),
+        "command": command,
         "tasks": results,
         "mean_score": round(float(np.mean(scores)), 4) if scores else None,
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(results, out / "scores.png")
+    write_card(policy.checkpoint, checkpoint, summary, out / "model_card.md")
     return summary
+
+
+def write_card(
+    loaded: Checkpoint,
+    checkpoint: str | Path,
+    results: dict[str, Any],
+    path: Path,
+    run_name: str | None = None,
+) -> Path:
+    """Render ``model_cards/card.md.j2`` with the checkpoint's meta and config and the evaluation."""
+    import jinja2
+
+    from gato_like.model_cards import template_text
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:,.2f}"
+
+    def minutes(seconds: Any) -> str:
+        return "?" if seconds is None else f"{float(seconds) / 60:.1f} min"
+
+    environment = jinja2.Environment(undefined=jinja2.ChainableUndefined, keep_trailing_newline=True)
+    meta = loaded.meta
+    weak = [
+        name
+        for name, r in sorted(results["tasks"].items())
+        if r["expert_normalized_score"] is not None and r["expert_normalized_score"] < 0.5
+    ]
+    text = environment.from_string(template_text()).render(
+        meta=meta,
+        config=loaded.model.config,
+        tasks=loaded.tasks,
+        results=results,
+        checkpoint=str(checkpoint),
+        run_name=run_name,
+        weak=weak,
+        fmt=fmt,
+        minutes=minutes,
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:

@@ -3,6 +3,8 @@ on many GPUs (``--devices``, ``--strategy ddp|fsdp``), bf16 where the hardware h
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,26 +22,33 @@ from gato_like.training.module import GatoLightning, OptimConfig
 
 class ExportCheckpoint(L.Callback):
     """Writes the model in the ``gato_like.checkpoint`` format (``OUT/checkpoint``) every
-    ``every`` steps and at the end, with the dataset's specs and return normalizers."""
+    ``every`` steps and at the end, with the dataset's specs and return normalizers, and in
+    ``meta.json`` what a model card states: data, preset, run settings, compute, training time,
+    tokens seen, throughput and the latest losses."""
 
-    def __init__(self, out: Path, data: GatoData, every: int) -> None:
+    def __init__(self, out: Path, data: GatoData, every: int, settings: dict[str, Any] | None = None) -> None:
         self.out, self.data, self.every = out, data, every
+        self.settings = settings or {}
         self.started = time.perf_counter()
         self.earlier = 0.0  # training seconds of the run before a resume
+        self.tokens = 0  # non-pad tokens trained on, all ranks
+        self.exported = -1
 
     def seconds(self) -> float:
         return self.earlier + time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
-        return {"training_seconds": self.seconds()}
+        return {"training_seconds": self.seconds(), "tokens": self.tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.earlier = float(state.get("training_seconds", 0.0))
+        self.tokens = int(state.get("tokens", 0))
         self.started = time.perf_counter()
 
     def export(self, trainer: L.Trainer, module: GatoLightning) -> None:
-        if trainer.global_rank != 0:
+        if trainer.global_rank != 0 or self.exported == trainer.global_step:
             return
+        self.exported = trainer.global_step
         index = self.data.source.index["tasks"]
         specs = {}
         tasks: dict[str, Any] = {}
@@ -50,16 +59,42 @@ class ExportCheckpoint(L.Callback):
                 "embodiment": spec.name,
                 "returns": index[task]["returns"],
                 "max_steps": index[task]["max_steps"],
+                "episodes": index[task].get("episodes"),
             }
+        seconds = self.seconds()
+        metrics = {
+            k: round(float(v), 4)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("train/", "val/"))
+            and k != "train/tokens"
+            and torch.is_tensor(v)
+            and v.numel() == 1
+        }
         meta = {
             "step": trainer.global_step,
             "data": self.data.data,
             "preset": module.config.name,
-            "training_seconds": round(self.seconds(), 1),
+            "parameters": sum(p.numel() for p in module.model.parameters()),
+            "training_seconds": round(seconds, 1),
+            "tokens": self.tokens,
+            "tokens_per_second": round(self.tokens / max(seconds, 1e-9), 1),
+            "settings": self.settings,
+            "compute": {
+                "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
+                "devices": trainer.num_devices,
+                "nodes": trainer.num_nodes,
+                "precision": str(trainer.precision),
+                "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+                "torch_threads": torch.get_num_threads(),
+            },
+            "metrics": metrics,
         }
         save_checkpoint(self.out / "checkpoint", module.model, TextTokenizer(), specs, tasks, meta)
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_index: int
+    ) -> None:
+        self.tokens += int(batch["attention_mask"].sum()) * trainer.world_size
         if self.every and trainer.global_step % self.every == 0:
             assert isinstance(module, GatoLightning)
             self.export(trainer, module)
@@ -67,6 +102,19 @@ class ExportCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         assert isinstance(module, GatoLightning)
         self.export(trainer, module)
+
+
+def _cpu_name() -> str:
+    """The CPU model and core count, e.g. ``AMD EPYC 7B13 (2 cores)``."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
 
 
 def _strategy(name: str) -> Any:
@@ -109,6 +157,7 @@ def train(
     overrides: dict[str, Any] | None = None,
     log_every: int = 10,
     callbacks: list[L.Callback] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Train and return the exported checkpoint directory (``OUT/checkpoint``).
 
@@ -128,6 +177,20 @@ def train(
     module = GatoLightning(
         config, OptimConfig(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps), datamodule.task_names
     )
+    settings: dict[str, Any] = {
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "accumulate": accumulate,
+        "context_length": config.context_length,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "clip": clip,
+        "seed": seed,
+        "max_minutes": max_minutes,
+        "overrides": dict(overrides or {}),
+    }
+    if command:
+        settings["command"] = command
     loggers: list[Any] = [L.pytorch.loggers.CSVLogger(out, name="logs", version="")]
     try:
         import tensorboard  # noqa: F401
@@ -152,7 +215,7 @@ def train(
         limit_val_batches=val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
-        callbacks=[state, ExportCheckpoint(out, datamodule, val_every), *(callbacks or [])],
+        callbacks=[state, ExportCheckpoint(out, datamodule, val_every, settings), *(callbacks or [])],
         enable_progress_bar=progress,
         log_every_n_steps=log_every,
     )
@@ -162,4 +225,32 @@ def train(
             f"--resume: no trainer state at {last} (expected a run started with --out {out})"
         )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
+    if trainer.global_rank == 0 and (out / "logs" / "metrics.csv").is_file():
+        plot_losses(out / "logs" / "metrics.csv", out / "losses.png")
     return out / "checkpoint"
+
+
+def plot_losses(metrics: Path, path: Path) -> Path:
+    """Training and validation loss curves from Lightning's ``metrics.csv`` to a PNG."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for key, style in (("train/policy_loss", "-"), ("train/dynamics_loss", "-"), ("val/loss", "o-")):
+        points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        if points:
+            axis.plot(*zip(*points, strict=True), style, label=key, linewidth=1, markersize=3)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy (nats/token)")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
