@@ -150,6 +150,7 @@ def train(
     seed: int = 0,
     resume: bool = False,
     max_minutes: float | None = None,
+    model: dict[str, int | float | str | bool] | None = None,
 ) -> None:
     """Pretrain a preset on a dataset (Lightning: one CPU or many GPUs, same code).
 
@@ -172,13 +173,14 @@ def train(
         seed: seed of the model, the data order and the sampler.
         resume: continue from OUT/lightning/last.ckpt.
         max_minutes: stop after this much wall time even before max_steps (the checkpoint is exported).
+        model: overrides of the preset's fields, e.g. --model.n_layer 8 --model.dropout 0.1.
     """
     from gato_like.training.train import train as run
 
     parsed: int | str = int(devices) if devices.isdigit() else devices
     checkpoint = run(data, out, preset, max_steps, batch_size, context_length, lr, warmup_steps, accumulate, clip,
                      workers, parsed, "auto", strategy, precision, val_every, seed=seed, resume=resume, max_minutes=max_minutes,
-                     command=shlex.join(["gato-like", *sys.argv[1:]]))  # fmt: skip
+                     overrides=model, command=shlex.join(["gato-like", *sys.argv[1:]]))  # fmt: skip
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 
 

@@ -104,6 +104,11 @@ class Config:
             close = difflib.get_close_matches(name, PRESETS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise KeyError(f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            hints = [f"{u!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(u, known, n=1)) else repr(u) for u in unknown]  # fmt: skip
+            raise ValueError(f"unknown model field(s) {', '.join(hints)}; fields: {', '.join(sorted(known))}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
     @classmethod

@@ -91,7 +91,10 @@ def test_eval_command_scores_writes_json_and_plot(trained: Path, tmp_path: Path)
     assert (tmp_path / "scores.png").stat().st_size > 0
     card = (tmp_path / "model_card.md").read_text()
     assert "# Model card: gato-like `debug`" in card
-    assert f"| babyai-GoToRedBall | 3 | {task['mean_return']:,.2f} | {task['expert_normalized_score']:,.2f} |" in card
+    assert (
+        f"| babyai-GoToRedBall | 3 | {task['mean_return']:,.2f} | {task['expert_normalized_score']:,.2f} |"
+        in card
+    )
     assert "| optimizer steps | 300 |" in card and "gato-like eval --ckpt" in card
     assert "{{" not in card and "Undefined" not in card
 

@@ -163,7 +163,7 @@ def train(
 
     ``OUT/lightning/last.ckpt`` holds the trainer state for ``resume`` (written atomically through
     an fsspec transaction, read back with ``weights_only=True``: tensors and plain containers, no
-    arbitrary unpickling); ``OUT/logs`` the CSV (and TensorBoard, if installed) logs. A resumed run
+    arbitrary unpickling); ``OUT/logs`` the CSV logs and TensorBoard events (``tensorboard --logdir OUT/logs``). A resumed run
     continues the model, optimizer, schedule, RNG and data stream where the interrupted run stopped,
     and reproduces its losses. ``callbacks`` are added to the trainer's.
     """
@@ -191,13 +191,10 @@ def train(
     }
     if command:
         settings["command"] = command
-    loggers: list[Any] = [L.pytorch.loggers.CSVLogger(out, name="logs", version="")]
-    try:
-        import tensorboard  # noqa: F401
-
-        loggers.append(L.pytorch.loggers.TensorBoardLogger(out, name="logs", version="tensorboard"))
-    except ImportError:
-        pass
+    loggers: list[Any] = [
+        L.pytorch.loggers.CSVLogger(out, name="logs", version=""),
+        L.pytorch.loggers.TensorBoardLogger(out, name="logs", version="tensorboard", default_hp_metric=False),
+    ]
     state = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=val_every
     )
