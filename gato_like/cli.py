@@ -208,6 +208,8 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
 
 def print_evaluation(summary: dict[str, Any], destination: Path) -> None:
     """The per-task table of an evaluation summary (``eval.json``), and where its files went."""
+    from rich.table import Table
+
     first = next(iter(summary["tasks"].values()), {"episodes": 0})
     table = Table(
         title=f"evaluation of {summary['checkpoint']} ({first['episodes']} episodes per task)",
