@@ -48,9 +48,16 @@ class BabyAITask:
         return "babyai"
 
     def rollout(
-        self, seed: int, policy: str | Actor = "expert", render: bool = True, max_steps: int | None = None
+        self,
+        seed: int,
+        policy: str | Actor = "expert",
+        render: bool = True,
+        max_steps: int | None = None,
+        record_frames: bool = False,
     ) -> Episode:
-        """One episode; ``render`` is ignored (the view is symbolic)."""
+        """One episode; ``render`` is ignored (the view is symbolic). ``record_frames`` puts a
+        top-down RGB frame of the whole grid per step in ``extra["frames"]`` (T, H, W, 3) uint8,
+        for videos; those frames are never written to a shard."""
         import gymnasium as gym
         import minigrid  # noqa: F401  (registers the BabyAI levels)
         from minigrid.utils.baby_ai_bot import BabyAIBot
@@ -64,7 +71,11 @@ class BabyAITask:
         observations: dict[str, list[Any]] = {"mission": [], "image": [], "direction": []}
         actions, rewards = [], []
         terminated = False
+        frames: list[np.ndarray] = []
         while True:
+            if record_frames:
+                frame = env.unwrapped.get_frame(highlight=True, tile_size=8)  # type: ignore[attr-defined]
+                frames.append(np.asarray(frame, dtype=np.uint8))
             observations["mission"].append(obs["mission"])
             observations["image"].append(np.asarray(obs["image"], dtype=np.uint8))
             observations["direction"].append(int(obs["direction"]))
@@ -92,6 +103,7 @@ class BabyAITask:
             success=bool(terminated and rewards[-1] > 0),
             source=f"{policy if isinstance(policy, str) else 'learned'} policy in minigrid ({self.level})",
             seed=seed,
+            extra={"frames": np.stack(frames)} if frames else {},
         )
 
 

@@ -3,7 +3,7 @@
 Per task: mean return over N episodes, the expert-normalized score
 ``(R - R_random) / (R_expert - R_random)`` with the normalizers the checkpoint carries from its
 dataset, and the success rate. Writes ``eval.json``, a bar plot ``scores.png`` and a GIF of the
-first episode of every task with images.
+first episode of every task (camera frames, or a top-down view of BabyAI's grid).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from gato_like.checkpoint import Checkpoint
+from gato_like.data_pipelines.babyai import BabyAITask
 from gato_like.data_pipelines.inspect import save_gif
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.policy import Policy
@@ -32,7 +33,7 @@ def evaluate(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate every task (default: every task the checkpoint was trained on that has a reward),
-    and write ``eval.json``, ``scores.png``, a GIF per task with images and ``model_card.md``.
+    and write ``eval.json``, ``scores.png``, a GIF per task and ``model_card.md``.
 
     ``command``: the command line to print in the card (default: the equivalent ``gato-like eval``).
     """
@@ -53,11 +54,15 @@ def evaluate(
             episode_seed = (
                 1_000_000 + zlib.crc32(name.encode()) % 1000 * 1000 + seed * 100 + i
             )  # unseen by training
-            episode = task.rollout(episode_seed, policy.act, render=True, max_steps=steps)
+            if isinstance(task, BabyAITask):  # a top-down view of the grid, for the video
+                episode = task.rollout(episode_seed, policy.act, max_steps=steps, record_frames=i == 0)
+            else:
+                episode = task.rollout(episode_seed, policy.act, render=True, max_steps=steps)
             returns.append(episode.episode_return)
             successes.append(episode.success)
-            if i == 0 and "pixels" in episode.observations:
-                save_gif(episode.observations["pixels"], out / f"{name}.gif", max_frames=300)
+            frames = episode.observations.get("pixels", episode.extra.get("frames"))
+            if i == 0 and frames is not None:
+                save_gif(frames, out / f"{name}.gif", max_frames=300)
         normalizers = known.get(name, {}).get("returns") or {}
         expert, random = normalizers.get("expert"), normalizers.get("random")
         mean = float(np.mean(returns))
