@@ -200,6 +200,7 @@ def train(
     )
     trainer = L.Trainer(
         max_steps=max_steps,
+        max_epochs=1,  # one endless resampled stream: max_steps (or max_time) ends training
         max_time=None if max_minutes is None else timedelta(minutes=max_minutes),
         accelerator=accelerator,
         devices=devices,
