@@ -61,8 +61,8 @@ def run(
     workers: int = 2,
     seed: int = 0,
     preset: str = "tiny",
-    train_steps: int = 600,
-    train_minutes: float = 7.0,
+    train_steps: int = 150,
+    train_minutes: float = 8.0,
     eval_episodes: int = 3,
 ) -> None:
     """Generate the default suite, inspect it, train a small model on it, evaluate it, write its card.
