@@ -112,10 +112,11 @@ def write_card(
     from gato_like.model_cards import template_text
 
     def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:,.2f}"
+        return "-" if value is None or isinstance(value, jinja2.Undefined) else f"{value:,.2f}"
 
     def minutes(seconds: Any) -> str:
-        return "?" if seconds is None else f"{float(seconds) / 60:.1f} min"
+        missing = seconds is None or isinstance(seconds, jinja2.Undefined)
+        return "?" if missing else f"{float(seconds) / 60:.1f} min"
 
     environment = jinja2.Environment(undefined=jinja2.ChainableUndefined, keep_trailing_newline=True)
     meta = loaded.meta
