@@ -206,6 +206,81 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
     print_evaluation(summary, destination)
 
 
+def serve(
+    ckpt: Path,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    max_sessions: int = 64,
+    max_batch: int = 64,
+    queue_size: int = 256,
+    step_deadline_ms: float = 1000.0,
+    idle_timeout_s: float = 300.0,
+    device: str = "cpu",
+    log_level: str = "info",
+) -> None:
+    """Serve a checkpoint's policy over WebSocket (msgpack frames; see docs/protocol.md).
+
+    Args:
+        ckpt: checkpoint directory.
+        host: interface to bind (0.0.0.0 exposes the server to the network: set a token).
+        port: TCP port (also /healthz, /readyz and /metrics).
+        token: bearer token required at the WebSocket upgrade (default: $GATO_LIKE_TOKEN, else none).
+        max_sessions: live sessions at most.
+        max_batch: steps per forward pass at most (1: no batching).
+        queue_size: steps waiting for the model at most; more are answered OVERLOADED.
+        step_deadline_ms: how long a step may wait for its forward pass before DEADLINE_EXCEEDED.
+        idle_timeout_s: sessions with no message for this long are closed.
+        device: where the model runs (cpu, cuda).
+        log_level: debug, info, warning or error (JSON lines on stderr).
+    """
+    import os
+
+    from gato_like.serving.engine import EngineConfig
+    from gato_like.serving.server import ServerConfig, configure_logging, serve_checkpoint
+
+    configure_logging(log_level)
+    engine = EngineConfig(max_sessions, max_batch, queue_size, step_deadline_ms, idle_timeout_s, device)
+    config = ServerConfig(host, port, token or os.environ.get("GATO_LIKE_TOKEN") or None)
+    serve_checkpoint(ckpt, config, engine)
+
+
+def bench_serve(
+    ckpt: Path | None = None,
+    out: Path = Path("serve_bench"),
+    sessions: str = "1,4,16,32,64",
+    hz: float = 20.0,
+    duration: float = 10.0,
+    task: str | None = None,
+    unbatched: bool = True,
+    url: str | None = None,
+    token: str | None = None,
+) -> None:
+    """Load test: N simulated robots at a fixed rate; latency p50/p90/p99/max, missed deadlines, throughput.
+
+    Args:
+        ckpt: checkpoint to serve (a server is launched per mode); or give --url.
+        out: where serve_load.json and serve_load.png go.
+        sessions: comma-separated robot counts to sweep.
+        hz: steps per second per robot.
+        duration: seconds per robot count.
+        task: task (or embodiment) the robots act in (default: the first embodiment).
+        unbatched: also measure the same model served one request at a time (--max-batch 1).
+        url: a running server (ws://host:port) instead of launching one.
+        token: bearer token (default: $GATO_LIKE_TOKEN).
+    """
+    import os
+
+    from gato_like.serving.loadgen import sweep
+
+    counts = [int(n) for n in sessions.split(",") if n.strip()]
+    modes = ("batched", "unbatched") if unbatched else ("batched",)
+    sweep(
+        ckpt, out, counts, hz, duration, task, modes, url, token or os.environ.get("GATO_LIKE_TOKEN") or None
+    )
+    print(f"results: {Path(out) / 'serve_load.json'}, plot: {Path(out) / 'serve_load.png'}")
+
+
 def print_evaluation(summary: dict[str, Any], destination: Path) -> None:
     """The per-task table of an evaluation summary (``eval.json``), and where its files went."""
     from rich.table import Table
@@ -280,6 +355,11 @@ def build_parser() -> ArgumentParser:
     data_commands.add_subcommand(
         "inspect", _function_parser(data_inspect, positional=True), help=_summary(data_inspect)
     )
+    commands.add_subcommand("serve", _function_parser(serve), help=_summary(serve))
+    bench = ArgumentParser(description="benchmarks")
+    commands.add_subcommand("bench", bench, help="benchmarks (bench serve: load test of the policy server)")
+    bench_commands = bench.add_subcommands(dest="action", required=True)
+    bench_commands.add_subcommand("serve", _function_parser(bench_serve), help=_summary(bench_serve))
     return parser
 
 
@@ -294,6 +374,8 @@ COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {
     ("data", "generate"): data_generate,
     ("data", "convert"): data_convert,
     ("data", "inspect"): data_inspect,
+    ("serve",): serve,
+    ("bench", "serve"): bench_serve,
 }
 
 
@@ -329,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parser.parse_args(_normalized(sys.argv[1:] if argv is None else argv))
     path: tuple[str, ...] = (config.command,)
     arguments = config[config.command]
-    if config.command == "data":
+    if config.command in ("data", "bench"):
         path += (arguments.action,)
         arguments = arguments[arguments.action]
     try:

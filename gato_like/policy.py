@@ -85,27 +85,7 @@ class Policy:
             name = next(iter(self.checkpoint.specs))
         self.spec = self.checkpoint.spec_for(name)
         self.builder = SequenceBuilder(self.spec, self.checkpoint.text)
-        parts = []
-        if goal is not None:
-            tokens = self.builder.build_step(goal)
-            keep = tokens.types != TokenType.SEPARATOR
-            goal_tokens = TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
-                                        tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
-                                        tokens.patch_positions)  # fmt: skip
-            parts.append(self._embed(goal_tokens, goal=True))
-        if prompt is not None:
-            observations, actions = prompt
-            parts.append(self._embed(self.builder.build(observations, actions)))
-        prefix = (
-            torch.cat(parts, dim=1)
-            if parts
-            else torch.zeros(1, 0, self.model.config.n_embd, device=self.device)
-        )
-        if prefix.shape[1] > self.model.config.context_length // 2:
-            raise ValueError(
-                f"reset: prompt and goal take {prefix.shape[1]} tokens; at most half the context "
-                f"({self.model.config.context_length // 2}) is allowed"
-            )
+        prefix = self.encode_prefix(self.builder, prompt, goal)
         self.head = "goal" if goal is not None else "policy"
         self.envs = [_Env(prefix) for _ in range(num_envs)]
         self.cache = KVCache.empty(self.model.config, num_envs, self.device, prefix.dtype)
@@ -226,6 +206,46 @@ class Policy:
     def predict(self, observation: Mapping[str, Any], action: np.ndarray) -> dict[str, np.ndarray]:
         """The next observation's proprio/discrete keys after ``action`` (see :meth:`rollout`)."""
         return self.rollout(observation, np.asarray(action)[None])[0]
+
+    # -- building blocks (also used by the serving engine) ---------------------------------------
+
+    @torch.no_grad()
+    def encode_prefix(
+        self,
+        builder: SequenceBuilder,
+        prompt: tuple[Mapping[str, Any], np.ndarray] | None = None,
+        goal: Mapping[str, Any] | None = None,
+    ) -> Tensor:
+        """Backbone inputs ``(1, p, D)`` of a goal (without separators, as the goal segment) followed
+        by a prompt demonstration; ``p`` is 0 without either. Raises ``ValueError`` when ``p`` is more
+        than half the context."""
+        parts = []
+        if goal is not None:
+            tokens = builder.build_step(goal)
+            keep = tokens.types != TokenType.SEPARATOR
+            goal_tokens = TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
+                                        tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
+                                        tokens.patch_positions)  # fmt: skip
+            parts.append(self._embed(goal_tokens, goal=True))
+        if prompt is not None:
+            observations, actions = prompt
+            parts.append(self._embed(builder.build(observations, actions)))
+        prefix = (
+            torch.cat(parts, dim=1)
+            if parts
+            else torch.zeros(1, 0, self.model.config.n_embd, device=self.device)
+        )
+        if prefix.shape[1] > self.model.config.context_length // 2:
+            raise ValueError(
+                f"reset: prompt and goal take {prefix.shape[1]} tokens; at most half the context "
+                f"({self.model.config.context_length // 2}) is allowed"
+            )
+        return prefix
+
+    @torch.no_grad()
+    def embed_tokens(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
+        """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
+        return self._embed(tokens, goal)
 
     # -- internals -----------------------------------------------------------------------------
 

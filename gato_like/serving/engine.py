@@ -1,0 +1,727 @@
+"""The serving engine: sessions, and a batcher that runs every pending step in one forward pass.
+
+::
+
+    event loop (asyncio)                          worker thread (the only one touching the model)
+    ───────────────────                          ───────────────────────────────────────────────
+    Engine.step(session, i, obs)
+      step index checks, spec validation
+      bounded queue (OVERLOADED) ──► ops ──►  take all closes/resets + up to max_batch steps
+      await the op's future                   drop steps past their deadline (DEADLINE_EXCEEDED)
+                                              SlotPool.tick: tokenize, roll full windows, one
+                                              model.step for all new tokens, one per action token
+      ◄── loop.call_soon_threadsafe(result) ◄─┘
+
+Each session owns one row of the pool's KV cache (``(rows, H, context + 1, hd)`` per layer) and its
+token history, exactly as :class:`gato_like.policy.Policy` keeps an environment's; rows of live
+sessions are kept contiguous (a closed session's row is filled with the last one) so a forward pass
+runs on a view of the rows it needs. Sessions of different embodiments share a forward pass; only
+sessions that act with another head (goal-conditioned) take a separate pass in the same tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gato_like.checkpoint import Checkpoint
+from gato_like.model import KVCache
+from gato_like.policy import Policy
+from gato_like.serving import protocol as p
+from gato_like.serving.protocol import ProtocolError
+from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenType
+
+log = logging.getLogger("gato_like.serving")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the serving engine (announced to clients in ``welcome.limits``)."""
+
+    max_sessions: int = 64
+    """Live sessions at most (attached or awaiting a resume); more get SESSION_LIMIT."""
+    max_batch: int = 64
+    """Steps per forward pass at most; 1 serves one request at a time (no batching)."""
+    queue_size: int = 256
+    """Steps waiting for the model at most; more get OVERLOADED with retry_after_ms."""
+    step_deadline_ms: float = 1000.0
+    """Default time a step may wait before its forward pass starts; later ones get DEADLINE_EXCEEDED."""
+    idle_timeout_s: float = 300.0
+    """A session with no message for this long is closed (its KV cache freed)."""
+    device: str = "cpu"
+    """Where the model runs."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_batch", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("step_deadline_ms", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+
+
+# -- worker side: KV cache rows ------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """One session's row of the pool's cache and its token history (worker thread only)."""
+
+    row: int = -1
+    spec: EmbodimentSpec | None = None
+    builder: SequenceBuilder | None = None
+    head: str = "policy"
+    prefix: Tensor | None = None  # (1, p, D) prompt and goal embeddings, kept on roll-over
+    steps: list[Tensor] = field(default_factory=list)  # (1, n_t, D) per finished timestep
+    length: int = 0  # tokens in this row of the cache
+
+
+class SlotPool:
+    """KV cache rows for many sessions and the batched acting loop of :class:`Policy`, generalized to
+    rows of different embodiments. Used by one thread only.
+
+    The cache has one spare position past the context (``capacity = context_length + 1``): a row that
+    takes no tokens in a forward pass is still written past its length, and the spare slot keeps that
+    write off a full row's last entry.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", rows: int = 4) -> None:
+        self.checkpoint = checkpoint
+        self.helper = Policy(checkpoint, device)  # embeddings and prefixes, exactly as the runtime agent
+        self.model = self.helper.model
+        self.device = self.helper.device
+        self.config = self.model.config
+        self.slots: list[_Slot] = []
+        dtype = next(self.model.parameters()).dtype
+        shape = (max(rows, 1), self.config.n_head, self.config.context_length + 1, self.config.head_dim)
+        self.cache = KVCache(
+            [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(self.config.n_layer)],
+            [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(self.config.n_layer)],
+            torch.zeros(shape[0], dtype=torch.long, device=self.device),
+        )
+        self._builders: dict[str, SequenceBuilder] = {}
+
+    def builder(self, spec: EmbodimentSpec) -> SequenceBuilder:
+        if spec.name not in self._builders:
+            self._builders[spec.name] = SequenceBuilder(spec, self.checkpoint.text)
+        return self._builders[spec.name]
+
+    # rows
+
+    def allocate(self) -> _Slot:
+        """A new slot with an empty row (the cache grows by doubling when full)."""
+        rows = self.cache.k[0].shape[0]
+        if len(self.slots) == rows:
+            grow = rows
+            self.cache.k = [torch.cat([k, torch.zeros_like(k[:grow])]) for k in self.cache.k]
+            self.cache.v = [torch.cat([v, torch.zeros_like(v[:grow])]) for v in self.cache.v]
+            self.cache.lengths = torch.cat([self.cache.lengths, torch.zeros_like(self.cache.lengths[:grow])])
+        slot = _Slot(row=len(self.slots))
+        self.slots.append(slot)
+        self.cache.lengths[slot.row] = 0
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        """Free a slot's row; the last row moves into it so live rows stay contiguous."""
+        if slot.row < 0 or slot.row >= len(self.slots) or self.slots[slot.row] is not slot:
+            return
+        last = self.slots.pop()
+        if last is not slot:
+            for k, v in zip(self.cache.k, self.cache.v, strict=True):
+                k[slot.row] = k[last.row]
+                v[slot.row] = v[last.row]
+            self.cache.lengths[slot.row] = self.cache.lengths[last.row]
+            self.cache.lengths[last.row] = 0
+            last.row = slot.row
+            self.slots[slot.row] = last
+        else:
+            self.cache.lengths[slot.row] = 0
+        slot.row = -1
+
+    def _feed(self, chunks: Mapping[int, Tensor], head: str) -> tuple[int, Tensor]:
+        """Append ``chunks[row]`` (1, n, D) to those rows in one forward pass over the span of rows
+        they cover. Returns ``(first row of the span, logits (span, V))``."""
+        lo, hi = min(chunks), max(chunks) + 1
+        width = max(max(c.shape[1] for c in chunks.values()), 1)
+        first = next(iter(chunks.values()))
+        x = torch.zeros(hi - lo, width, self.config.n_embd, device=self.device, dtype=first.dtype)
+        valid = torch.zeros(hi - lo, width, dtype=torch.bool, device=self.device)
+        for row, chunk in chunks.items():
+            n = chunk.shape[1]
+            x[row - lo, :n], valid[row - lo, :n] = chunk[0], True
+            self.slots[row].length += n
+        view = KVCache(
+            [k[lo:hi] for k in self.cache.k], [v[lo:hi] for v in self.cache.v], self.cache.lengths[lo:hi]
+        )
+        return lo, self.model.step(x, valid, view, head=head)
+
+    # episodes and steps
+
+    @torch.no_grad()
+    def reset(self, slots: list[tuple[_Slot, EmbodimentSpec, Any, Any]]) -> list[Exception | None]:
+        """Start new episodes: ``(slot, spec, prompt (obs, actions) or None, goal or None)`` each.
+        Returns per slot None or the error that left that slot unchanged."""
+        errors: list[Exception | None] = []
+        chunks: dict[int, Tensor] = {}
+        for slot, spec, prompt, goal in slots:
+            try:
+                builder = self.builder(spec)
+                prefix = self.helper.encode_prefix(builder, prompt, goal)
+            except (ValueError, TypeError) as error:
+                errors.append(error)
+                continue
+            errors.append(None)
+            slot.spec, slot.builder, slot.prefix = spec, builder, prefix
+            slot.head = "goal" if goal is not None else "policy"
+            slot.steps, slot.length = [], 0
+            self.cache.lengths[slot.row] = 0
+            if prefix.shape[1]:
+                chunks[slot.row] = prefix
+        if chunks:
+            self._feed(chunks, "policy")
+        return errors
+
+    @torch.no_grad()
+    def act(self, requests: list[tuple[_Slot, Mapping[str, Any]]]) -> list[np.ndarray | Exception]:
+        """Actions for one observation per slot (each slot at most once), as
+        :meth:`Policy.act_batch` computes them: one forward pass for every slot's new observation
+        tokens, then one per action token. Slots acting with different heads take separate passes."""
+        out: list[np.ndarray | Exception] = [ValueError("not acted")] * len(requests)
+        by_head: dict[str, list[int]] = collections.defaultdict(list)
+        for i, (slot, _) in enumerate(requests):
+            by_head[slot.head].append(i)
+        for head, members in by_head.items():
+            self._act_group(head, [(i, *requests[i]) for i in members], out)
+        return out
+
+    def _act_group(
+        self, head: str, group: list[tuple[int, _Slot, Mapping[str, Any]]], out: list[np.ndarray | Exception]
+    ) -> None:
+        steps: dict[int, Tensor] = {}
+        slots: dict[int, _Slot] = {}
+        index: dict[int, int] = {}
+        for i, slot, observation in group:
+            assert slot.builder is not None
+            try:
+                steps[slot.row] = self.helper.embed_tokens(slot.builder.build_step(observation))
+            except (ValueError, TypeError) as error:
+                out[i] = error
+                continue
+            slots[slot.row], index[slot.row] = slot, i
+        # roll full windows (prefix + newest whole timesteps, at most half the context), as Policy._roll
+        windows: dict[int, Tensor] = {}
+        for row, slot in slots.items():
+            assert slot.builder is not None and slot.prefix is not None
+            need = steps[row].shape[1] + slot.builder.action_size
+            if slot.length + need > self.config.context_length:
+                budget = self.config.context_length // 2 - slot.prefix.shape[1]
+                kept: list[Tensor] = []
+                for step in reversed(slot.steps):
+                    if sum(s.shape[1] for s in kept) + step.shape[1] > budget:
+                        break
+                    kept.insert(0, step)
+                slot.steps, slot.length = kept, 0
+                self.cache.lengths[row] = 0
+                window = torch.cat([slot.prefix, *kept], dim=1)
+                if window.shape[1]:
+                    windows[row] = window
+        if windows:
+            self._feed(windows, head)
+        for row in list(slots):
+            slot = slots[row]
+            assert slot.builder is not None
+            need = steps[row].shape[1] + slot.builder.action_size
+            if slot.length + need > self.config.context_length:
+                out[index[row]] = ValueError(
+                    f"one timestep ({need} tokens) does not fit the context ({self.config.context_length})"
+                )
+                del slots[row], steps[row]
+        if not slots:
+            return
+        lo, logits = self._feed(steps, head)
+        rows = sorted(slots)
+        sizes = {row: slots[row].builder.action_size for row in rows}  # type: ignore[union-attr]
+        allowed = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=self.device)
+        for j, row in enumerate(rows):
+            low, high = _action_range(slots[row])
+            allowed[j, low:high] = True
+        local = torch.tensor([steps[row].shape[1] for row in rows], device=self.device)
+        chosen: dict[int, list[int]] = {row: [] for row in rows}
+        select = torch.tensor([row - lo for row in rows], device=self.device)
+        for j in range(max(sizes.values())):
+            picked = logits[select].float().masked_fill(~allowed, float("-inf")).argmax(-1)  # (R,)
+            tokens = self.model.embed(
+                picked[:, None], torch.full_like(picked[:, None], int(TokenType.ACTION)), (local + j)[:, None]
+            )  # (R, 1, D)
+            feed: dict[int, Tensor] = {}
+            for r, row in enumerate(rows):
+                if j < sizes[row]:
+                    chosen[row].append(int(picked[r]))
+                    feed[row] = tokens[r : r + 1]
+                    steps[row] = torch.cat([steps[row], tokens[r : r + 1]], dim=1)
+            lo_j, logits_j = self._feed(feed, head)
+            if lo_j != lo:  # the span shrank (rows with fewer action tokens done): realign
+                full = torch.zeros(logits.shape, dtype=logits_j.dtype, device=logits_j.device)
+                full[lo_j - lo : lo_j - lo + logits_j.shape[0]] = logits_j
+                logits_j = full
+            elif logits_j.shape[0] < logits.shape[0]:
+                logits_j = torch.cat([logits_j, logits[logits_j.shape[0] :]])
+            logits = logits_j
+        for row in rows:
+            slot = slots[row]
+            assert slot.builder is not None
+            slot.steps.append(steps[row])
+            out[index[row]] = slot.builder.decode_actions(np.asarray([chosen[row]], dtype=np.int64))[0]
+
+
+def _action_range(slot: _Slot) -> tuple[int, int]:
+    """Token ids ``[low, high)`` an action of this slot's embodiment may take (Policy._action_range)."""
+    assert slot.builder is not None and slot.spec is not None
+    layout = slot.builder.layout
+    if slot.spec.action.kind == "continuous":
+        return layout.continuous_offset, layout.continuous_offset + layout.continuous_bins
+    assert slot.spec.action.num_choices is not None
+    return layout.discrete_offset, layout.discrete_offset + slot.spec.action.num_choices
+
+
+# -- loop side: sessions and the batcher ----------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """A client's episode state as the event loop sees it; ``slot`` belongs to the worker thread."""
+
+    id: str
+    slot: _Slot
+    created: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+    owner: object | None = None  # the connection it is attached to, None while detached
+    spec: EmbodimentSpec | None = None
+    task: str | None = None
+    next_step: int = 0
+    last_reply: dict[str, Any] | None = None  # the action reply of step next_step - 1
+    inflight: tuple[str, int, asyncio.Future[Any]] | None = None  # ("step"|"reset", index, future)
+    closed: bool = False
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+
+@dataclass
+class _Op:
+    kind: str  # "step", "reset", "close", "call"
+    session: Session | None
+    payload: Any
+    future: asyncio.Future[Any] | None
+    loop: asyncio.AbstractEventLoop | None
+    enqueued: float = field(default_factory=time.monotonic)
+    deadline: float = math.inf
+
+
+@dataclass
+class StepResult:
+    """What the worker returns for one step: the action and where the time went."""
+
+    action: np.ndarray
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+
+
+StatsHook = Callable[[str, float], None]
+
+
+class Engine:
+    """Sessions over one model, with a batching worker thread.
+
+    Call :meth:`start` from the event loop that will use the engine; every other public method is
+    called on that loop. The model runs only on the engine's worker thread.
+
+    Args:
+        checkpoint: the loaded checkpoint.
+        config: limits.
+        observe: called on the worker thread as ``observe(name, value)`` with ``batch_size``,
+            ``compute_seconds`` and ``queue_seconds`` samples (the server feeds Prometheus with it).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, observe: StatsHook | None = None) -> None:  # fmt: skip
+        self.checkpoint = checkpoint
+        self.config = config or EngineConfig()
+        self.pool = SlotPool(checkpoint, self.config.device, rows=min(self.config.max_sessions, 8))
+        self.sessions: dict[str, Session] = {}
+        self.observe = observe or (lambda name, value: None)
+        self.ready = False
+        self._ops: collections.deque[_Op] = collections.deque()
+        self._pending_steps = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._step_seconds = 0.0  # moving average of a forward pass, for retry_after_ms
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # lifecycle
+
+    async def start(self, warmup: bool = True) -> None:
+        """Start the worker thread and (``warmup``) act a few steps for every embodiment; then ``ready``."""
+        self.loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="gato-like-batcher", daemon=True)
+        self._thread.start()
+        if warmup:
+            await self._call(self._warmup)
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Stop the worker thread (pending operations fail)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        self.ready = False
+
+    def _warmup(self) -> None:
+        rng = np.random.default_rng(0)
+        for spec in self.checkpoint.specs.values():
+            slot = self.pool.allocate()
+            try:
+                self.pool.reset([(slot, spec, None, None)])
+                for _ in range(2):
+                    (result,) = self.pool.act([(slot, p.example_observation(spec.to_dict(), rng))])
+                    if isinstance(result, Exception):
+                        raise result
+            finally:
+                self.pool.release(slot)
+
+    # sessions
+
+    def open_session(self, owner: object) -> Session:
+        """A new session attached to ``owner``; ProtocolError SESSION_LIMIT when full."""
+        if len(self.sessions) >= self.config.max_sessions:
+            raise ProtocolError(
+                p.SESSION_LIMIT,
+                f"the server holds its maximum of {self.config.max_sessions} sessions",
+                expected=f"at most {self.config.max_sessions} sessions",
+                got=str(len(self.sessions)),
+                fatal=True,
+                retry_after_ms=int(self.config.idle_timeout_s * 1000),
+            )
+        session = Session(secrets.token_hex(16), _Slot(), owner=owner)
+        self.sessions[session.id] = session
+        self._submit(_Op("open", session, None, None, None))
+        log.info("session_open", extra={"fields": {"session": session.id}})
+        return session
+
+    def resume_session(self, session_id: str, owner: object) -> Session:
+        """Attach an existing session to a new connection (the previous one loses it)."""
+        session = self.sessions.get(session_id)
+        if session is None or session.closed:
+            raise ProtocolError(p.UNKNOWN_SESSION, "no live session with this id (expired or never opened)", "session", "a live session id", session_id[:64], fatal=True)  # fmt: skip
+        session.owner = owner
+        session.touch()
+        log.info("session_resume", extra={"fields": {"session": session.id}})
+        return session
+
+    def close_session(self, session: Session, reason: str = "closed") -> None:
+        """Forget a session and free its cache row."""
+        if session.closed:
+            return
+        session.closed = True
+        self.sessions.pop(session.id, None)
+        self._submit(_Op("close", session, None, None, None))
+        log.info("session_close", extra={"fields": {"session": session.id, "reason": reason}})
+
+    def expire_idle(self, now: float | None = None) -> list[Session]:
+        """Close sessions idle longer than ``idle_timeout_s`` (none with a step in flight)."""
+        now = time.monotonic() if now is None else now
+        expired = [
+            s
+            for s in self.sessions.values()
+            if s.inflight is None and now - s.last_active > self.config.idle_timeout_s
+        ]
+        for session in expired:
+            self.close_session(session, "idle")
+        return expired
+
+    # requests
+
+    async def reset(
+        self,
+        session: Session,
+        task: str | None = None,
+        embodiment: str | None = None,
+        prompt: Mapping[str, Any] | None = None,
+        goal: Mapping[str, Any] | None = None,
+    ) -> EmbodimentSpec:
+        """Start a new episode of a task (or embodiment), optionally with a prompt
+        ``{"obs": {key: (T, ...)}, "actions": (T, ...)}`` and a goal observation."""
+        session.touch()
+        if session.inflight is not None:
+            raise ProtocolError(p.BUSY, "a step is in flight; reset after its reply", "type", "no step in flight", f"step {session.inflight[1]} in flight")  # fmt: skip
+        name = task or embodiment
+        if name is None:
+            if len(self.checkpoint.specs) != 1:
+                raise ProtocolError(p.UNKNOWN_TASK, "name a task or an embodiment", "task", f"one of {sorted(set(self.checkpoint.specs) | set(self.checkpoint.tasks))}", "nothing")  # fmt: skip
+            name = next(iter(self.checkpoint.specs))
+        try:
+            spec = self.checkpoint.spec_for(name)
+        except KeyError:
+            field_name = "task" if task else "embodiment"
+            raise ProtocolError(p.UNKNOWN_TASK, f"the model knows no task or embodiment {name!r}", field_name, f"one of {sorted(set(self.checkpoint.specs) | set(self.checkpoint.tasks))}", name) from None  # fmt: skip
+        if embodiment is not None and task is not None and spec.name != embodiment:
+            raise ProtocolError(p.UNKNOWN_TASK, f"task {task!r} belongs to embodiment {spec.name!r}", "embodiment", spec.name, embodiment)  # fmt: skip
+        prompt_pair = None
+        try:
+            if prompt is not None:
+                spec.check_episode(prompt["obs"], prompt["actions"])
+                prompt_pair = (prompt["obs"], prompt["actions"])
+            if goal is not None:
+                spec.check_step(goal)
+        except SpecMismatchError as error:
+            raise _violations_error(p.INVALID_PROMPT, "prompt or goal", error, "prompt") from None
+        future = self._future()
+        session.inflight = ("reset", -1, future)
+
+        def done(f: asyncio.Future[Any]) -> None:  # on the loop, even if the connection is gone
+            session.inflight = None
+            if not f.cancelled() and f.exception() is None:
+                session.spec, session.task = spec, name
+                session.next_step, session.last_reply = 0, None
+
+        future.add_done_callback(done)
+        self._submit(_Op("reset", session, (spec, prompt_pair, goal), future, self.loop))
+        try:
+            await asyncio.shield(future)
+        except ValueError as error:
+            if isinstance(error, ProtocolError):
+                raise
+            raise ProtocolError(p.INVALID_PROMPT, str(error), "prompt") from None
+        return spec
+
+    async def step(
+        self, session: Session, index: int, observation: Mapping[str, Any], deadline_ms: float | None = None
+    ) -> dict[str, Any]:
+        """The ``action`` reply for step ``index`` (see docs/protocol.md for the index rules)."""
+        received = time.monotonic()
+        session.touch()
+        if session.spec is None:
+            raise ProtocolError(p.NOT_RESET, "send a reset before the first step", "type", "reset", "step")
+        if session.inflight is not None:
+            kind, at, future = session.inflight
+            if kind == "step" and at == index:  # resent while in flight: the same reply
+                await asyncio.shield(future)
+                assert session.last_reply is not None
+                return session.last_reply
+            raise ProtocolError(p.BUSY, f"{kind} {at} is in flight; wait for its reply", "step", f"{at}", str(index))  # fmt: skip
+        if session.last_reply is not None and index == session.next_step - 1:
+            return session.last_reply
+        if index < session.next_step:
+            raise ProtocolError(p.STALE_STEP, f"step {index} is older than the last step answered ({session.next_step - 1})", "step", f"{session.next_step - 1} (resend) or {session.next_step} (next)", str(index))  # fmt: skip
+        if index > session.next_step:
+            raise ProtocolError(p.STEP_GAP, f"step {index} skips ahead; the next step is {session.next_step}", "step", str(session.next_step), str(index))  # fmt: skip
+        try:
+            session.spec.check_step(observation)
+        except SpecMismatchError as error:
+            raise _violations_error(p.INVALID_OBSERVATION, "observation", error, "obs") from None
+        validated = time.monotonic()
+        with self._cond:
+            if self._pending_steps >= self.config.queue_size:
+                raise ProtocolError(p.OVERLOADED, f"{self._pending_steps} steps are waiting for the model", None, f"at most {self.config.queue_size} waiting", str(self._pending_steps), retry_after_ms=self.retry_after_ms())  # fmt: skip
+        budget = self.config.step_deadline_ms if deadline_ms is None else min(max(deadline_ms, 1.0), 60_000.0)
+        future = self._future()
+        session.inflight = ("step", index, future)
+        op = _Op("step", session, observation, future, self.loop, deadline=received + budget / 1000)
+        future.add_done_callback(lambda f: self._step_done(session, index, f, received, validated))
+        self._submit(op)
+        await asyncio.shield(future)
+        assert session.last_reply is not None
+        return session.last_reply
+
+    def _step_done(self, session: Session, index: int, future: asyncio.Future[Any], received: float, validated: float) -> None:  # fmt: skip
+        """On the loop when the worker is done with a step, even if its connection is gone."""
+        session.inflight = None
+        if future.cancelled() or future.exception() is not None:
+            error = None if future.cancelled() else future.exception()
+            if isinstance(error, ProtocolError) and error.fatal:
+                self.close_session(session, error.code)
+            return
+        result: StepResult = future.result()
+        done = time.monotonic()
+        session.next_step = index + 1
+        session.last_reply = {
+            "type": "action",
+            "step": index,
+            "action": p.encode_array(result.action),
+            "timing": {
+                "validate_ms": round((validated - received) * 1000, 3),
+                "queue_ms": round(result.queue_ms, 3),
+                "compute_ms": round(result.compute_ms, 3),
+                "batch_size": result.batch_size,
+                "total_ms": round((done - received) * 1000, 3),
+            },
+        }
+
+    def retry_after_ms(self) -> int:
+        """When the queue should have room: batches ahead times the mean forward-pass time."""
+        batches = math.ceil(max(self._pending_steps, 1) / self.config.max_batch)
+        return max(1, math.ceil(batches * self._step_seconds * 1000))
+
+    @property
+    def pending_steps(self) -> int:
+        return self._pending_steps
+
+    # worker plumbing
+
+    def _future(self) -> asyncio.Future[Any]:
+        assert self.loop is not None, "Engine.start() first"
+        return self.loop.create_future()
+
+    async def _call(self, function: Callable[[], Any]) -> Any:
+        future = self._future()
+        self._submit(_Op("call", None, function, future, self.loop))
+        return await future
+
+    def _submit(self, op: _Op) -> None:
+        with self._cond:
+            self._ops.append(op)
+            if op.kind == "step":
+                self._pending_steps += 1
+            self._cond.notify()
+
+    def _take(self) -> list[_Op] | None:
+        with self._cond:
+            while not self._ops and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                ops, self._ops = list(self._ops), collections.deque()
+                self._pending_steps = 0
+                for op in ops:
+                    _resolve(op, ProtocolError(p.INTERNAL, "the server is shutting down", fatal=True))
+                return None
+            taken: list[_Op] = []
+            steps = 0
+            kept: collections.deque[_Op] = collections.deque()
+            while self._ops:
+                op = self._ops.popleft()
+                if op.kind == "step":
+                    if steps >= self.config.max_batch:
+                        kept.append(op)
+                        continue
+                    steps += 1
+                    self._pending_steps -= 1
+                taken.append(op)
+            self._ops = kept
+            return taken
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            ops = self._take()
+            if ops is None:
+                return
+            try:
+                self._tick(ops)
+            except Exception as error:  # a bug: fail this tick's requests, keep serving the others
+                log.exception("batch_failed")
+                for op in ops:
+                    if op.session is not None and op.kind in ("step", "reset"):
+                        _resolve(op, ProtocolError(p.INTERNAL, f"server error: {type(error).__name__}: {error}", fatal=True))  # fmt: skip
+                        self.pool.release(op.session.slot)
+
+    def _tick(self, ops: list[_Op]) -> None:
+        start = time.monotonic()
+        for op in ops:
+            if op.kind == "open":
+                assert op.session is not None
+                op.session.slot = self.pool.allocate()
+            elif op.kind == "close":
+                assert op.session is not None
+                self.pool.release(op.session.slot)
+            elif op.kind == "call":
+                try:
+                    _resolve(op, op.payload())
+                except Exception as error:
+                    _resolve(op, error)
+        resets = [op for op in ops if op.kind == "reset"]
+        if resets:
+            items = []
+            for op in resets:
+                assert op.session is not None
+                spec, prompt, goal = op.payload
+                items.append((op.session.slot, spec, prompt, goal))
+            for op, failure in zip(resets, self.pool.reset(items), strict=True):
+                _resolve(op, failure if failure is not None else True)
+        steps: list[_Op] = []
+        for op in ops:
+            if op.kind != "step":
+                continue
+            if start > op.deadline:
+                late = (start - op.enqueued) * 1000
+                _resolve(op, ProtocolError(p.DEADLINE_EXCEEDED, f"the step waited {late:.0f} ms for the model, past its deadline; it was not applied, resend it", "step", f"start within {(op.deadline - op.enqueued) * 1000:.0f} ms", f"{late:.0f} ms"))  # fmt: skip
+            elif op.session is None or op.session.closed:
+                _resolve(op, ProtocolError(p.SESSION_EXPIRED, "the session was closed", fatal=True))
+            else:
+                steps.append(op)
+        if not steps:
+            return
+        compute_start = time.monotonic()
+        results = self.pool.act([(op.session.slot, op.payload) for op in steps])  # type: ignore[union-attr]
+        compute = time.monotonic() - compute_start
+        self._step_seconds = compute if self._step_seconds == 0 else 0.8 * self._step_seconds + 0.2 * compute
+        self.observe("batch_size", len(steps))
+        self.observe("compute_seconds", compute)
+        for op, result in zip(steps, results, strict=True):
+            queue = compute_start - op.enqueued
+            self.observe("queue_seconds", queue)
+            if isinstance(result, Exception):
+                _resolve(op, ProtocolError(p.INVALID_OBSERVATION, str(result), "obs"))
+            else:
+                _resolve(op, StepResult(result, queue * 1000, compute * 1000, len(steps)))
+
+
+def _resolve(op: _Op, result: Any) -> None:
+    """Complete an op's future on its loop (from the worker thread)."""
+    if op.future is None or op.loop is None:
+        return
+    future = op.future
+
+    def complete() -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed
+        op.loop.call_soon_threadsafe(complete)
+
+
+def _violations_error(code: str, what: str, error: SpecMismatchError, prefix: str) -> ProtocolError:
+    """An error frame naming every violation (the first one in key/expected/got)."""
+    items = [
+        {"key": f"{prefix}.{v.key}", "problem": v.problem, "expected": v.expected, "got": v.got}
+        for v in error.violations
+    ]
+    first = items[0]
+    summary = "; ".join(f"{i['key']}: {i['problem']}" for i in items)
+    return ProtocolError(
+        code,
+        f"{what} does not match the spec ({len(items)} problem(s)): {summary}",
+        first["key"],
+        first["expected"],
+        first["got"],
+        violations=items,
+    )
