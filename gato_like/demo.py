@@ -3,7 +3,8 @@
 1. generate the default suite in the real simulators (scripted experts, short episodes) and shard it;
 2. inspect it (table, checksums, montage, GIF) and show how each embodiment is tokenized;
 3. train a ``tiny`` model on it for a few minutes with Lightning (loss curves to ``losses.png``);
-4. evaluate it in the simulators (expert-normalized scores, ``scores.png``, GIFs) and write its card.
+4. evaluate it in the simulators (expert-normalized scores, ``scores.png``, GIFs) and write its card;
+5. start the policy server on a loopback port and drive one simulated robot through it.
 
 Everything goes under ``OUT`` (default ``demo_out``); the last lines say where.
 """
@@ -64,6 +65,7 @@ def run(
     train_steps: int = 150,
     train_minutes: float = 8.0,
     eval_episodes: int = 3,
+    serve_task: str = "dmc-cartpole-balance",
 ) -> None:
     """Generate the default suite, inspect it, train a small model on it, evaluate it, write its card.
 
@@ -78,6 +80,7 @@ def run(
         train_steps: optimizer steps (the cosine schedule's length).
         train_minutes: wall-time cap of training (stops earlier than train_steps if reached).
         eval_episodes: evaluation episodes per task.
+        serve_task: the task of the simulated robot driven through the policy server.
     """
     from rich.table import Table
 
@@ -147,6 +150,9 @@ def run(
 
     summary = evaluate(checkpoint, run_dir / "eval", episodes=eval_episodes, seed=seed)
     print_evaluation(summary, run_dir / "eval")
+    console.rule("6. serve it, and drive one simulated robot through the server")
+    served = _serve_one_episode(checkpoint, serve_task, max_steps, seed)
+    console.print(served)
     console.rule("done")
     console.print(
         f"in {(time.perf_counter() - started) / 60:.1f} min. Where everything went:\n"
@@ -155,8 +161,59 @@ def run(
         f"  trainer     {run_dir / 'lightning' / 'last.ckpt'} (resume with gato-like train --resume true)\n"
         f"  logs        {run_dir / 'logs' / 'metrics.csv'}, curves {run_dir / 'losses.png'}\n"
         f"  evaluation  {run_dir / 'eval'} (eval.json, scores.png, one GIF per task)\n"
-        f"  model card  {run_dir / 'eval' / 'model_card.md'}"
+        f"  model card  {run_dir / 'eval' / 'model_card.md'}\n"
+        f"  serve it    gato-like serve --ckpt {checkpoint}   (protocol: docs/protocol.md)"
     )
+
+
+def _serve_one_episode(checkpoint: Path, task_name: str, max_steps: int, seed: int) -> str:
+    """Start ``gato-like serve`` on a free loopback port, run one episode of ``task_name`` in the
+    simulator with the light client acting through it, stop the server; a one-line summary."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.serving.client import PolicyClient
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gato_like.cli", "serve", "--ckpt", str(checkpoint), "--port", str(port),
+         "--log_level", "warning"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the policy server did not become ready (exit code {server.poll()})")
+            time.sleep(0.5)
+        latencies: list[float] = []
+        with PolicyClient(f"ws://127.0.0.1:{port}", task=task_name) as client:
+
+            def act(observation: dict) -> np.ndarray:
+                started = time.perf_counter()
+                action = client.act(observation)
+                latencies.append(time.perf_counter() - started)
+                return action
+
+            episode = get_task(task_name).rollout(seed + 7_000_000, act, render=True, max_steps=max_steps)
+        ms = np.asarray(latencies) * 1000
+        return (
+            f"{task_name}: {episode.length} steps through ws://127.0.0.1:{port}, return {episode.episode_return:.2f}; "
+            f"round trip p50 {np.percentile(ms, 50):.1f} ms, p99 {np.percentile(ms, 99):.1f} ms"
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _train(data: Path, run_dir: Path, preset: str, steps: int, minutes: float, seed: int) -> Path:
