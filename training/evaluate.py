@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,9 @@ def evaluate(
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(results, out / "scores.png")
+    curves = Path(checkpoint).parent / "losses.png"  # written by train() beside the checkpoint
+    if curves.is_file() and curves.resolve() != (out / "losses.png").resolve():
+        shutil.copyfile(curves, out / "losses.png")
     write_card(policy.checkpoint, checkpoint, summary, out / "model_card.md")
     return summary
 
