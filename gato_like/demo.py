@@ -62,7 +62,7 @@ def run(
     workers: int = 2,
     seed: int = 0,
     preset: str = "tiny",
-    train_steps: int = 150,
+    train_steps: int = 120,
     train_minutes: float = 8.0,
     eval_episodes: int = 3,
     serve_task: str = "dmc-cartpole-balance",
