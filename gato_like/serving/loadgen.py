@@ -85,6 +85,10 @@ async def drive(
                 if error.fatal:
                     return
                 # not applied: the client sends the same step index again next period
+            except (TimeoutError, OSError, RuntimeError) as error:  # no reply in time, dropped connection
+                errors[type(error).__name__] += 1
+                missed += 1
+                return  # the session's state is unknown: this robot stops, the run goes on
             else:
                 latency = time.perf_counter() - scheduled
                 latencies.append(latency * 1000)
