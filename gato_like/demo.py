@@ -169,33 +169,13 @@ def run(
 def _serve_one_episode(checkpoint: Path, task_name: str, max_steps: int, seed: int) -> str:
     """Start ``gato-like serve`` on a free loopback port, run one episode of ``task_name`` in the
     simulator with the light client acting through it, stop the server; a one-line summary."""
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
-
     from gato_like.data_pipelines.tasks import get_task
     from gato_like.serving.client import PolicyClient
+    from gato_like.serving.loadgen import free_port, launch_server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gato_like.cli", "serve", "--ckpt", str(checkpoint), "--port", str(port),
-         "--log_level", "warning"],
-    )  # fmt: skip
+    port = free_port()
+    server = launch_server(checkpoint, port, max_batch=None, max_sessions=4)  # returns once /readyz is 200
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the policy server did not become ready (exit code {server.poll()})")
-            time.sleep(0.5)
         latencies: list[float] = []
         with PolicyClient(f"ws://127.0.0.1:{port}", task=task_name) as client:
 

@@ -148,6 +148,19 @@ class _Core:
             message["goal"] = p.encode_observation(goal)
         return message
 
+    def step_maker(self, observation: Mapping[str, Any], deadline_ms: float | None) -> Callable[[], dict[str, Any]]:  # fmt: skip
+        """A builder of the ``step`` message for ``observation`` (encoded once), numbered with the
+        step index current when it is called, so a retry after a reconnect sends the right one."""
+        obs = p.encode_observation(observation)
+
+        def make() -> dict[str, Any]:
+            message = {"type": "step", "step": self.next_step, "obs": obs}
+            if deadline_ms is not None:
+                message["deadline_ms"] = deadline_ms
+            return message
+
+        return make
+
     def decode(self, frame: Any) -> dict[str, Any]:
         return p.unpack_frame(frame, CLIENT_LIMITS)
 
@@ -230,15 +243,7 @@ class PolicyClient(_Core):
         """The full ``action`` reply (``action`` decoded to an array, ``timing``)."""
         if not self.is_reset:
             self.reset()
-        obs = p.encode_observation(observation)
-
-        def make() -> dict[str, Any]:
-            message = {"type": "step", "step": self.next_step, "obs": obs}
-            if deadline_ms is not None:
-                message["deadline_ms"] = deadline_ms
-            return message
-
-        reply = self.action_of(self._request(make))
+        reply = self.action_of(self._request(self.step_maker(observation, deadline_ms)))
         self.next_step += 1
         return reply
 
@@ -354,15 +359,7 @@ class AsyncPolicyClient(_Core):
         """The full ``action`` reply (``action`` decoded to an array, ``timing``)."""
         if not self.is_reset:
             await self.reset()
-        obs = p.encode_observation(observation)
-
-        def make() -> dict[str, Any]:
-            message = {"type": "step", "step": self.next_step, "obs": obs}
-            if deadline_ms is not None:
-                message["deadline_ms"] = deadline_ms
-            return message
-
-        reply = self.action_of(await self._request(make))
+        reply = self.action_of(await self._request(self.step_maker(observation, deadline_ms)))
         self.next_step += 1
         return reply
 
