@@ -20,6 +20,7 @@ import numpy as np
 from gato_like.checkpoint import Checkpoint
 from gato_like.data_pipelines.babyai import BabyAITask
 from gato_like.data_pipelines.inspect import save_gif
+from gato_like.data_pipelines.shards import atomic_write_bytes
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.policy import Policy
 
@@ -140,9 +141,7 @@ def write_card(
         fmt=fmt,
         minutes=minutes,
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_bytes(path, text.encode())
     return path
 
 
