@@ -26,6 +26,7 @@ def data_generate(
     episodes_per_shard: int = 16,
     normalizer_episodes: int = 20,
     overwrite: bool = False,
+    pixels: bool = True,
 ) -> None:
     """Generate expert episodes of a suite into WebDataset shards, with return normalizers.
 
@@ -40,6 +41,7 @@ def data_generate(
         episodes_per_shard: episodes per tar shard.
         normalizer_episodes: expert and random episodes per task for the normalizers.
         overwrite: replace an existing dataset.
+        pixels: render camera frames; false writes proprioception-only episodes (no image keys).
     """
     from gato_like.data_pipelines.generate import generate
 
@@ -55,6 +57,7 @@ def data_generate(
         episodes_per_shard,
         normalizer_episodes,
         overwrite,
+        pixels=pixels,
     )
     timing = index["timing"]
     episodes_total = sum(t["episodes"] for t in index["tasks"].values())
@@ -184,7 +187,69 @@ def train(
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 
 
-def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, episodes: int = 10, max_steps: int | None = None, seed: int = 0) -> None:  # fmt: skip
+def finetune(
+    from_: Path,
+    data: Path,
+    out: Path,
+    mode: str = "lora",
+    task: str | None = None,
+    spec: Path | None = None,
+    lr: float | None = None,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    val_every: int | None = None,
+    patience: int = 4,
+    holdout: int | None = None,
+    lora_rank: int = 8,
+    seed: int = 0,
+    max_minutes: float | None = None,
+) -> None:
+    """Fine-tune a pretrained checkpoint on a few demos of a new embodiment (full, head-only or LoRA).
+
+    Args:
+        from_: the base checkpoint directory (--from CKPT).
+        data: demos folder made by `gato-like data convert` (or `data generate`).
+        out: run directory: checkpoint/ (the adapted model, base format), logs/, losses.png, finetune.json.
+        mode: lora (adapters on attention and MLP + norms), head (output layer, final norm, head adapters) or full.
+        task: which task of the folder (default: its only one).
+        spec: the embodiment spec the demos must follow (default: the folder's own); checked against every demo.
+        lr: peak learning rate (default per mode: lora/head 2e-3, full 5e-4).
+        max_steps: optimizer steps at most (default: ~30 passes over the demos, 100 to 1500).
+        batch_size: sequences per step.
+        val_every: validate on the held-out demo(s) every this many steps (default: max_steps / 15).
+        patience: validations without improvement before stopping early.
+        holdout: demos held out for early stopping (default: 10 %, at least 1).
+        lora_rank: rank of the LoRA adapters.
+        seed: seed of the split, the data order and the adapters.
+        max_minutes: wall-time cap (the best weights so far are exported).
+    """
+    from gato_like.training.finetune import FinetuneConfig
+    from gato_like.training.finetune import finetune as run
+
+    config = FinetuneConfig(
+        mode=mode,  # type: ignore[arg-type]
+        lr=lr,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        val_every=val_every,
+        patience=patience,
+        holdout=holdout,
+        lora_rank=lora_rank,
+        seed=seed,
+        max_minutes=max_minutes,
+    )
+    checkpoint = run(from_, data, out, config, task, spec, command=shlex.join(["gato-like", *sys.argv[1:]]))
+    summary = json.loads((Path(out) / "finetune.json").read_text())
+    print(
+        f"fine-tuned {summary['mode']} on {summary['demos']} demos of {summary['task']} "
+        f"({summary['held_out']} held out): best held-out policy loss {summary['best_held_out_policy_loss']} "
+        f"at step {summary['best_step']} of {summary['steps_run']}"
+        f"{' (stopped early)' if summary['early_stopped'] else ''}\ncheckpoint: {checkpoint}\n"
+        f"evaluate: gato-like eval --ckpt {checkpoint} --tasks {summary['task']} --prompt {data}"
+    )
+
+
+def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, episodes: int = 10, max_steps: int | None = None, seed: int = 0, prompt: Path | None = None) -> None:  # fmt: skip
     """Roll a checkpoint's policy out in the real simulators: expert-normalized scores, success rates, plot, GIFs.
 
     Args:
@@ -194,6 +259,7 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
         episodes: episodes per task.
         max_steps: episode length cap (default: the training data's).
         seed: seed of the evaluation episodes (disjoint from the training seeds).
+        prompt: a demos folder: prompt every episode with the end of one of its demos of the task.
     """
 
     from gato_like.training.evaluate import evaluate as run
@@ -201,7 +267,14 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
     names = _task_list(tasks)
     destination = out or Path(ckpt).resolve().parent / "eval"
     summary = run(
-        ckpt, destination, names, episodes, max_steps, seed, command=shlex.join(["gato-like", *sys.argv[1:]])
+        ckpt,
+        destination,
+        names,
+        episodes,
+        max_steps,
+        seed,
+        command=shlex.join(["gato-like", *sys.argv[1:]]),
+        prompt=prompt,
     )
     print_evaluation(summary, destination)
 
@@ -346,6 +419,7 @@ def build_parser() -> ArgumentParser:
         "demo", _function_parser(demo_module.run), help="the main job end to end on the embedded default"
     )
     commands.add_subcommand("train", _function_parser(train), help=_summary(train))
+    commands.add_subcommand("finetune", _function_parser(finetune), help=_summary(finetune))
     commands.add_subcommand("eval", _function_parser(evaluate), help=_summary(evaluate))
     data = ArgumentParser(description="make, convert and look at episode datasets")
     commands.add_subcommand("data", data, help="make, convert and inspect episode datasets")
@@ -370,6 +444,7 @@ def _summary(function: Callable[..., Any]) -> str:
 COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {
     ("demo",): demo_module.run,
     ("train",): train,
+    ("finetune",): finetune,
     ("eval",): evaluate,
     ("data", "generate"): data_generate,
     ("data", "convert"): data_convert,
@@ -398,6 +473,8 @@ def _normalized(argv: list[str]) -> list[str]:
         if parameter.annotation in (bool, "bool")
     }
     out = []
+    # `--from` is a Python keyword: finetune's parameter is named from_
+    argv = [("--from_" + a[6:]) if a == "--from" or a.startswith("--from=") else a for a in argv]
     for i, argument in enumerate(map(_underscored, argv)):
         following = argv[i + 1] if i + 1 < len(argv) else None
         if argument in flags and (following is None or following.startswith("-")):

@@ -33,11 +33,22 @@ def evaluate(
     max_steps: int | None = None,
     seed: int = 0,
     command: str | None = None,
+    prompt: str | Path | None = None,
+    write_card_file: bool = True,
+    media: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every task (default: every task the checkpoint was trained on that has a reward),
     and write ``eval.json``, ``scores.png``, a GIF per task and ``model_card.md``.
 
     ``command``: the command line to print in the card (default: the equivalent ``gato-like eval``).
+    ``prompt``: a dataset folder (e.g. the fine-tuning demos): each episode is prompted with the
+    last timesteps of one of its demos of the task (up to a quarter of the context), as Gato
+    prompts a new task with a demonstration.
+
+    The observations the simulator gives are cut to the keys of the checkpoint's spec, so a body
+    described with fewer sensors (e.g. proprioception only) is evaluated in the same simulator.
+    A task whose normalizers lack the random policy's return (demos brought with `data convert`)
+    gets it measured here, over ``episodes`` uniform-random episodes.
     """
     policy = Policy.from_checkpoint(checkpoint)
     known = policy.checkpoint.tasks
@@ -51,22 +62,35 @@ def evaluate(
         task = get_task(name)
         steps = max_steps or known.get(name, {}).get("max_steps") or task.max_steps
         returns, successes = [], []
+        spec = policy.checkpoint.spec_for(name)
+        demos = prompt_demos(prompt, name, spec) if prompt is not None else []
+
+        def act(observation: dict[str, Any], keys: frozenset[str] = frozenset(spec.observations)) -> Any:
+            return policy.act({k: v for k, v in observation.items() if k in keys})
+
+        wants_pixels = "pixels" in spec.observations
         for i in range(episodes):
-            policy.reset(name)
+            demo = demo_prompt(demos[i % len(demos)], policy) if demos else None
+            policy.reset(name, prompt=demo)
             episode_seed = (
                 1_000_000 + zlib.crc32(name.encode()) % 1000 * 1000 + seed * 100 + i
             )  # unseen by training
             if isinstance(task, BabyAITask):  # a top-down view of the grid, for the video
-                episode = task.rollout(episode_seed, policy.act, max_steps=steps, record_frames=i == 0)
+                episode = task.rollout(episode_seed, act, max_steps=steps, record_frames=media and i == 0)
             else:
-                episode = task.rollout(episode_seed, policy.act, render=True, max_steps=steps)
+                render = wants_pixels or (media and i == 0)
+                episode = task.rollout(episode_seed, act, render=render, max_steps=steps)
             returns.append(episode.episode_return)
             successes.append(episode.success)
             frames = episode.observations.get("pixels", episode.extra.get("frames"))
-            if i == 0 and frames is not None:
+            if media and i == 0 and frames is not None:
                 save_gif(frames, out / f"{name}.gif", max_frames=300)
         normalizers = known.get(name, {}).get("returns") or {}
         expert, random = normalizers.get("expert"), normalizers.get("random")
+        random_measured = False
+        if expert and not random:
+            random = random_returns(task, episodes, steps, seed)
+            random_measured = True
         mean = float(np.mean(returns))
         score = None
         if expert and random and expert["mean"] != random["mean"]:
@@ -78,6 +102,8 @@ def evaluate(
             "returns": [round(r, 4) for r in returns],
             "expert_normalized_score": None if score is None else round(score, 4),
             "success_rate": round(float(np.mean(successes)), 4),
+            "normalizers": {"expert": expert, "random": random, "random_measured_here": random_measured},
+            "prompted": bool(demos),
         }
     scores = [
         r["expert_normalized_score"] for r in results.values() if r["expert_normalized_score"] is not None
@@ -96,12 +122,53 @@ def evaluate(
         "mean_score": round(float(np.mean(scores)), 4) if scores else None,
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not write_card_file:
+        return summary
     _plot(results, out / "scores.png")
     curves = Path(checkpoint).parent / "losses.png"  # written by train() beside the checkpoint
     if curves.is_file() and curves.resolve() != (out / "losses.png").resolve():
         shutil.copyfile(curves, out / "losses.png")
     write_card(policy.checkpoint, checkpoint, summary, out / "model_card.md")
     return summary
+
+
+def random_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:
+    """The uniform-random policy's return summary over ``episodes`` episodes (no rendering)."""
+    from gato_like.data_pipelines.shards import returns_summary
+
+    values = [
+        task.rollout(2_000_000 + seed * 1000 + i, "random", render=False, max_steps=max_steps).episode_return
+        for i in range(episodes)
+    ]
+    return returns_summary(values)
+
+
+def prompt_demos(root: str | Path, task: str, spec: Any) -> list[Any]:
+    """The episodes of ``task`` in a dataset folder, for prompting; they must follow ``spec``."""
+    from gato_like.data_pipelines.shards import iter_shard, read_index
+
+    index = read_index(root)
+    if task not in index["tasks"]:
+        raise ValueError(f"--prompt {root}: no demos of task {task!r} (tasks: {sorted(index['tasks'])})")
+    episodes = [e for s in index["tasks"][task]["shards"] for e in iter_shard(Path(root) / s["path"])]
+    for episode in episodes:
+        episode.check(spec)
+    if not episodes:
+        raise ValueError(f"--prompt {root}: task {task!r} has no episodes")
+    return episodes
+
+
+def demo_prompt(episode: Any, policy: Policy, fraction: float = 0.25) -> tuple[dict[str, Any], Any]:
+    """The last whole timesteps of a demo that fit in ``fraction`` of the context (goal-like prompt)."""
+    assert policy.builder is not None or policy.checkpoint is not None
+    from gato_like.tokenizers import SequenceBuilder
+
+    builder = SequenceBuilder(policy.checkpoint.spec_for(episode.task), policy.checkpoint.text)
+    per_step = (
+        len(builder.build_step({k: v[0] for k, v in episode.observations.items()})) + builder.action_size
+    )
+    steps = max(1, int(policy.model.config.context_length * fraction) // per_step)
+    return {k: v[-steps:] for k, v in episode.observations.items()}, episode.actions[-steps:]
 
 
 def write_card(

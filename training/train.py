@@ -3,6 +3,7 @@ on many GPUs (``--devices``, ``--strategy ddp|fsdp``), bf16 where the hardware h
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import time
@@ -70,8 +71,11 @@ class ExportCheckpoint(L.Callback):
             and torch.is_tensor(v)
             and v.numel() == 1
         }
+        text = TextTokenizer()
         meta = {
             "step": trainer.global_step,
+            # a fine-tune refuses a checkpoint whose tokenizer file was swapped after training
+            "tokenizer_sha256": hashlib.sha256(text.model_proto).hexdigest(),
             "data": self.data.data,
             "preset": module.config.name,
             "parameters": sum(p.numel() for p in module.model.parameters()),
@@ -89,7 +93,7 @@ class ExportCheckpoint(L.Callback):
             },
             "metrics": metrics,
         }
-        save_checkpoint(self.out / "checkpoint", module.model, TextTokenizer(), specs, tasks, meta)
+        save_checkpoint(self.out / "checkpoint", module.model, text, specs, tasks, meta)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_index: int
@@ -228,8 +232,13 @@ def train(
     return out / "checkpoint"
 
 
-def plot_losses(metrics: Path, path: Path) -> Path:
-    """Training and validation loss curves from Lightning's ``metrics.csv`` to a PNG."""
+def plot_losses(
+    metrics: Path,
+    path: Path,
+    keys: tuple[str, ...] = ("train/policy_loss", "train/dynamics_loss", "val/loss"),
+) -> Path:
+    """Training and validation loss curves (``keys``; ``val/*`` drawn with markers) from
+    Lightning's ``metrics.csv`` to a PNG."""
     import csv
 
     import matplotlib
@@ -240,7 +249,8 @@ def plot_losses(metrics: Path, path: Path) -> Path:
     with open(metrics, newline="") as handle:
         rows = list(csv.DictReader(handle))
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    for key, style in (("train/policy_loss", "-"), ("train/dynamics_loss", "-"), ("val/loss", "o-")):
+    for key in keys:
+        style = "o-" if key.startswith("val/") else "-"
         points = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
         if points:
             axis.plot(*zip(*points, strict=True), style, label=key, linewidth=1, markersize=3)
