@@ -163,7 +163,7 @@ def test_too_few_demos_to_hold_one_out(tmp_path: Path) -> None:
 def test_a_base_whose_tokenizer_differs_is_refused_before_training(tmp_path: Path) -> None:
     base = _base(tmp_path / "base", tokenizer_sha256="0" * 64)
     demos = _demos(tmp_path, count=2, steps=5)
-    with pytest.raises(FinetuneError, match="tokenizer/text.model has sha256 .* trained with the tokenizer"):
+    with pytest.raises(FinetuneError, match=r"tokenizer/text.model has sha256 .* trained with the tokenizer"):
         finetune(base, demos, tmp_path / "run", FinetuneConfig(max_steps=2), progress=False)
     assert not (tmp_path / "run").exists()  # nothing started
     # the command line says it in one line, exit code 2
