@@ -146,3 +146,17 @@ def test_episode_sample_round_trip_and_named_errors() -> None:
         Episode.from_sample({"__key__": "k0", "json": sample["json"]}, where="shard x.tar")
     with pytest.raises(EpisodeFormatError, match=r"sample 'k0': .npz is corrupt"):
         Episode.from_sample({"__key__": "k0", "json": sample["json"], "npz": b"garbage"}, where="shard x.tar")
+
+
+def test_generate_without_pixels_writes_proprioception_only(tmp_path: Path) -> None:
+    from gato_like.tokenizers import EmbodimentSpec
+
+    index = generate(tmp_path, tasks=["arm3-reach"], episodes=2, max_steps=5, normalizer_episodes=1,
+                     workers=1, progress=False, pixels=False)  # fmt: skip
+    spec = EmbodimentSpec.from_file(tmp_path / "arm3-reach" / "embodiment.json")
+    assert set(spec.observations) == {"position", "to_target", "velocity"}
+    episodes = list(iter_shard(tmp_path / index["tasks"]["arm3-reach"]["shards"][0]["path"]))
+    assert [set(e.observations) for e in episodes] == [set(spec.observations)] * 2
+    assert index["timing"]["rendered_frames"] == 0
+    with pytest.raises(ValueError, match="captions task describes camera frames"):
+        generate(tmp_path / "c", suite="smoke", episodes=1, progress=False, pixels=False)

@@ -1,0 +1,94 @@
+"""The dynamics head, measured: open-loop error of predicted proprioception against copying the
+last state.
+
+    .venv/bin/python benchmarks/dynamics.py --ckpt runs/base/checkpoint --data data/heldout-episodes \\
+        --horizons 1,10 --starts 40 --out runs/dynamics.json
+
+For every task of ``--data`` (episodes the checkpoint never trained on: generate them with another
+``--seed``), ``--starts`` start points t are drawn across the episodes. ``Policy.rollout`` gets the
+observation at t and the recorded actions t..t+k-1 and predicts the proprioception at t+1..t+k
+with the dynamics head alone (open loop: its own predictions are fed back). The baseline copies
+the observation at t. Error: root mean square over every proprioceptive value at step k, in the
+observation's own units; the ratio is model / baseline (below 1 beats copying).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int = 0, tasks: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    from gato_like.data_pipelines.shards import iter_shard, read_index
+    from gato_like.policy import Policy
+
+    policy = Policy.from_checkpoint(ckpt)
+    index = read_index(data)
+    longest = max(horizons)
+    results: dict[str, Any] = {}
+    for task in tasks or sorted(index["tasks"]):
+        spec = policy.checkpoint.spec_for(task)
+        keys = [k for k, o in sorted(spec.observations.items()) if o.kind == "proprio"]
+        episodes = [e for s in index["tasks"][task]["shards"] for e in iter_shard(data / s["path"])]
+        rng = random.Random(seed)
+        model_sq = {k: [] for k in horizons}  # type: dict[int, list[float]]
+        copy_sq = {k: [] for k in horizons}  # type: dict[int, list[float]]
+        for _ in range(starts):
+            episode = rng.choice(episodes)
+            t = rng.randrange(0, episode.length - longest)
+            observation = {k: v[t] for k, v in episode.observations.items() if k in spec.observations}
+            policy.reset(task)
+            predicted = policy.rollout(observation, episode.actions[t : t + longest])
+            for k in horizons:
+                truth = np.concatenate([episode.observations[key][t + k].ravel() for key in keys])
+                guess = np.concatenate([predicted[k - 1][key].ravel() for key in keys])
+                last = np.concatenate([episode.observations[key][t].ravel() for key in keys])
+                model_sq[k].append(float(np.mean((guess - truth) ** 2)))
+                copy_sq[k].append(float(np.mean((last - truth) ** 2)))
+        results[task] = {
+            str(k): {
+                "model_rmse": round(float(np.sqrt(np.mean(model_sq[k]))), 5),
+                "copy_last_rmse": round(float(np.sqrt(np.mean(copy_sq[k]))), 5),
+                "ratio": round(float(np.sqrt(np.mean(model_sq[k]) / max(np.mean(copy_sq[k]), 1e-12))), 3),
+            }
+            for k in horizons
+        }
+        print(task, json.dumps(results[task]), flush=True)
+    return {"checkpoint": str(ckpt), "data": str(data), "starts": starts, "tasks": results}
+
+
+def table(summary: dict[str, Any], horizons: list[int]) -> str:
+    head = " | ".join(f"{k}-step RMSE model / copy-last (ratio)" for k in horizons)
+    lines = [f"| task | {head} |", "|---|" + "---|" * len(horizons)]
+    for task, r in summary["tasks"].items():
+        cells = [f"{r[str(k)]['model_rmse']:.4f} / {r[str(k)]['copy_last_rmse']:.4f} ({r[str(k)]['ratio']:.2f}×)" for k in horizons]  # fmt: skip
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="held-out episodes (a dataset folder)")
+    parser.add_argument("--horizons", default="1,10")
+    parser.add_argument("--starts", type=int, default=40, help="start points per task")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all of --data)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    args = parser.parse_args()
+    horizons = [int(k) for k in args.horizons.split(",")]
+    tasks = args.tasks.split(",") if args.tasks else None
+    summary = measure(args.ckpt, args.data, horizons, args.starts, args.seed, tasks)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(table(summary, horizons))
+
+
+if __name__ == "__main__":
+    main()

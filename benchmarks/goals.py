@@ -1,0 +1,94 @@
+"""The goal-conditioned head, measured: reaching success with a goal state (or goal image) against
+the same policy without a goal.
+
+    .venv/bin/python benchmarks/goals.py --ckpt runs/base/checkpoint \\
+        --tasks dmc-point_mass-easy,dmc-reacher-easy --goals 50 --max_steps 150 --out runs/goals.json
+
+For each of ``--goals`` fresh episode seeds per task, the scripted expert is rolled out first and
+its final observation (the body resting on the target) is the goal: ``state`` gives the goal
+head the proprioceptive keys, ``image`` the camera frame (only for checkpoints whose spec has
+one). The goal-conditioned policy (``Policy.reset(task, goal=...)``: the goal segment before the
+history, the goal head) and the unconditioned policy are then rolled out from the same seed.
+Success is the task's own: the body inside the target at the last step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def measure(ckpt: Path, tasks: list[str], goals: int, max_steps: int, kinds: list[str]) -> dict[str, Any]:
+    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.policy import Policy
+
+    policy = Policy.from_checkpoint(ckpt)
+    results: dict[str, Any] = {}
+    for name in tasks:
+        task = get_task(name)
+        spec = policy.checkpoint.spec_for(name)
+        wants_pixels = "pixels" in spec.observations
+        keys = frozenset(spec.observations)
+        proprio = [k for k, o in spec.observations.items() if o.kind == "proprio"]
+        rows: dict[str, list[bool]] = {"none": [], "expert": []}
+        for kind in kinds:
+            if kind == "image" and not wants_pixels:
+                print(f"{name}: the checkpoint's spec has no image; goal-image skipped", flush=True)
+                continue
+            rows[kind] = []
+        for i in range(goals):
+            seed = 3_000_000 + zlib.crc32(name.encode()) % 1000 * 1000 + i
+            expert = task.rollout(seed, "expert", render=wants_pixels or "image" in rows, max_steps=max_steps)
+            rows["expert"].append(expert.success)
+            final = {k: v[-1] for k, v in expert.observations.items()}
+
+            def act(observation: dict[str, Any]) -> Any:
+                return policy.act({k: v for k, v in observation.items() if k in keys})
+
+            for kind in rows:
+                if kind == "expert":
+                    continue
+                goal = None
+                if kind == "state":
+                    goal = {k: final[k] for k in proprio} | (
+                        {"pixels": np.zeros_like(final["pixels"])} if wants_pixels else {}
+                    )
+                elif kind == "image":
+                    goal = {k: final[k] for k in spec.observations}
+                policy.reset(name, goal=goal)
+                episode = task.rollout(seed, act, render=wants_pixels, max_steps=max_steps)
+                rows[kind].append(episode.success)
+            print(name, i, {k: v[-1] for k, v in rows.items()}, flush=True)
+        results[name] = {
+            k: {"success_rate": round(float(np.mean(v)), 4), "goals": len(v)} for k, v in rows.items()
+        }
+    return {"checkpoint": str(ckpt), "max_steps": max_steps, "tasks": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--tasks", default="dmc-point_mass-easy,dmc-reacher-easy")
+    parser.add_argument("--goals", type=int, default=50)
+    parser.add_argument("--max_steps", type=int, default=150)
+    parser.add_argument("--kinds", default="state,image", help="goal kinds: state, image")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    summary = measure(args.ckpt, args.tasks.split(","), args.goals, args.max_steps, args.kinds.split(","))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print("| task | goal | success | goals |\n|---|---|---|---|")
+    for task, rows in summary["tasks"].items():
+        for kind, r in rows.items():
+            label = {"none": "no goal (policy head)", "state": "goal state", "image": "goal image", "expert": "scripted expert"}[kind]  # fmt: skip
+            print(f"| {task} | {label} | {r['success_rate']:.0%} | {r['goals']} |")
+
+
+if __name__ == "__main__":
+    main()
