@@ -47,7 +47,7 @@ def measure(ckpt: Path, tasks: list[str], goals: int, max_steps: int, kinds: lis
             rows["expert"].append(expert.success)
             final = {k: v[-1] for k, v in expert.observations.items()}
 
-            def act(observation: dict[str, Any]) -> Any:
+            def act(observation: dict[str, Any], keys: frozenset[str] = keys) -> Any:
                 return policy.act({k: v for k, v in observation.items() if k in keys})
 
             for kind in rows:
