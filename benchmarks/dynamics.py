@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 
-def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int = 0, tasks: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int = 0, tasks: list[str] | None = None, decode: str = "median") -> dict[str, Any]:  # fmt: skip
     from gato_like.data_pipelines.shards import iter_shard, read_index
     from gato_like.policy import Policy
 
@@ -43,7 +43,7 @@ def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int 
             t = rng.randrange(0, episode.length - longest)
             observation = {k: v[t] for k, v in episode.observations.items() if k in spec.observations}
             policy.reset(task)
-            predicted = policy.rollout(observation, episode.actions[t : t + longest])
+            predicted = policy.rollout(observation, episode.actions[t : t + longest], decode=decode)
             for k in horizons:
                 truth = np.concatenate([episode.observations[key][t + k].ravel() for key in keys])
                 guess = np.concatenate([predicted[k - 1][key].ravel() for key in keys])
@@ -59,7 +59,7 @@ def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int 
             for k in horizons
         }
         print(task, json.dumps(results[task]), flush=True)
-    return {"checkpoint": str(ckpt), "data": str(data), "starts": starts, "tasks": results}
+    return {"checkpoint": str(ckpt), "data": str(data), "starts": starts, "decode": decode, "tasks": results}
 
 
 def table(summary: dict[str, Any], horizons: list[int]) -> str:
@@ -79,11 +79,12 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=40, help="start points per task")
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all of --data)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode", default="median", help="median, mean or argmax (Policy.rollout)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args()
     horizons = [int(k) for k in args.horizons.split(",")]
     tasks = args.tasks.split(",") if args.tasks else None
-    summary = measure(args.ckpt, args.data, horizons, args.starts, args.seed, tasks)
+    summary = measure(args.ckpt, args.data, horizons, args.starts, args.seed, tasks, args.decode)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -138,9 +138,16 @@ class Policy:
         return [actions[i] for i in range(len(self.envs))]
 
     @torch.no_grad()
-    def rollout(self, observation: Mapping[str, Any], actions: np.ndarray) -> list[dict[str, np.ndarray]]:
+    def rollout(
+        self, observation: Mapping[str, Any], actions: np.ndarray, decode: str = "median"
+    ) -> list[dict[str, np.ndarray]]:
         """Open-loop dynamics: predicted observations after each of ``actions`` (k, *action.shape),
         starting from the current history and ``observation``; the policy's own state is untouched.
+
+        ``decode``: a continuous value is the median bin of the head's distribution over the 1024
+        bins (``median``, the default: robust to the long tails of an uncertain head, where the
+        most likely bin can sit far out), its mean in mu-law space (``mean``) or its most likely
+        bin (``argmax``); that bin is fed back. Discrete values are always the most likely one.
 
         Proprioceptive and discrete keys are predicted by the dynamics head; text and images are
         carried over from ``observation`` (the model does not generate pixels). Decoder backbone only.
@@ -191,7 +198,10 @@ class Policy:
                     end = position + 1
                     if generated[position]:
                         low, high = ranges[int(template.types[position])]
-                        ids[position] = int(logits[0, low:high].argmax()) + low
+                        ids[position] = (
+                            self._predicted_bin(logits[0, low:high], int(template.types[position]), decode)
+                            + low
+                        )
                     else:  # a run of carried-over text or image tokens
                         while end < last and not generated[end]:
                             end += 1
@@ -203,9 +213,26 @@ class Policy:
         finally:
             self.cache, self.envs[0].length = saved
 
-    def predict(self, observation: Mapping[str, Any], action: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(
+        self, observation: Mapping[str, Any], action: np.ndarray, decode: str = "median"
+    ) -> dict[str, np.ndarray]:
         """The next observation's proprio/discrete keys after ``action`` (see :meth:`rollout`)."""
-        return self.rollout(observation, np.asarray(action)[None])[0]
+        return self.rollout(observation, np.asarray(action)[None], decode)[0]
+
+    @staticmethod
+    def _predicted_bin(logits: Tensor, token_type: int, decode: str) -> int:
+        """The bin (offset inside its id range) the dynamics head predicts from ``logits`` (n,)."""
+        if decode not in ("median", "mean", "argmax"):
+            raise ValueError(f"decode: expected 'median', 'mean' or 'argmax', got {decode!r}")
+        if decode == "argmax" or token_type != int(TokenType.CONTINUOUS):
+            return int(logits.argmax())
+        bins = logits.shape[-1]
+        if decode == "median":
+            cumulative = torch.softmax(logits.double(), -1).cumsum(-1)
+            return min(int((cumulative < 0.5).sum()), bins - 1)
+        centres = -1.0 + (2.0 * torch.arange(bins, dtype=torch.float64, device=logits.device) + 1.0) / bins
+        mean = float((torch.softmax(logits.double(), -1) * centres).sum())
+        return min(int((mean + 1.0) / 2.0 * bins), bins - 1)
 
     # -- building blocks (also used by the serving engine) ---------------------------------------
 

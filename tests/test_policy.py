@@ -209,3 +209,22 @@ def test_evaluate_rolls_out_in_the_simulator_with_a_video(checkpoint, tmp_path) 
     assert len(result["returns"]) == 2 and result["max_steps"] == 15
     assert result["expert_normalized_score"] is None  # this checkpoint carries no normalizers
     assert (tmp_path / "dmc-reacher-easy.gif").stat().st_size > 0 and (tmp_path / "eval.json").is_file()
+
+
+def test_dynamics_decoding_of_a_continuous_distribution() -> None:
+    """median: robust to a far-off mode; mean: the centre of mass; argmax: the mode."""
+    continuous = int(TokenType.CONTINUOUS)
+    logits = torch.full((1024,), -30.0)
+    logits[300:310] = 0.0  # 10 bins, half the mass below 305
+    logits[1000] = 2.5  # a single bin more likely than any of the ten, with ~55 % of the mass
+    assert Policy._predicted_bin(logits, continuous, "argmax") == 1000
+    assert Policy._predicted_bin(logits, continuous, "median") == 1000  # 55 % > 50 %: the median is there
+    logits[1000] = 1.0  # now ~21 %: the median stays in the bulk
+    assert 300 <= Policy._predicted_bin(logits, continuous, "median") < 310
+    assert Policy._predicted_bin(logits, continuous, "argmax") == 1000
+    mean = Policy._predicted_bin(logits, continuous, "mean")
+    assert 310 < mean < 1000  # pulled between the two
+    discrete = int(TokenType.DISCRETE)
+    assert Policy._predicted_bin(logits, discrete, "median") == 1000  # discrete values: the most likely
+    with pytest.raises(ValueError, match="decode: expected"):
+        Policy._predicted_bin(logits, continuous, "mode")
