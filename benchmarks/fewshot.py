@@ -144,31 +144,36 @@ def table(results: list[dict[str, Any]], counts: list[int]) -> str:
 
 
 def plot(results: list[dict[str, Any]], counts: list[int], path: Path) -> None:
+    """Score (left) and held-out policy loss (right) against the number of demos, mean ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    figure, axis = plt.subplots(figsize=(5.5, 3.5))
-    for init, color in (("pretrained", "#4c72b0"), ("scratch", "#dd8452")):
-        xs, means, stds = [], [], []
-        for n in counts:
-            scores = [r["score"] for r in results if r["demos"] == n and r["init"] == init]
-            if scores:
-                xs.append(n)
-                means.append(float(np.mean(scores)))
-                stds.append(float(np.std(scores)))
-        if xs:
-            axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=init, color=color)
-    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="expert")
-    axis.axhline(0.0, color="black", linewidth=0.8)
-    axis.set_xscale("log")
-    axis.set_xticks(counts, [str(n) for n in counts])
-    axis.set_xlabel("demonstrations")
-    axis.set_ylabel("expert-normalized score")
-    axis.set_title(f"{TASK}: few-shot adaptation", fontsize=10)
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, axis, label in (("score", axes[0], "expert-normalized score"), ("held_out_policy_loss", axes[1], "held-out policy loss (nats/token)")):  # fmt: skip
+        for init, color in (("pretrained", "#4c72b0"), ("scratch", "#dd8452")):
+            xs, means, stds = [], [], []
+            for n in counts:
+                values = [r[key] for r in results if r["demos"] == n and r["init"] == init]
+                if values:
+                    xs.append(n)
+                    means.append(float(np.mean(values)))
+                    stds.append(float(np.std(values)))
+            if xs:
+                axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=init, color=color)
+        if key == "score":
+            axis.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="expert")
+            axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_xscale("log")
+        axis.set_xticks(counts, [str(n) for n in counts])
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_xlabel("demonstrations")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{TASK}: few-shot adaptation", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
