@@ -263,21 +263,9 @@ class WindowSampler:
         start, stop = _window_steps(bounds, budget, rng)
         window = self._tokens(episode, start, stop)
         sequence = TokenSequence.concatenate([prompt, window]) if prompt is not None else window
-        prompt_mask = np.zeros(len(sequence), dtype=bool)
-        if prompt is not None:
-            prompt_mask[: len(prompt)] = True
-        out = {
-            "ids": sequence.ids,
-            "types": sequence.types,
-            "local_positions": sequence.local_positions,
-            "timesteps": sequence.timesteps,
-            "loss_mask": sequence.loss_mask & ~prompt_mask,
-            "prompt_mask": prompt_mask,
-            "patches": sequence.patches,
-            "patch_positions": sequence.patch_positions,
-            "task": np.int64(self.task_ids[episode.task]),
-            "episode": episode.key,
-        }
+        out = sequence_sample(
+            sequence, len(prompt) if prompt is not None else 0, self.task_ids[episode.task], episode.key
+        )
         if cfg.hindsight_goals:
             goal_step = rng.randrange(stop - 1, episode.length)
             goal = self.builders[episode.task].build_step(
@@ -293,13 +281,52 @@ class WindowSampler:
             }
         return out
 
+    def tiles(self, episode: Episode) -> list[dict[str, Any]]:
+        """The whole episode as consecutive windows of whole timesteps of at most the context, no
+        prompt and no goal (e.g. validation over held-out episodes)."""
+        bounds = self.bounds(episode)
+        out, start, steps = [], 0, len(bounds) - 1
+        while start < steps:
+            stop = _run_end(bounds, start, self.config.context_length)
+            out.append(
+                sequence_sample(
+                    self._tokens(episode, start, stop), 0, self.task_ids[episode.task], episode.key
+                )
+            )
+            start = stop
+        return out
+
+
+def sequence_sample(sequence: TokenSequence, prompt_length: int, task_id: int, key: str) -> dict[str, Any]:
+    """One training sample (what :func:`collate` takes) from a token sequence whose first
+    ``prompt_length`` tokens are a prompt (never targets)."""
+    prompt_mask = np.zeros(len(sequence), dtype=bool)
+    prompt_mask[:prompt_length] = True
+    return {
+        "ids": sequence.ids,
+        "types": sequence.types,
+        "local_positions": sequence.local_positions,
+        "timesteps": sequence.timesteps,
+        "loss_mask": sequence.loss_mask & ~prompt_mask,
+        "prompt_mask": prompt_mask,
+        "patches": sequence.patches,
+        "patch_positions": sequence.patch_positions,
+        "task": np.int64(task_id),
+        "episode": key,
+    }
+
+
+def _run_end(bounds: np.ndarray, start: int, budget: int) -> int:
+    """End (exclusive) of the longest run of whole timesteps from ``start`` within ``budget`` tokens (at least one)."""
+    return max(int(np.searchsorted(bounds, bounds[start] + budget, side="right")) - 1, start + 1)
+
 
 def _window_steps(bounds: np.ndarray, budget: int, rng: random.Random) -> tuple[int, int]:
     """A random run ``[start, stop)`` of whole timesteps of at most ``budget`` tokens (at least one)."""
     steps = len(bounds) - 1
     start = rng.randrange(steps)
     # the longest run from start that fits; if it reaches the end, slide back to fill the budget
-    stop = max(int(np.searchsorted(bounds, bounds[start] + budget, side="right")) - 1, start + 1)
+    stop = _run_end(bounds, start, budget)
     if stop >= steps:
         stop = steps
         first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))

@@ -28,18 +28,12 @@ ARM3 = without_images(get_task("arm3-reach").spec)  # proprioception only: cheap
 
 
 def _batch(config: Config) -> dict[str, torch.Tensor]:
-    from gato_like.data_pipelines.loader import collate
+    from gato_like.data_pipelines.loader import collate, sequence_sample
     from gato_like.tokenizers import SequenceBuilder
 
     episode = get_task("arm3-reach").rollout(3, "expert", render=False, max_steps=6)
     tokens = SequenceBuilder(ARM3).build(episode.observations, episode.actions)
-    sample = {
-        "ids": tokens.ids, "types": tokens.types, "local_positions": tokens.local_positions,
-        "timesteps": tokens.timesteps, "loss_mask": tokens.loss_mask,
-        "prompt_mask": np.zeros(len(tokens), bool), "patches": tokens.patches,
-        "patch_positions": tokens.patch_positions, "task": np.int64(0), "episode": "e",
-    }  # fmt: skip
-    return collate([sample], config.layout.pad_id)
+    return collate([sequence_sample(tokens, 0, 0, "e")], config.layout.pad_id)
 
 
 def test_lora_starts_as_the_base_and_merges_exactly() -> None:

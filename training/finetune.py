@@ -258,34 +258,6 @@ class DemoStream(torch.utils.data.IterableDataset):
             yield self.sampler.sample(self.episodes[i], bounds[i], rng, pool)
 
 
-def tile_episode(sampler: WindowSampler, episode: Episode) -> list[dict[str, Any]]:
-    """The whole episode as consecutive windows of whole timesteps (no prompt): validation samples."""
-    bounds = sampler.bounds(episode)
-    out, start, steps = [], 0, len(bounds) - 1
-    budget = sampler.config.context_length
-    while start < steps:
-        stop = max(int(np.searchsorted(bounds, bounds[start] + budget, side="right")) - 1, start + 1)
-        tokens = sampler.builders[episode.task].build(
-            {k: v[start:stop] for k, v in episode.observations.items()}, episode.actions[start:stop]
-        )
-        out.append(
-            {
-                "ids": tokens.ids,
-                "types": tokens.types,
-                "local_positions": tokens.local_positions,
-                "timesteps": tokens.timesteps,
-                "loss_mask": tokens.loss_mask,
-                "prompt_mask": np.zeros(len(tokens), dtype=bool),
-                "patches": tokens.patches,
-                "patch_positions": tokens.patch_positions,
-                "task": np.int64(0),
-                "episode": episode.key,
-            }
-        )
-        start = stop
-    return out
-
-
 class DemoData(L.LightningDataModule):
     def __init__(self, demos: Demos, text: Any, context_length: int, batch_size: int, prompt_probability: float, seed: int) -> None:  # fmt: skip
         super().__init__()
@@ -295,7 +267,7 @@ class DemoData(L.LightningDataModule):
         self.sampler = WindowSampler(source, config, text)
         self.demos, self.batch_size, self.seed = demos, batch_size, seed
         self.pad_id = self.sampler.builders[demos.task].layout.pad_id
-        self.validation = [s for e in demos.held_out for s in tile_episode(self.sampler, e)]
+        self.validation = [s for e in demos.held_out for s in self.sampler.tiles(e)]
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples, self.pad_id)
