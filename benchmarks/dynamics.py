@@ -24,7 +24,7 @@ import numpy as np
 
 
 def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int = 0, tasks: list[str] | None = None, decode: str = "median") -> dict[str, Any]:  # fmt: skip
-    from gato_like.data_pipelines.shards import iter_shard, read_index
+    from gato_like.data_pipelines.shards import iter_task, read_index
     from gato_like.policy import Policy
 
     policy = Policy.from_checkpoint(ckpt)
@@ -34,7 +34,7 @@ def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int 
     for task in tasks or sorted(index["tasks"]):
         spec = policy.checkpoint.spec_for(task)
         keys = [k for k, o in sorted(spec.observations.items()) if o.kind == "proprio"]
-        episodes = [e for s in index["tasks"][task]["shards"] for e in iter_shard(data / s["path"])]
+        episodes = list(iter_task(data, task))
         rng = random.Random(seed)
         model_sq = {k: [] for k in horizons}  # type: dict[int, list[float]]
         copy_sq = {k: [] for k in horizons}  # type: dict[int, list[float]]

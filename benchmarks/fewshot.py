@@ -37,10 +37,9 @@ TASK = "arm3-reach"
 def _demos_folder(heldout: Path, count: int, seed: int, out: Path) -> Path:
     """``count`` demos of the held-out dataset, chosen by ``seed``, through `data convert`."""
     from gato_like.data_pipelines.convert import convert_npz
-    from gato_like.data_pipelines.shards import iter_shard, read_index
+    from gato_like.data_pipelines.shards import iter_task
 
-    index = read_index(heldout)
-    episodes = [e for s in index["tasks"][TASK]["shards"] for e in iter_shard(heldout / s["path"])]
+    episodes = list(iter_task(heldout, TASK))
     if count > len(episodes):
         raise SystemExit(f"--heldout {heldout} has {len(episodes)} episodes of {TASK}; {count} asked for")
     chosen = random.Random(seed).sample(range(len(episodes)), count)

@@ -59,9 +59,9 @@ def _run(job: Job) -> tuple[Job, Episode | float]:
     task = get_task(job.task)
     if job.kind == "data":
         episode = task.rollout(job.seed, "expert", render=job.pixels, max_steps=job.max_steps)
-        if not job.pixels:  # BabyAI's view is symbolic and always there; drop any image key left
-            images = [k for k, v in task.spec.observations.items() if v.kind == "image"]
-            episode.observations = {k: v for k, v in episode.observations.items() if k not in images}
+        if not job.pixels:  # keep exactly the keys of the spec the episode is written with
+            keys = task_spec(job.task, pixels=False).observations
+            episode.observations = {k: v for k, v in episode.observations.items() if k in keys}
         return job, episode
     episode = task.rollout(job.seed, job.kind, render=False, max_steps=job.max_steps)
     return job, episode.episode_return

@@ -240,6 +240,13 @@ def iter_shard(path: str | Path) -> Iterator[Episode]:
         yield Episode.from_sample(samples[key], where=str(path))
 
 
+def iter_task(root: str | Path, task: str) -> Iterator[Episode]:
+    """Episodes of one task of a local dataset, shard by shard, in index order."""
+    root = Path(root)
+    for shard in read_index(root)["tasks"][task]["shards"]:
+        yield from iter_shard(root / shard["path"])
+
+
 def returns_summary(returns: list[float]) -> dict[str, float]:
     array = np.asarray(returns, dtype=np.float64)
     return {

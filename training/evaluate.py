@@ -145,12 +145,12 @@ def random_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> d
 
 def prompt_demos(root: str | Path, task: str, spec: Any) -> list[Any]:
     """The episodes of ``task`` in a dataset folder, for prompting; they must follow ``spec``."""
-    from gato_like.data_pipelines.shards import iter_shard, read_index
+    from gato_like.data_pipelines.shards import iter_task, read_index
 
     index = read_index(root)
     if task not in index["tasks"]:
         raise ValueError(f"--prompt {root}: no demos of task {task!r} (tasks: {sorted(index['tasks'])})")
-    episodes = [e for s in index["tasks"][task]["shards"] for e in iter_shard(Path(root) / s["path"])]
+    episodes = list(iter_task(root, task))
     for episode in episodes:
         episode.check(spec)
     if not episodes:

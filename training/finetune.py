@@ -35,10 +35,10 @@ import torch
 from gato_like.checkpoint import TOKENIZER_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
 from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, WindowSampler, collate
-from gato_like.data_pipelines.shards import DatasetError, read_index
+from gato_like.data_pipelines.shards import DatasetError
 from gato_like.lora import LoRALinear, apply_lora, merge_lora
 from gato_like.tokenizers import EmbodimentSpec, TokenSequence
-from gato_like.tokenizers.spec import SpecMismatchError
+from gato_like.tokenizers.spec import SpecError, SpecMismatchError
 from gato_like.training.module import GatoLightning, OptimConfig
 
 Mode = Literal["lora", "head", "full"]
@@ -144,19 +144,20 @@ def load_demos(
 
     root = Path(demos)
     try:
-        index = read_index(root)
+        source = DatasetSource.open(root)
+    except SpecError:
+        raise  # a broken embodiment.json: its own error names the file and every field
     except (DatasetError, OSError, ValueError) as error:
         raise FinetuneError(
             [f"demos {root}: {error} (make the folder with `gato-like data convert`)"]
         ) from None
-    names = sorted(index["tasks"])
+    names = source.tasks
     if task is None:
         if len(names) != 1:
             raise FinetuneError([f"demos {root} hold {len(names)} tasks {names}: name one with --task"])
         task = names[0]
-    if task not in index["tasks"]:
+    if task not in names:
         raise FinetuneError([f"demos {root}: no task {task!r} (tasks: {names})"])
-    source = DatasetSource.open(root, [task])
     spec = source.specs[task]
     problems: list[str] = []
     if spec_file is not None:
@@ -226,7 +227,7 @@ def load_demos(
         root=root,
         task=task,
         spec=spec,
-        index_entry=index["tasks"][task],
+        index_entry=source.index["tasks"][task],
         train=[episodes[i] for i in range(len(episodes)) if i not in held],
         held_out=[episodes[i] for i in held],
     )
