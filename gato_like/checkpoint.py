@@ -15,6 +15,7 @@ half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,12 @@ class Checkpoint:
                 f"the checkpoint knows no task or embodiment {task_or_embodiment!r} (known: {known})"
             )
         return self.specs[name]
+
+
+def tokenizer_sha256(text: TextTokenizer) -> str:
+    """The sha256 of a text model's bytes, recorded in ``meta.json`` so a later fine-tune can
+    refuse a checkpoint whose ``tokenizer/text.model`` was swapped after training."""
+    return hashlib.sha256(text.model_proto).hexdigest()
 
 
 def save_checkpoint(

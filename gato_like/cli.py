@@ -227,7 +227,7 @@ def finetune(
     from gato_like.training.finetune import finetune as run
 
     config = FinetuneConfig(
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         lr=lr,
         max_steps=max_steps,
         batch_size=batch_size,

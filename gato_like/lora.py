@@ -74,15 +74,14 @@ def apply_lora(
     Returns the qualified names of the adapted layers.
     """
     adapted = []
-    for block_name, block in model.named_children():
-        if block_name != "blocks":
-            continue
-        for index, layer in enumerate(block):  # type: ignore[arg-type]
-            for name in targets:
-                linear = getattr(layer, name, None)
-                if isinstance(linear, nn.Linear):
-                    setattr(layer, name, LoRALinear(linear, rank, alpha, dropout))
-                    adapted.append(f"blocks.{index}.{name}")
+    blocks = getattr(model, "blocks", None)
+    layers: list[nn.Module] = list(blocks) if isinstance(blocks, nn.ModuleList) else []
+    for index, layer in enumerate(layers):
+        for name in targets:
+            linear = getattr(layer, name, None)
+            if isinstance(linear, nn.Linear):
+                setattr(layer, name, LoRALinear(linear, rank, alpha, dropout))
+                adapted.append(f"blocks.{index}.{name}")
     if not adapted:
         raise ValueError(f"apply_lora: no nn.Linear named {targets} under model.blocks")
     return adapted

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gato_like.checkpoint import load_checkpoint, save_checkpoint
+from gato_like.checkpoint import load_checkpoint, save_checkpoint, tokenizer_sha256
 from gato_like.cli import main
 from gato_like.config import Config
 from gato_like.data_pipelines.convert import convert_npz
@@ -85,12 +85,10 @@ def _base(path: Path, **meta: object) -> Path:
     text = TextTokenizer()
     point = get_task("dmc-point_mass-easy")
     spec = without_images(point.spec)
-    import hashlib
-
     meta = {
         "preset": "debug",
         "step": 7,
-        "tokenizer_sha256": hashlib.sha256(text.model_proto).hexdigest(),
+        "tokenizer_sha256": tokenizer_sha256(text),
     } | meta
     tasks = {point.name: {"embodiment": spec.name, "returns": None, "max_steps": 40}}
     return save_checkpoint(path, GatoModel(Config.from_name("debug")), text, {spec.name: spec}, tasks, meta)

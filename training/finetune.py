@@ -17,7 +17,6 @@ and ``full`` (every weight). The exported checkpoint has the base model's format
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -32,14 +31,21 @@ import lightning as L
 import numpy as np
 import torch
 
-from gato_like.checkpoint import TOKENIZER_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from gato_like.checkpoint import (
+    TOKENIZER_FILE,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    tokenizer_sha256,
+)
 from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
 from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, WindowSampler, collate
 from gato_like.data_pipelines.shards import DatasetError
 from gato_like.lora import LoRALinear, apply_lora, merge_lora
+from gato_like.model import GatoModel
 from gato_like.tokenizers import EmbodimentSpec, TokenSequence
 from gato_like.tokenizers.spec import SpecError, SpecMismatchError
-from gato_like.training.module import GatoLightning, OptimConfig
+from gato_like.training.module import GatoLightning, OptimConfig, lr_factor
 
 Mode = Literal["lora", "head", "full"]
 MODES = ("lora", "head", "full")
@@ -102,10 +108,6 @@ class Demos:
     held_out: list[Episode]
 
 
-def tokenizer_sha256(checkpoint_dir: str | Path) -> str:
-    return hashlib.sha256((Path(checkpoint_dir) / TOKENIZER_FILE).read_bytes()).hexdigest()
-
-
 def check_base(base: str | Path) -> Any:
     """Load the base checkpoint; its tokenizer must be the one its weights were trained with."""
     try:
@@ -113,7 +115,7 @@ def check_base(base: str | Path) -> Any:
     except CheckpointError as error:
         raise FinetuneError([f"base checkpoint: {error}"]) from None
     expected = loaded.meta.get("tokenizer_sha256")
-    actual = tokenizer_sha256(base)
+    actual = tokenizer_sha256(loaded.text)  # the bytes of the checkpoint's tokenizer/text.model
     if expected and expected != actual:
         raise FinetuneError(
             [
@@ -283,7 +285,10 @@ class DemoData(L.LightningDataModule):
 
     def val_dataloader(self) -> Any:
         return torch.utils.data.DataLoader(
-            self.validation, batch_size=self.batch_size, collate_fn=self._collate, shuffle=False
+            self.validation,  # type: ignore[arg-type]  # a list is a map-style dataset
+            batch_size=self.batch_size,
+            collate_fn=self._collate,
+            shuffle=False,
         )
 
     def tokens_per_pass(self) -> int:
@@ -296,9 +301,9 @@ class DemoData(L.LightningDataModule):
 class FinetuneModule(GatoLightning):
     """Trains the parameters ``mode`` selects; validates the policy loss over the held-out demos."""
 
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig, mode: Mode, weight_decay: float) -> None:
-        super().__init__(model.config, optim, [])
-        self.model = model.train()  # type: ignore[assignment]  # (loaded checkpoints come in eval mode)
+    def __init__(self, model: GatoModel, optim: OptimConfig, mode: Mode, weight_decay: float) -> None:
+        model.train()  # loaded checkpoints come in eval mode
+        super().__init__(model.config, optim, [], model=model)
         self.mode, self.weight_decay = mode, weight_decay
 
     def on_validation_epoch_start(self) -> None:
@@ -318,8 +323,6 @@ class FinetuneModule(GatoLightning):
         optimizer = torch.optim.AdamW(
             trainable, lr=self.optim.lr, betas=self.optim.betas, weight_decay=self.weight_decay
         )
-        from gato_like.training.module import lr_factor
-
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -423,7 +426,7 @@ def finetune(
         max_time=None if cfg.max_minutes is None else timedelta(minutes=cfg.max_minutes),
         accelerator="auto",
         devices=1,
-        precision=default_precision(),  # type: ignore[arg-type]
+        precision=default_precision(),
         gradient_clip_val=1.0,
         val_check_interval=val_every,
         check_val_every_n_epoch=None,
@@ -458,7 +461,7 @@ def finetune(
         "parameters": total,
         "data": str(data_demos.root),
         "step": keep.step,
-        "tokenizer_sha256": tokenizer_sha256(base),
+        "tokenizer_sha256": tokenizer_sha256(loaded.text),
         "training_seconds": round(seconds, 1),
         "settings": {
             "command": command,

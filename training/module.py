@@ -35,8 +35,13 @@ class GatoLightning(L.LightningModule):
     """Trains the policy and dynamics heads on every batch, the goal head every ``goal_every`` steps."""
 
     def __init__(
-        self, config: Config, optim: OptimConfig | None = None, task_names: list[str] | None = None
+        self,
+        config: Config,
+        optim: OptimConfig | None = None,
+        task_names: list[str] | None = None,
+        model: GatoModel | None = None,
     ) -> None:
+        """``model``: start from these weights (a loaded checkpoint) instead of a fresh ``GatoModel(config)``."""
         super().__init__()
         self.config = config
         self.optim = optim or OptimConfig()
@@ -44,7 +49,7 @@ class GatoLightning(L.LightningModule):
         self.save_hyperparameters(
             {"config": config.to_dict(), "optim": asdict(self.optim), "task_names": self.task_names}
         )
-        self.model = GatoModel(config)
+        self.model = model if model is not None else GatoModel(config)
 
     def training_step(self, batch: dict[str, Any], batch_index: int) -> torch.Tensor:
         out = self.model(batch)

@@ -3,7 +3,6 @@ on many GPUs (``--devices``, ``--strategy ddp|fsdp``), bf16 where the hardware h
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import time
@@ -14,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from gato_like.checkpoint import save_checkpoint
+from gato_like.checkpoint import save_checkpoint, tokenizer_sha256
 from gato_like.config import Config
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.data import GatoData
@@ -75,7 +74,7 @@ class ExportCheckpoint(L.Callback):
         meta = {
             "step": trainer.global_step,
             # a fine-tune refuses a checkpoint whose tokenizer file was swapped after training
-            "tokenizer_sha256": hashlib.sha256(text.model_proto).hexdigest(),
+            "tokenizer_sha256": tokenizer_sha256(text),
             "data": self.data.data,
             "preset": module.config.name,
             "parameters": sum(p.numel() for p in module.model.parameters()),
