@@ -63,15 +63,17 @@ def evaluate(
         steps = max_steps or known.get(name, {}).get("max_steps") or task.max_steps
         returns, successes = [], []
         spec = policy.checkpoint.spec_for(name)
-        demos = prompt_demos(prompt, name, spec) if prompt is not None else []
+        # one prompt per demo, cut once; episode i is prompted with demo i (cycling)
+        prompts = (
+            [demo_prompt(d, policy) for d in prompt_demos(prompt, name, spec)] if prompt is not None else []
+        )
 
         def act(observation: dict[str, Any], keys: frozenset[str] = frozenset(spec.observations)) -> Any:
             return policy.act({k: v for k, v in observation.items() if k in keys})
 
         wants_pixels = "pixels" in spec.observations
         for i in range(episodes):
-            demo = demo_prompt(demos[i % len(demos)], policy) if demos else None
-            policy.reset(name, prompt=demo)
+            policy.reset(name, prompt=prompts[i % len(prompts)] if prompts else None)
             episode_seed = (
                 1_000_000 + zlib.crc32(name.encode()) % 1000 * 1000 + seed * 100 + i
             )  # unseen by training
@@ -103,7 +105,7 @@ def evaluate(
             "expert_normalized_score": None if score is None else round(score, 4),
             "success_rate": round(float(np.mean(successes)), 4),
             "normalizers": {"expert": expert, "random": random, "random_measured_here": random_measured},
-            "prompted": bool(demos),
+            "prompted": bool(prompts),
         }
     scores = [
         r["expert_normalized_score"] for r in results.values() if r["expert_normalized_score"] is not None
@@ -160,7 +162,6 @@ def prompt_demos(root: str | Path, task: str, spec: Any) -> list[Any]:
 
 def demo_prompt(episode: Any, policy: Policy, fraction: float = 0.25) -> tuple[dict[str, Any], Any]:
     """The last whole timesteps of a demo that fit in ``fraction`` of the context (goal-like prompt)."""
-    assert policy.builder is not None or policy.checkpoint is not None
     from gato_like.tokenizers import SequenceBuilder
 
     builder = SequenceBuilder(policy.checkpoint.spec_for(episode.task), policy.checkpoint.text)
