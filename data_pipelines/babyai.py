@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.control import Actor
+from gato_like.data_pipelines.control import Actor, Perturbation
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.tokenizers.spec import EmbodimentSpec
 
@@ -54,10 +54,15 @@ class BabyAITask:
         render: bool = True,
         max_steps: int | None = None,
         record_frames: bool = False,
+        perturbation: Perturbation | None = None,
     ) -> Episode:
         """One episode; ``render`` is ignored (the view is symbolic). ``record_frames`` puts a
         top-down RGB frame of the whole grid per step in ``extra["frames"]`` (T, H, W, 3) uint8,
-        for videos; those frames are never written to a shard."""
+        for videos; those frames are never written to a shard.
+
+        ``perturbation`` (expert only): with probability ``random_prob`` a uniformly random action
+        is executed instead of the bot's; the bot's own action is recorded as the label, and the
+        bot replans from wherever the agent ends up."""
         import gymnasium as gym
         import minigrid  # noqa: F401  (registers the BabyAI levels)
         from minigrid.utils.baby_ai_bot import BabyAIBot
@@ -67,11 +72,14 @@ class BabyAITask:
             obs, _ = env.reset(seed=seed)
         bot = BabyAIBot(env.unwrapped) if policy == "expert" else None
         rng = np.random.default_rng([seed, 2])
+        perturb_prob = perturbation.random_prob if (perturbation is not None and bot is not None) else 0.0
+        noise_rng = np.random.default_rng([seed, 3])
         mission = obs["mission"]
         observations: dict[str, list[Any]] = {"mission": [], "image": [], "direction": []}
         actions, rewards = [], []
         terminated = False
         frames: list[np.ndarray] = []
+        last_executed: int | None = None
         while True:
             if record_frames:
                 frame = env.unwrapped.get_frame(highlight=True, tile_size=8)  # type: ignore[attr-defined]
@@ -82,9 +90,14 @@ class BabyAITask:
             if callable(policy):
                 action = int(np.asarray(policy({k: v[-1] for k, v in observations.items()})).reshape(-1)[0])
             else:
-                action = int(bot.replan()) if bot is not None else int(rng.integers(0, 7))
+                # the bot is told what was executed last, so it replans after a random action
+                action = int(bot.replan(last_executed)) if bot is not None else int(rng.integers(0, 7))
             actions.append([action])
-            obs, reward, terminated, truncated, _ = env.step(action)
+            executed = action
+            if perturb_prob and noise_rng.random() < perturb_prob:
+                executed = int(noise_rng.integers(0, 7))
+            last_executed = executed
+            obs, reward, terminated, truncated, _ = env.step(executed)
             rewards.append(float(reward))
             if terminated or truncated:
                 break

@@ -85,9 +85,15 @@ class CaptionTask:
         return "captions"
 
     def rollout(
-        self, seed: int, policy: str | Actor = "expert", render: bool = True, max_steps: int | None = None
+        self,
+        seed: int,
+        policy: str | Actor = "expert",
+        render: bool = True,
+        max_steps: int | None = None,
+        perturbation: Any = None,
     ) -> Episode:
-        """``frames`` captioned frames of one body (chosen by ``seed``), one every 5 control steps."""
+        """``frames`` captioned frames of one body (chosen by ``seed``), one every 5 control steps
+        (``perturbation`` does not apply: captions have no actions to perturb)."""
         from gato_like.data_pipelines.control import _renderer
 
         frames = min(max_steps or self.frames, self.frames)

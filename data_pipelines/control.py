@@ -29,6 +29,44 @@ IMAGE_SIZE = 64
 #: A policy to roll out: observation ``{key: array}`` -> action array.
 Actor = Callable[[dict[str, np.ndarray]], np.ndarray]
 
+
+@dataclass(frozen=True)
+class Perturbation:
+    """DART-style perturbation of an expert rollout (Laskey et al., 2017): the environment executes
+    a perturbed action, the episode records the expert's clean action as the label. The data then
+    shows states off the expert's own path and how the expert recovers from them.
+
+    Attributes:
+        noise: standard deviation of the Gaussian noise added to a continuous expert action, in
+            units of the action range scaled to [-1, 1] (the executed action is clipped to the bounds).
+        random_prob: probability of executing a uniformly random action instead of the expert's
+            (continuous and discrete tasks alike; BabyAI's bot replans from wherever it ends up).
+    """
+
+    noise: float = 0.0
+    random_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.noise, (int, float)) and np.isfinite(self.noise) and 0.0 <= self.noise <= 2.0):
+            problems.append(f"noise: expected a standard deviation in [0, 2] (action range [-1, 1]), got {self.noise!r}")
+        if not (isinstance(self.random_prob, (int, float)) and 0.0 <= self.random_prob < 1.0):
+            problems.append(f"random_prob: expected a probability in [0, 1), got {self.random_prob!r}")
+        if problems:
+            raise ValueError("perturbation: " + "; ".join(problems))
+
+    @property
+    def active(self) -> bool:
+        return self.noise > 0 or self.random_prob > 0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"scheme": "dart", "noise": float(self.noise), "random_prob": float(self.random_prob)}
+
+
+#: What ``data generate`` uses unless told otherwise: sigma 0.3 recovered cartpole balance from
+#: 525 to ~1000 with a ``debug`` model where clean data did not (issue 12's measurements).
+DEFAULT_PERTURBATION = Perturbation(noise=0.3, random_prob=0.1)
+
 # --------------------------------------------------------------------------------------------------
 # our own body: a planar 3-link arm reaching a random target (kept out of pretraining)
 
@@ -206,7 +244,13 @@ class PointMassExpert:
 
 
 class ReachExpert:
-    """Damped least-squares IK step of the fingertip towards the target, as a joint PD command."""
+    """Damped least-squares IK step of the fingertip towards the target, as a joint PD command.
+
+    Gains: velocity damping above ~0.5 is unstable at the reacher's control step (the torque's
+    sign flipped on 97 % of steps at the target with kp 20, kd 1); kp 5, kd 0.3 reaches as well
+    (975 vs 974 mean return) with 1 % sign flips, a target a cloned policy can follow."""
+
+    KP, KD = 5.0, 0.3
 
     def __init__(self, physics: Any) -> None:
         del physics
@@ -220,7 +264,7 @@ class ReachExpert:
         mujoco.mj_jacGeom(model, data, jacobian, None, model.geom("finger").id)
         j = jacobian[:2]
         dq = j.T @ np.linalg.solve(j @ j.T + 1e-4 * np.eye(2), error)
-        return np.clip(20.0 * dq - 1.0 * physics.data.qvel, -1.0, 1.0)
+        return np.clip(self.KP * dq - self.KD * physics.data.qvel, -1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,14 +321,24 @@ class ControlTask:
         return env
 
     def rollout(
-        self, seed: int, policy: str | Actor = "expert", render: bool = True, max_steps: int | None = None
+        self,
+        seed: int,
+        policy: str | Actor = "expert",
+        render: bool = True,
+        max_steps: int | None = None,
+        perturbation: Perturbation | None = None,
     ) -> Episode:
         """One episode from ``seed``: ``policy`` is ``expert``, ``random`` (uniform actions) or a
-        callable from the observation ``{key: array}`` to the action (e.g. ``Policy.act``)."""
+        callable from the observation ``{key: array}`` to the action (e.g. ``Policy.act``).
+
+        ``perturbation`` (expert only): execute a perturbed action, record the expert's clean one
+        (``actions``); the rewards are those of the executed actions."""
         env = self._environment(seed)
         timestep = env.reset()
         expert = self.expert(env.physics) if policy == "expert" else None
         rng = np.random.default_rng([seed, 1])
+        perturb = perturbation if (perturbation is not None and perturbation.active and expert is not None) else None
+        noise_rng = np.random.default_rng([seed, 3])
         renderer = _renderer(self.name, env.physics) if render else None
         steps = max_steps or self.max_steps
         observations: dict[str, list[np.ndarray]] = {
@@ -305,7 +359,14 @@ class ControlTask:
                 action = rng.uniform(-1.0, 1.0, self.action_size)
             action = np.asarray(action, dtype=np.float32).reshape(self.action_size)
             actions.append(action)
-            timestep = env.step(action)
+            executed = action
+            if perturb is not None:
+                if noise_rng.random() < perturb.random_prob:
+                    executed = noise_rng.uniform(-1.0, 1.0, self.action_size)
+                else:
+                    executed = action + perturb.noise * noise_rng.standard_normal(self.action_size)
+                executed = np.clip(executed, -1.0, 1.0).astype(np.float32)
+            timestep = env.step(executed)
             rewards.append(float(timestep.reward or 0.0))
             if timestep.last():
                 break
@@ -317,7 +378,8 @@ class ControlTask:
             rewards=np.asarray(rewards, dtype=np.float32),
             instruction=self.instruction,
             success=bool(rewards[-1] > 0.5),
-            source=f"{policy if isinstance(policy, str) else 'learned'} policy in {'dm_control' if self.domain != 'arm3' else 'mujoco'} ({self.domain}/{self.task})",
+            source=f"{policy if isinstance(policy, str) else 'learned'} policy in {'dm_control' if self.domain != 'arm3' else 'mujoco'} ({self.domain}/{self.task})"
+            + (f", DART noise {perturb.noise} random {perturb.random_prob}" if perturb else ""),
             seed=seed,
         )
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from gato_like.data_pipelines.control import DEFAULT_PERTURBATION, Perturbation
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import INDEX_FILE, TaskShardWriter, returns_summary, write_index
 from gato_like.data_pipelines.tasks import get_task, resolve_tasks
@@ -40,6 +41,7 @@ class Job:
     seed: int
     max_steps: int | None
     pixels: bool = True
+    perturbation: Perturbation | None = None
 
 
 def without_images(spec: EmbodimentSpec) -> EmbodimentSpec:
@@ -58,7 +60,9 @@ def task_spec(task: str, pixels: bool = True) -> EmbodimentSpec:
 def _run(job: Job) -> tuple[Job, Episode | float]:
     task = get_task(job.task)
     if job.kind == "data":
-        episode = task.rollout(job.seed, "expert", render=job.pixels, max_steps=job.max_steps)
+        episode = task.rollout(
+            job.seed, "expert", render=job.pixels, max_steps=job.max_steps, perturbation=job.perturbation
+        )
         if not job.pixels:  # keep exactly the keys of the spec the episode is written with
             keys = task_spec(job.task, pixels=False).observations
             episode.observations = {k: v for k, v in episode.observations.items() if k in keys}
@@ -80,6 +84,7 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     pixels: bool = True,
+    perturbation: Perturbation | None = DEFAULT_PERTURBATION,
 ) -> dict[str, Any]:
     """Generate expert episodes of a suite into shards under ``out`` and write its index.
 
@@ -97,6 +102,9 @@ def generate(
         progress: show a progress bar.
         pixels: render camera frames; ``False`` writes proprioception-only episodes (the specs
             lose their image keys), about 2.3x fewer tokens per control timestep.
+        perturbation: DART-style perturbation of the data episodes (executed action perturbed,
+            the expert's clean action recorded); ``None`` or zeros for the expert's own path.
+            The return normalizers are always the clean expert's and the uniform-random policy's.
 
     Returns:
         The index written to ``out/index.json``.
@@ -114,13 +122,15 @@ def generate(
         raise ValueError(f"max_steps: expected >= 1 (or unset for each task's own), got {max_steps}")
     if episodes_per_shard < 1:
         raise ValueError(f"episodes_per_shard: expected >= 1, got {episodes_per_shard}")
+    perturbation = perturbation if perturbation is not None else Perturbation()
     selected = list({t.name: t for t in resolve_tasks(suite, tasks)}.values())  # each task once
     if not pixels and "captions" in {t.name for t in selected}:
         raise ValueError("pixels=False: the captions task describes camera frames; leave it out of the tasks")
     root.mkdir(parents=True, exist_ok=True)
     (root / INDEX_FILE).unlink(missing_ok=True)
     jobs = [
-        Job(t.name, kind, i, episode_seed(seed, t.name, kind, i), max_steps, pixels)
+        Job(t.name, kind, i, episode_seed(seed, t.name, kind, i), max_steps, pixels,
+            perturbation if kind == "data" else None)  # fmt: skip
         for t in selected
         for kind, count in (
             ("data", episodes),
@@ -167,6 +177,7 @@ def generate(
             "episodes": episodes,
             "timesteps": stats[task.name]["timesteps"],
             "success_rate": round(stats[task.name]["success"] / episodes, 4),
+            "perturbation": perturbation.to_dict(),
             "max_steps": max_steps or task.max_steps,
             "returns": {
                 "dataset": returns_summary(returns[task.name]["data"]),

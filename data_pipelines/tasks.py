@@ -11,7 +11,7 @@ from typing import Protocol
 
 from gato_like.data_pipelines.babyai import BABYAI_TASKS
 from gato_like.data_pipelines.captions import CaptionTask
-from gato_like.data_pipelines.control import CONTROL_TASKS, Actor
+from gato_like.data_pipelines.control import CONTROL_TASKS, Actor, Perturbation
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.tokenizers.spec import EmbodimentSpec
 
@@ -27,7 +27,12 @@ class Task(Protocol):
     def embodiment(self) -> str: ...
 
     def rollout(
-        self, seed: int, policy: str | Actor = "expert", render: bool = True, max_steps: int | None = None
+        self,
+        seed: int,
+        policy: str | Actor = "expert",
+        render: bool = True,
+        max_steps: int | None = None,
+        perturbation: Perturbation | None = None,
     ) -> Episode: ...
 
 

@@ -65,6 +65,20 @@ class Config:
     """Loss weight of the dynamics head (next timestep's proprio/discrete observation tokens)."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
+    value_embedding: bool = True
+    """Departure from Gato: add an ordinal embedding of a continuous token's bin (Fourier features
+    of its position in [-1, 1] through a linear layer) to its per-bin row, so neighbouring bins
+    start out close and rarely seen bins are not unknown tokens. Token ids are unchanged."""
+    target_sigma_bins: float = 8.0
+    """Departure from Gato: continuous targets (actions, and proprio for the dynamics head) are a
+    Gaussian over neighbouring bins with this standard deviation in bins (HL-Gauss, Imani & White
+    2018) instead of one-hot; 0 gives Gato's one-hot cross-entropy."""
+    text_weight: float = 0.1
+    """Departure from Gato: weight of a text target relative to an action target in the policy
+    loss (captions and repeated missions otherwise outnumber the actions); 1 is Gato's plain mean."""
+    action_decoding: Literal["argmax", "mean", "median"] = "mean"
+    """How the policy turns its distribution over a continuous action's bins into a bin: the most
+    likely bin (Gato), or the bin of the distribution's mean or median."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +93,12 @@ class Config:
             problems.append(f"backbone: expected 'decoder' or 'perceiver', got {self.backbone!r}")
         if self.image_encoder not in ("resnet", "timm"):
             problems.append(f"image_encoder: expected 'resnet' or 'timm', got {self.image_encoder!r}")
+        if not (self.target_sigma_bins >= 0.0):
+            problems.append(f"target_sigma_bins: expected >= 0, got {self.target_sigma_bins}")
+        if not (self.text_weight >= 0.0):
+            problems.append(f"text_weight: expected >= 0, got {self.text_weight}")
+        if self.action_decoding not in ("argmax", "mean", "median"):
+            problems.append(f"action_decoding: expected 'argmax', 'mean' or 'median', got {self.action_decoding!r}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout: expected [0, 1), got {self.dropout}")
         if problems:

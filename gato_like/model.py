@@ -154,6 +154,36 @@ class KVCache:
         return self.k[0].shape[2]
 
 
+class ValueEmbedding(nn.Module):
+    """Ordinal embedding of continuous-bin ids: ``(...,)`` bin index in [0, bins) -> ``(..., D)``.
+
+    The bin's position ``u`` in [-1, 1] goes through Fourier features
+    ``[u, sin(pi k u), cos(pi k u)]`` (k = 1..``frequencies``) and one linear layer, so nearby bins
+    get nearby embeddings from the start (a departure from Gato, whose bins are independent rows).
+    """
+
+    def __init__(self, dim: int, bins: int, frequencies: int = 16) -> None:
+        super().__init__()
+        self.bins = bins
+        self.register_buffer("freqs", torch.arange(1, frequencies + 1, dtype=torch.float32) * math.pi, persistent=False)
+        self.proj = nn.Linear(2 * frequencies + 1, dim)
+
+    def forward(self, bins: Tensor) -> Tensor:
+        u = (2.0 * bins.float() + 1.0) / self.bins - 1.0  # bin centre in [-1, 1]
+        angles = u[..., None] * self.freqs
+        return self.proj(torch.cat([u[..., None], angles.sin(), angles.cos()], dim=-1))
+
+
+def hl_gauss_targets(bins: Tensor, count: int, sigma: float) -> Tensor:
+    """HL-Gauss target distributions ``(N, count)`` for target bins ``(N,)``: the mass of a normal
+    centred on each target bin's centre (standard deviation ``sigma`` bins) that falls in each bin,
+    renormalized over the ``count`` bins."""
+    edges = torch.arange(count + 1, device=bins.device, dtype=torch.float32)
+    cdf = torch.special.ndtr((edges[None, :] - (bins.float()[:, None] + 0.5)) / sigma)
+    mass = cdf[:, 1:] - cdf[:, :-1]
+    return mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), x + mlp(ln(x))."""
 
@@ -227,6 +257,10 @@ class GatoModel(nn.Module):
         self.config = config
         d = config.n_embd
         self.tokens = nn.Embedding(config.vocab_size, d)
+        layout = config.layout
+        self.continuous_range = (layout.continuous_offset, layout.continuous_offset + layout.continuous_bins)
+        self.text_size = layout.text_size
+        self.values = ValueEmbedding(d, layout.continuous_bins) if config.value_embedding else None
         self.local = nn.Embedding(config.max_local_positions, d)
         self.goal_segment = nn.Parameter(torch.zeros(d))
         self.patches: nn.Module = (
@@ -283,6 +317,10 @@ class GatoModel(nn.Module):
         """
         local = local_positions.clamp(max=self.config.max_local_positions - 1)
         x = self.tokens(ids.clamp(0, self.config.vocab_size - 1)) + self.local(local)
+        if self.values is not None:
+            low, high = self.continuous_range
+            continuous = (ids >= low) & (ids < high)
+            x = x + self.values((ids - low).clamp(0, high - low - 1)) * continuous[..., None]
         image = types == int(TokenType.IMAGE)
         if patches is not None and patches.shape[1] and bool(image.any()):
             mask = patch_mask if patch_mask is not None else torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)  # fmt: skip
@@ -422,7 +460,26 @@ class GatoModel(nn.Module):
         mask = target_mask[:, 1:] & predicts[:, :-1]
         if not bool(mask.any()):
             return h.sum() * 0.0
-        return F.cross_entropy(self.head_logits(h[:, :-1][mask], head).float(), ids[:, 1:][mask])
+        logits = self.head_logits(h[:, :-1][mask], head).float()  # (N, V)
+        return self.token_losses(logits, ids[:, 1:][mask], self.config.text_weight if head != "dynamics" else 1.0)
+
+    def token_losses(self, logits: Tensor, targets: Tensor, text_weight: float = 1.0) -> Tensor:
+        """Weighted mean loss of ``logits`` (N, V) against target ids ``targets`` (N,).
+
+        Continuous-bin targets are HL-Gauss distributions over the continuous bins when
+        ``config.target_sigma_bins`` > 0 (one-hot otherwise); text targets weigh ``text_weight``
+        relative to the others."""
+        log_probs = logits.log_softmax(-1)
+        losses = -log_probs.gather(1, targets[:, None])[:, 0]  # (N,) one-hot cross-entropy
+        sigma = self.config.target_sigma_bins
+        low, high = self.continuous_range
+        continuous = (targets >= low) & (targets < high)
+        if sigma > 0 and bool(continuous.any()):
+            smooth = hl_gauss_targets(targets[continuous] - low, high - low, sigma)
+            losses = losses.clone()
+            losses[continuous] = -(smooth * log_probs[continuous, low:high]).sum(-1)
+        weights = torch.where(targets < self.text_size, text_weight, 1.0)
+        return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
 
     # -- acting --------------------------------------------------------------------------------
 

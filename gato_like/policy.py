@@ -351,10 +351,29 @@ class Policy:
 
     def _pick(self, logits: Tensor, low: int, high: int) -> Tensor:
         allowed = logits[:, low:high].float()
+        decoding = getattr(self.model.config, "action_decoding", "argmax")
+        if self.temperature <= 0 and decoding != "argmax" and self.spec is not None and self.spec.action.kind == "continuous":
+            return pick_bin(allowed, decoding) + low
         if self.temperature <= 0:
             return allowed.argmax(-1) + low
         probs = torch.softmax(allowed / self.temperature, -1).cpu()
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device) + low
+
+
+def pick_bin(logits: Tensor, decoding: str) -> Tensor:
+    """The bin ``(N,)`` chosen from logits over ordered bins ``(N, bins)``: ``argmax``, or the bin
+    holding the distribution's ``mean`` (bin centres in [-1, 1]) or ``median``."""
+    bins = logits.shape[-1]
+    if decoding == "argmax":
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double(), -1)
+    if decoding == "median":
+        return ((probs.cumsum(-1) < 0.5).sum(-1)).clamp(max=bins - 1)
+    if decoding != "mean":
+        raise ValueError(f"decoding: expected 'argmax', 'mean' or 'median', got {decoding!r}")
+    centres = -1.0 + (2.0 * torch.arange(bins, dtype=torch.float64, device=logits.device) + 1.0) / bins
+    mean = (probs * centres).sum(-1)
+    return ((mean + 1.0) / 2.0 * bins).long().clamp(0, bins - 1)
 
 
 def _part(template: TokenSequence, ids: np.ndarray, start: int, end: int) -> TokenSequence:

@@ -32,6 +32,9 @@ from gato_like.tokenizers.vocab import PATCH_SIZE, TokenType, VocabLayout
 #: Channels of every patch (grayscale images are repeated to RGB).
 PATCH_CHANNELS = 3
 
+#: Scaled actions may exceed [-1, 1] by this much (float rounding of the bounds) before it is an error.
+ACTION_ROUNDING = 1e-6
+
 
 @dataclass
 class TokenSequence:
@@ -154,7 +157,16 @@ class SequenceBuilder:
             return self.discrete.encode(rows.astype(np.int64)).reshape(rows.shape)
         assert action.low is not None and action.high is not None
         low, high = action.low.reshape(-1), action.high.reshape(-1)
-        scaled = np.clip(2.0 * (rows.astype(np.float64) - low) / (high - low) - 1.0, -1.0, 1.0)
+        scaled = 2.0 * (rows.astype(np.float64) - low) / (high - low) - 1.0
+        outside = ~(np.abs(scaled) <= 1.0 + ACTION_ROUNDING)  # NaN counts as outside
+        if outside.any():
+            at = tuple(int(i) for i in np.argwhere(outside)[0])
+            raise ValueError(
+                f"encode_actions: action {rows[at]!r} at index {at} is outside the action bounds "
+                f"[{low[at[1]]}, {high[at[1]]}] of {self.spec.name!r} (scaled {scaled[at]:.6g}, expected "
+                "[-1, 1]); actions are never clipped silently"
+            )
+        scaled = np.clip(scaled, -1.0, 1.0)  # float rounding only
         return self.action_continuous.encode(scaled).reshape(rows.shape)
 
     def decode_actions(self, ids: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from gato_like.checkpoint import Checkpoint
 from gato_like.model import KVCache
-from gato_like.policy import Policy
+from gato_like.policy import Policy, pick_bin
 from gato_like.serving import protocol as p
 from gato_like.serving.protocol import ProtocolError
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenType
@@ -263,6 +263,11 @@ class SlotPool:
         select = torch.tensor([row - lo for row in rows], device=self.device)
         for j in range(max(sizes.values())):
             picked = logits[select].float().masked_fill(~allowed, float("-inf")).argmax(-1)  # (R,)
+            decoding = getattr(self.config, "action_decoding", "argmax")
+            for r, row in enumerate(rows):  # continuous actions: the configured decoding (as Policy)
+                if decoding != "argmax" and slots[row].spec.action.kind == "continuous":  # type: ignore[union-attr]
+                    low, high = _action_range(slots[row])
+                    picked[r] = pick_bin(logits[select[r : r + 1], low:high].float(), decoding)[0] + low
             tokens = self.model.embed(
                 picked[:, None], torch.full_like(picked[:, None], int(TokenType.ACTION)), (local + j)[:, None]
             )  # (R, 1, D)
