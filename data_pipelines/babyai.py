@@ -60,8 +60,8 @@ class BabyAITask:
         top-down RGB frame of the whole grid per step in ``extra["frames"]`` (T, H, W, 3) uint8,
         for videos; those frames are never written to a shard.
 
-        ``perturbation`` (expert only): with probability ``random_prob`` a uniformly random action
-        is executed instead of the bot's; the bot's own action is recorded as the label, and the
+        ``perturbation`` (expert only): with probability ``random_prob`` a random move (left,
+        right or forward) is executed instead of the bot's action; the bot's own action is recorded as the label, and the
         bot replans from wherever the agent ends up."""
         import gymnasium as gym
         import minigrid  # noqa: F401  (registers the BabyAI levels)
@@ -95,7 +95,9 @@ class BabyAITask:
             actions.append([action])
             executed = action
             if perturb_prob and noise_rng.random() < perturb_prob:
-                executed = int(noise_rng.integers(0, 7))
+                # a random move (left, right, forward): pickup/drop/toggle can leave states the
+                # bot gives up on (e.g. an opened box: DisappearedBoxError)
+                executed = int(noise_rng.integers(0, 3))
             last_executed = executed
             obs, reward, terminated, truncated, _ = env.step(executed)
             rewards.append(float(reward))

@@ -41,17 +41,27 @@ class Perturbation:
             units of the action range scaled to [-1, 1] (the executed action is clipped to the bounds).
         random_prob: probability of executing a uniformly random action instead of the expert's
             (continuous and discrete tasks alike; BabyAI's bot replans from wherever it ends up).
+        hold: a random action, once drawn, is held for a uniform 1..``hold`` steps (continuous
+            tasks): a push long enough to leave the expert's neighbourhood, so the data holds
+            whole recoveries (point mass otherwise spends ~94 % of its steps at the target).
     """
 
     noise: float = 0.0
     random_prob: float = 0.0
+    hold: int = 1
 
     def __post_init__(self) -> None:
         problems = []
-        if not (isinstance(self.noise, (int, float)) and np.isfinite(self.noise) and 0.0 <= self.noise <= 2.0):
-            problems.append(f"noise: expected a standard deviation in [0, 2] (action range [-1, 1]), got {self.noise!r}")
+        if not (
+            isinstance(self.noise, (int, float)) and np.isfinite(self.noise) and 0.0 <= self.noise <= 2.0
+        ):
+            problems.append(
+                f"noise: expected a standard deviation in [0, 2] (action range [-1, 1]), got {self.noise!r}"
+            )
         if not (isinstance(self.random_prob, (int, float)) and 0.0 <= self.random_prob < 1.0):
             problems.append(f"random_prob: expected a probability in [0, 1), got {self.random_prob!r}")
+        if not (isinstance(self.hold, int) and not isinstance(self.hold, bool) and 1 <= self.hold <= 1000):
+            problems.append(f"hold: expected an integer number of steps in [1, 1000], got {self.hold!r}")
         if problems:
             raise ValueError("perturbation: " + "; ".join(problems))
 
@@ -60,7 +70,12 @@ class Perturbation:
         return self.noise > 0 or self.random_prob > 0
 
     def to_dict(self) -> dict[str, float]:
-        return {"scheme": "dart", "noise": float(self.noise), "random_prob": float(self.random_prob)}
+        return {
+            "scheme": "dart",
+            "noise": float(self.noise),
+            "random_prob": float(self.random_prob),
+            "hold": int(self.hold),
+        }
 
 
 #: What ``data generate`` uses unless told otherwise: sigma 0.3 recovered cartpole balance from
@@ -337,8 +352,13 @@ class ControlTask:
         timestep = env.reset()
         expert = self.expert(env.physics) if policy == "expert" else None
         rng = np.random.default_rng([seed, 1])
-        perturb = perturbation if (perturbation is not None and perturbation.active and expert is not None) else None
+        perturb = (
+            perturbation
+            if (perturbation is not None and perturbation.active and expert is not None)
+            else None
+        )
         noise_rng = np.random.default_rng([seed, 3])
+        held, push = 0, np.zeros(self.action_size)
         renderer = _renderer(self.name, env.physics) if render else None
         steps = max_steps or self.max_steps
         observations: dict[str, list[np.ndarray]] = {
@@ -361,8 +381,11 @@ class ControlTask:
             actions.append(action)
             executed = action
             if perturb is not None:
-                if noise_rng.random() < perturb.random_prob:
-                    executed = noise_rng.uniform(-1.0, 1.0, self.action_size)
+                if held == 0 and noise_rng.random() < perturb.random_prob:
+                    held = int(noise_rng.integers(1, perturb.hold + 1))
+                    push = noise_rng.uniform(-1.0, 1.0, self.action_size)
+                if held > 0:
+                    executed, held = push, held - 1
                 else:
                     executed = action + perturb.noise * noise_rng.standard_normal(self.action_size)
                 executed = np.clip(executed, -1.0, 1.0).astype(np.float32)

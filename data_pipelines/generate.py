@@ -85,6 +85,7 @@ def generate(
     progress: bool = True,
     pixels: bool = True,
     perturbation: Perturbation | None = DEFAULT_PERTURBATION,
+    task_episodes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Generate expert episodes of a suite into shards under ``out`` and write its index.
 
@@ -105,6 +106,8 @@ def generate(
         perturbation: DART-style perturbation of the data episodes (executed action perturbed,
             the expert's clean action recorded); ``None`` or zeros for the expert's own path.
             The return normalizers are always the clean expert's and the uniform-random policy's.
+        task_episodes: episodes of particular tasks instead of ``episodes`` (e.g. more of the
+            short BabyAI episodes than of the 1000-step control ones).
 
     Returns:
         The index written to ``out/index.json``.
@@ -124,16 +127,29 @@ def generate(
         raise ValueError(f"episodes_per_shard: expected >= 1, got {episodes_per_shard}")
     perturbation = perturbation if perturbation is not None else Perturbation()
     selected = list({t.name: t for t in resolve_tasks(suite, tasks)}.values())  # each task once
+    counts = {t.name: episodes for t in selected} | dict(task_episodes or {})
+    unknown = sorted(set(counts) - {t.name for t in selected})
+    if unknown or any(not isinstance(n, int) or n < 1 for n in counts.values()):
+        raise ValueError(
+            f"task_episodes: expected >= 1 episodes for tasks being generated, got {task_episodes} (tasks: {[t.name for t in selected]})"
+        )
     if not pixels and "captions" in {t.name for t in selected}:
         raise ValueError("pixels=False: the captions task describes camera frames; leave it out of the tasks")
     root.mkdir(parents=True, exist_ok=True)
     (root / INDEX_FILE).unlink(missing_ok=True)
     jobs = [
-        Job(t.name, kind, i, episode_seed(seed, t.name, kind, i), max_steps, pixels,
-            perturbation if kind == "data" else None)  # fmt: skip
+        Job(
+            t.name,
+            kind,
+            i,
+            episode_seed(seed, t.name, kind, i),
+            max_steps,
+            pixels,
+            perturbation if kind == "data" else None,
+        )
         for t in selected
         for kind, count in (
-            ("data", episodes),
+            ("data", counts[t.name]),
             ("expert", normalizer_episodes),
             ("random", normalizer_episodes),
         )
@@ -174,9 +190,9 @@ def generate(
         entries[task.name] = {
             "embodiment": task.embodiment,
             "spec": f"{task.name}/embodiment.json",
-            "episodes": episodes,
+            "episodes": counts[task.name],
             "timesteps": stats[task.name]["timesteps"],
-            "success_rate": round(stats[task.name]["success"] / episodes, 4),
+            "success_rate": round(stats[task.name]["success"] / counts[task.name], 4),
             "perturbation": perturbation.to_dict(),
             "max_steps": max_steps or task.max_steps,
             "returns": {

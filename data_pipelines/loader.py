@@ -59,6 +59,16 @@ class LoaderConfig:
     """Attach the observation of a later timestep as a goal."""
     resampled: bool = True
     """Endless stream (shards resampled per rank and worker); False: one pass, shards split by node and worker."""
+    history_steps: int = 0
+    """The most timesteps a window holds (0: as many as fit the context); the model's ``history_steps``."""
+    task_batches: bool = False
+    """Each run of ``batch_size`` consecutive sequences (one DataLoader batch) comes from one task,
+    so short control windows are not padded to a long BabyAI window; tasks still alternate with
+    the domain weights from batch to batch."""
+    batch_tokens: int = 0
+    """With ``task_batches``: a batch holds at most ``batch_size`` sequences and about this many
+    tokens (padding included), so a task with long timesteps (BabyAI's 150-token views) gets
+    fewer sequences per batch than one with 7-token timesteps; 0: always ``batch_size``."""
     on_error: str = "raise"
     """``raise`` on a corrupt shard or sample, or ``skip`` it with a warning."""
     seed: int = 0
@@ -235,6 +245,9 @@ class WindowSampler:
         steps = len(bounds) - 1
         first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
         start, stop = _window_steps(bounds, budget, rng)
+        history = self.config.history_steps
+        if history:  # a prompt is no longer than the history the model attends over
+            first, stop = max(first, steps - history), min(stop, start + history)
         return [self._tokens(episode, first, steps), self._tokens(episode, start, stop)]
 
     def sample(
@@ -261,6 +274,9 @@ class WindowSampler:
             prompt = None  # the window must still hold any whole timestep
         budget = cfg.context_length - (len(prompt) if prompt is not None else 0)
         start, stop = _window_steps(bounds, budget, rng)
+        if cfg.history_steps and stop - start > cfg.history_steps:
+            start = rng.randrange(start, stop - cfg.history_steps + 1)
+            stop = start + cfg.history_steps
         window = self._tokens(episode, start, stop)
         sequence = TokenSequence.concatenate([prompt, window]) if prompt is not None else window
         out = sequence_sample(
@@ -288,6 +304,8 @@ class WindowSampler:
         out, start, steps = [], 0, len(bounds) - 1
         while start < steps:
             stop = _run_end(bounds, start, self.config.context_length)
+            if self.config.history_steps:
+                stop = min(stop, start + self.config.history_steps)
             out.append(
                 sequence_sample(
                     self._tokens(episode, start, stop), 0, self.task_ids[episode.task], episode.key
@@ -347,13 +365,39 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         self.skip_batches = 0
         """Batches of ``batch_size`` the DataLoader already delivered (a resumed run skips them)."""
         self.batch_size = 1
+        self.batches = False
+        """Yield collated batches (``task_batches`` with ``batch_tokens``) instead of samples."""
+        self.collate: Any = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batches:  # whole batches of one task each (DataLoader batch_size=None)
+            info = torch.utils.data.get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            batches = (self.collate(group) for group in self._groups())
+            return itertools.islice(batches, len(range(worker, self.skip_batches, workers)), None)
         samples = self._samples()
         skip = self._skipped_samples()
         if skip:
             samples = itertools.islice(samples, skip, None)
         return samples
+
+    def _groups(self) -> Iterator[list[dict[str, Any]]]:
+        """Lists of samples, one batch each (``task_batches`` with ``batch_tokens``)."""
+        group: list[dict[str, Any]] = []
+        for sample in self._samples():
+            if group and (sample["task"] != group[0]["task"] or len(group) >= self._group_size(group)):
+                yield group
+                group = []
+            group.append(sample)
+            if len(group) >= self._group_size(group):
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _group_size(self, group: list[dict[str, Any]]) -> int:
+        longest = max(len(s["ids"]) for s in group)
+        return max(1, min(self.batch_size, self.config.batch_tokens // max(longest, 1)))
 
     def _skipped_samples(self) -> int:
         """Samples this worker drops to resume a stream after ``skip_batches`` batches: a
@@ -361,6 +405,11 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return len(range(worker, self.skip_batches, workers)) * self.batch_size
+
+    def _task_batches(
+        self, streams: Any, weights: dict[str, float], rng: random.Random, pools: Any
+    ) -> Iterator[dict[str, Any]]:
+        return _task_batches_impl(self.sampler, self.config, self.batch_size, streams, weights, rng, pools)
 
     def _samples(self) -> Iterator[dict[str, Any]]:
         from webdataset.utils import pytorch_worker_seed
@@ -375,6 +424,9 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         streams = {
             t: iter(episode_stream(self.source, t, cfg)) for t, w in zip(tasks, weights, strict=True) if w > 0
         }
+        if cfg.task_batches:
+            yield from self._task_batches(streams, dict(zip(tasks, weights, strict=True)), rng, pools)
+            return
         buffer: list[dict[str, Any]] = []
         for episode in _mix(streams, dict(zip(tasks, weights, strict=True)), rng):
             bounds = self.sampler.bounds(episode)
@@ -385,6 +437,33 @@ class SequenceDataset(torch.utils.data.IterableDataset):
                 if len(buffer) >= cfg.window_shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
             pool.append((episode.key, self.sampler.prompt_candidates(episode, bounds, rng)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def _task_batches_impl(
+    sampler: WindowSampler,
+    config: LoaderConfig,
+    group: int,
+    streams: dict[str, Iterator[Episode]],
+    weights: dict[str, float],
+    rng: random.Random,
+    pools: dict[str, deque[tuple[str, list[TokenSequence]]]],
+) -> Iterator[dict[str, Any]]:
+    """Windows in runs of ``group`` from one task: per-task shuffle buffers, a run is emitted
+    when its task's buffer holds enough."""
+    buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    ready = max(group, config.window_shuffle_buffer)
+    for episode in _mix(streams, weights, rng):
+        bounds = sampler.bounds(episode)
+        pool, buffer = pools[episode.task], buffers[episode.task]
+        for _ in range(sampler.windows_per_episode(bounds) if config.resampled else 1):
+            buffer.append(sampler.sample(episode, bounds, rng, pool))
+        while len(buffer) >= ready:
+            for _ in range(group):
+                yield buffer.pop(rng.randrange(len(buffer)))
+        pool.append((episode.key, sampler.prompt_candidates(episode, bounds, rng)))
+    for buffer in buffers.values():
         rng.shuffle(buffer)
         yield from buffer
 
@@ -417,15 +496,19 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     ``episode`` (B sample keys),
     ``loss_mask``, ``prompt_mask`` (B, L) bool, ``patches`` (B, P, 3, 16, 16) float32,
     ``patch_positions`` (B, P, 4), ``patch_mask`` (B, P) bool, ``task`` (B,); and the ``goal_*``
-    equivalents when the samples carry goals.
+    equivalents when the samples carry goals (padded on the left: a goal ends where its episode
+    starts; goal patches stay in order, so image positions still take them in order).
     """
 
-    def pad(key: str, value: int | bool, dtype: Any) -> Any:
+    def pad(key: str, value: int | bool, dtype: Any, left: bool = False) -> Any:
         arrays = [s[key] for s in samples]
         longest = max(len(a) for a in arrays)
         out = np.full((len(arrays), longest, *arrays[0].shape[1:]), value, dtype=dtype)
         for i, a in enumerate(arrays):
-            out[i, : len(a)] = a
+            if left:
+                out[i, longest - len(a) :] = a
+            else:
+                out[i, : len(a)] = a
         return torch.from_numpy(out)
 
     batch: dict[str, Any] = {
@@ -441,9 +524,11 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch["attention_mask"] = batch["types"] != int(TokenType.PAD)
     batch |= _pad_patches(samples, "patches", "patch_positions", "patch")
     if "goal_ids" in samples[0]:
-        batch["goal_ids"] = pad("goal_ids", pad_id, np.int64)
-        batch["goal_types"] = pad("goal_types", int(TokenType.PAD), np.int64)
-        batch["goal_local_positions"] = pad("goal_local_positions", 0, np.int64)
+        # goals are padded on the left, so each goal ends right before its episode's first token,
+        # as when acting (right padding put a position gap between goal and episode)
+        batch["goal_ids"] = pad("goal_ids", pad_id, np.int64, left=True)
+        batch["goal_types"] = pad("goal_types", int(TokenType.PAD), np.int64, left=True)
+        batch["goal_local_positions"] = pad("goal_local_positions", 0, np.int64, left=True)
         batch["goal_attention_mask"] = batch["goal_types"] != int(TokenType.PAD)
         batch |= _pad_patches(samples, "goal_patches", "goal_patch_positions", "goal_patch")
     return batch
@@ -490,6 +575,16 @@ def make_dataloader(
     dataset = SequenceDataset(source, config)
     dataset.skip_batches, dataset.batch_size = skip_batches, batch_size
     pad_id = dataset.sampler.builders[source.tasks[0]].layout.pad_id
+    if config.task_batches and config.batch_tokens > 0:  # the dataset makes the batches itself
+        dataset.batches, dataset.collate = True, functools.partial(collate, pad_id=pad_id)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,

@@ -27,8 +27,16 @@ def data_generate(
     normalizer_episodes: int = 20,
     overwrite: bool = False,
     pixels: bool = True,
+    noise: float = 0.3,
+    random_prob: float = 0.1,
+    hold: int = 1,
+    task_episodes: str | None = None,
 ) -> None:
     """Generate expert episodes of a suite into WebDataset shards, with return normalizers.
+
+    Episodes are DART-style by default: the simulator executes the expert's action plus Gaussian
+    noise (or, with probability random_prob, a random action) and the episode records the expert's
+    clean action, so the data shows how to recover from states off the expert's path.
 
     Args:
         out: output directory (shards, embodiment specs, index.json).
@@ -42,8 +50,15 @@ def data_generate(
         normalizer_episodes: expert and random episodes per task for the normalizers.
         overwrite: replace an existing dataset.
         pixels: render camera frames; false writes proprioception-only episodes (no image keys).
+        noise: std of the Gaussian added to continuous expert actions (action range scaled to [-1, 1]); 0: none.
+        random_prob: probability of executing a uniformly random action instead of the expert's; 0: none.
+        hold: a random action is held for 1..hold steps (continuous tasks), a push that leaves the expert's path.
+        task_episodes: episodes of particular tasks, e.g. "babyai-GoToLocal=200,babyai-PickupLoc=200".
     """
+    from gato_like.data_pipelines.control import Perturbation
     from gato_like.data_pipelines.generate import generate
+
+    perturbation = Perturbation(noise, random_prob, hold)  # checked before any work starts
 
     names = _task_list(tasks)
     index = generate(
@@ -58,6 +73,8 @@ def data_generate(
         normalizer_episodes,
         overwrite,
         pixels=pixels,
+        perturbation=perturbation,
+        task_episodes=_counts(task_episodes),
     )
     timing = index["timing"]
     episodes_total = sum(t["episodes"] for t in index["tasks"].values())
@@ -137,53 +154,82 @@ def data_inspect(
 def train(
     data: Path,
     out: Path,
-    preset: str = "small",
-    max_steps: int = 1000,
-    batch_size: int = 8,
+    recipe: str | None = None,
+    preset: str | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
     context_length: int | None = None,
-    lr: float = 3e-4,
-    warmup_steps: int = 100,
+    lr: float | None = None,
+    warmup_steps: int | None = None,
     accumulate: int = 1,
     clip: float = 1.0,
-    workers: int = 1,
+    workers: int | None = None,
     devices: str = "auto",
     strategy: str = "auto",
     precision: str | None = None,
-    val_every: int = 200,
+    val_every: int | None = None,
     seed: int = 0,
     resume: bool = False,
     max_minutes: float | None = None,
     model: dict[str, int | float | str | bool] | None = None,
+    rollout_episodes: int | None = None,
+    rollout_tasks: str | None = None,
+    tasks: str | None = None,
+    threads: int | None = None,
+    batch_tokens: int | None = None,
 ) -> None:
-    """Pretrain a preset on a dataset (Lightning: one CPU or many GPUs, same code).
+    """Pretrain a model on a dataset (Lightning: one CPU or many GPUs, same code).
+
+    A recipe sets the preset, its departures from Gato and the run settings; every flag given
+    overrides it. At every validation the policy is rolled out in the simulators and its
+    expert-normalized score per task is logged beside the losses; the best weights by score go
+    to OUT/best.
 
     Args:
         data: dataset directory or URL (made by `gato-like data generate` or `data convert`).
-        out: run directory: checkpoint/ (safetensors model), lightning/ (trainer state), logs/.
-        preset: debug, tiny, small, gato-79m, gato-364m or gato-1.18b.
-        max_steps: optimizer steps.
-        batch_size: sequences per step and device.
+        out: run directory: best/ and checkpoint/ (safetensors models), lightning/ (trainer state), logs/.
+        recipe: cpu (the default without a GPU: the suite in <= 60 min on 2 cores), cpu-demo, or gato (the default with a GPU).
+        preset: debug, tiny, small, gato-79m, gato-364m or gato-1.18b (default: the recipe's).
+        max_steps: optimizer steps (default: the recipe's).
+        batch_size: sequences per step and device (default: the recipe's).
         context_length: tokens per sequence (default: the preset's).
-        lr: peak learning rate (AdamW, linear warm-up, cosine decay).
-        warmup_steps: warm-up steps.
+        lr: peak learning rate (AdamW, linear warm-up, cosine decay; default: the recipe's).
+        warmup_steps: warm-up steps (default: the recipe's).
         accumulate: gradient accumulation steps.
         clip: gradient norm clipping.
-        workers: data-loader workers per device.
+        workers: data-loader workers per device (default: the recipe's).
         devices: devices per node ("auto", a count, or a list).
         strategy: auto, ddp or fsdp.
-        precision: Lightning precision (default: bf16-mixed on GPUs with bf16, else 32-true).
-        val_every: validate and export the checkpoint every this many steps.
+        precision: Lightning precision (default: bf16-mixed where the GPU or CPU has bf16 units, else 32-true).
+        val_every: validate, roll out and export every this many steps (default: the recipe's).
         seed: seed of the model, the data order and the sampler.
         resume: continue from OUT/lightning/last.ckpt.
-        max_minutes: stop after this much wall time even before max_steps (the checkpoint is exported).
-        model: overrides of the preset's fields, e.g. --model.n_layer 8 --model.dropout 0.1.
+        max_minutes: stop after this much wall time even before max_steps (default: the recipe's).
+        model: overrides of the preset's fields, e.g. --model.n_layer 8 --model.history_steps 0.
+        rollout_episodes: closed-loop episodes per task at each validation (0: none; default: the recipe's).
+        rollout_tasks: comma-separated tasks to roll out (default: every task with a simulator).
+        tasks: comma-separated tasks of the dataset to train on (default: all).
+        threads: torch intra-op threads (default: the cores left after the loader workers).
+        batch_tokens: about this many tokens a batch at most, each batch one task (0: batch_size sequences; default: the recipe's).
     """
+    from gato_like.training.recipes import default_recipe, get_recipe
     from gato_like.training.train import train as run
 
+    chosen = get_recipe(recipe or default_recipe())  # an unknown name fails before any work
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     parsed: int | str = int(devices) if devices.isdigit() else devices
-    checkpoint = run(data, out, preset, max_steps, batch_size, context_length, lr, warmup_steps, accumulate, clip,
-                     workers, parsed, "auto", strategy, precision, val_every, seed=seed, resume=resume, max_minutes=max_minutes,
-                     overrides=model, command=shlex.join(["gato-like", *sys.argv[1:]]))  # fmt: skip
+    checkpoint = run(
+        data, out, pick(preset, chosen.preset), pick(max_steps, chosen.max_steps), pick(batch_size, chosen.batch_size),
+        context_length, pick(lr, chosen.lr), pick(warmup_steps, chosen.warmup_steps), accumulate, clip,
+        pick(workers, chosen.workers), parsed, "auto", strategy, precision, pick(val_every, chosen.val_every),
+        seed=seed, resume=resume, max_minutes=pick(max_minutes, chosen.max_minutes),
+        overrides=dict(chosen.model) | dict(model or {}), command=shlex.join(["gato-like", *sys.argv[1:]]),
+        rollout_episodes=pick(rollout_episodes, chosen.rollout_episodes), rollout_tasks=_task_list(rollout_tasks),
+        tasks=_task_list(tasks), threads=threads, recipe=chosen.name, batch_tokens=pick(batch_tokens, chosen.batch_tokens),
+    )  # fmt: skip
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 
 
@@ -377,6 +423,19 @@ def print_evaluation(summary: dict[str, Any], destination: Path) -> None:
     console.print(
         f"mean score {_cell(summary['mean_score'])}; results in {destination} (eval.json, scores.png, GIFs, model_card.md)"
     )
+
+
+def _counts(text: str | None) -> dict[str, int] | None:
+    """``"a=200, b=50"`` -> ``{"a": 200, "b": 50}``; a malformed entry is named."""
+    if not text:
+        return None
+    out = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, count = part.partition("=")
+        if not count.strip().isdigit():
+            raise ValueError(f"--task_episodes: expected TASK=COUNT, got {part!r}")
+        out[name.strip()] = int(count)
+    return out
 
 
 def _task_list(tasks: str | None) -> list[str] | None:

@@ -165,7 +165,9 @@ class ValueEmbedding(nn.Module):
     def __init__(self, dim: int, bins: int, frequencies: int = 16) -> None:
         super().__init__()
         self.bins = bins
-        self.register_buffer("freqs", torch.arange(1, frequencies + 1, dtype=torch.float32) * math.pi, persistent=False)
+        self.register_buffer(
+            "freqs", torch.arange(1, frequencies + 1, dtype=torch.float32) * math.pi, persistent=False
+        )
         self.proj = nn.Linear(2 * frequencies + 1, dim)
 
     def forward(self, bins: Tensor) -> Tensor:
@@ -260,9 +262,10 @@ class GatoModel(nn.Module):
         layout = config.layout
         self.continuous_range = (layout.continuous_offset, layout.continuous_offset + layout.continuous_bins)
         self.text_size = layout.text_size
-        self.values = ValueEmbedding(d, layout.continuous_bins) if config.value_embedding else None
+        self.values = ValueEmbedding(d, layout.continuous_bins) if config.value_embedding != "off" else None
         self.local = nn.Embedding(config.max_local_positions, d)
         self.goal_segment = nn.Parameter(torch.zeros(d))
+        self.masked_action = nn.Parameter(torch.zeros(d)) if config.action_input_dropout > 0 else None
         self.patches: nn.Module = (
             TimmPatchEncoder(config) if config.image_encoder == "timm" else PatchEncoder(config)
         )
@@ -320,7 +323,16 @@ class GatoModel(nn.Module):
         if self.values is not None:
             low, high = self.continuous_range
             continuous = (ids >= low) & (ids < high)
-            x = x + self.values((ids - low).clamp(0, high - low - 1)) * continuous[..., None]
+            value = self.values((ids - low).clamp(0, high - low - 1))
+            if self.config.value_embedding == "replace":  # the per-bin row does not enter the input
+                x = torch.where(continuous[..., None], value + self.local(local), x)
+            else:
+                x = x + value * continuous[..., None]
+        if self.masked_action is not None and self.config.action_input_dropout >= 1.0:
+            # actions are never inputs (training and acting alike): every one is the mask embedding
+            x = torch.where(
+                (types == int(TokenType.ACTION))[..., None], self.masked_action + self.local(local), x
+            )
         image = types == int(TokenType.IMAGE)
         if patches is not None and patches.shape[1] and bool(image.any()):
             mask = patch_mask if patch_mask is not None else torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)  # fmt: skip
@@ -342,6 +354,13 @@ class GatoModel(nn.Module):
         """
         x = self.embed(batch["ids"], batch["types"], batch["local_positions"], batch.get("patches"),
                        batch.get("patch_positions"), batch.get("patch_mask"))  # fmt: skip
+        if self.training and self.masked_action is not None and self.config.action_input_dropout < 1.0:
+            # action tokens as inputs only: drop some, so copying the previous action does not pay
+            drop = (batch["types"] == int(TokenType.ACTION)) & (
+                torch.rand(batch["types"].shape, device=x.device) < self.config.action_input_dropout
+            )
+            local = batch["local_positions"].clamp(max=self.config.max_local_positions - 1)
+            x = torch.where(drop[..., None], self.masked_action + self.local(local), x)
         n_goal = 0
         if goal:
             g = self.embed(batch["goal_ids"], batch["goal_types"], batch["goal_local_positions"],
@@ -461,7 +480,9 @@ class GatoModel(nn.Module):
         if not bool(mask.any()):
             return h.sum() * 0.0
         logits = self.head_logits(h[:, :-1][mask], head).float()  # (N, V)
-        return self.token_losses(logits, ids[:, 1:][mask], self.config.text_weight if head != "dynamics" else 1.0)
+        return self.token_losses(
+            logits, ids[:, 1:][mask], self.config.text_weight if head != "dynamics" else 1.0
+        )
 
     def token_losses(self, logits: Tensor, targets: Tensor, text_weight: float = 1.0) -> Tensor:
         """Weighted mean loss of ``logits`` (N, V) against target ids ``targets`` (N,).

@@ -51,6 +51,8 @@ class Policy:
         self.envs: list[_Env] = []
         self.cache: KVCache | None = None
         self.head = "policy"
+        self.last_logits: list[Tensor] = []
+        """The logits ``(N, V)`` each action token of the last :meth:`act_batch` was chosen from."""
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Policy:
@@ -111,16 +113,22 @@ class Policy:
                 f"act_batch: expected {len(self.envs)} observations (one per env), got {len(observations)}"
             )
         builder, config = self.builder, self.model.config
-        steps = [self._embed(builder.build_step(o)) for o in observations]  # each (1, n_i, D)
+        tokens_in = [builder.build_step(o) for o in observations]
+        steps = [self._embed(t) for t in tokens_in]  # each (1, n_i, D): backbone inputs
         need = [s.shape[1] + builder.action_size for s in steps]
+        history = getattr(config, "history_steps", 0)
         for i, env in enumerate(self.envs):
-            if env.length + need[i] > config.context_length:
+            if env.length + need[i] > config.context_length or (history and len(env.steps) >= history):
                 self._roll(i, need[i])
         logits = self._feed(steps)
         low, high = self._action_range()
         chosen: list[list[int]] = [[] for _ in self.envs]
-        local = torch.tensor([s.shape[1] for s in steps], device=self.device)  # first action's local position
+        # the first action's local position is the observation's token count (separator included),
+        # not its backbone input count (the Perceiver folds observation tokens into latents)
+        local = torch.tensor([len(t) for t in tokens_in], device=self.device)
+        self.last_logits = []
         for j in range(builder.action_size):
+            self.last_logits.append(logits)
             ids = self._pick(logits, low, high)  # (N,)
             for i, value in enumerate(ids.tolist()):
                 chosen[i].append(value)
@@ -325,8 +333,11 @@ class Policy:
         env, config = self.envs[row], self.model.config
         budget = config.context_length // 2 - env.prefix.shape[1]
         kept: list[Tensor] = []
+        history = getattr(config, "history_steps", 0)
         for step in reversed(env.steps):
-            if sum(s.shape[1] for s in kept) + step.shape[1] > budget:
+            if sum(s.shape[1] for s in kept) + step.shape[1] > budget or (
+                history and len(kept) >= history - 1
+            ):
                 break
             kept.insert(0, step)
         env.steps = kept
@@ -352,7 +363,12 @@ class Policy:
     def _pick(self, logits: Tensor, low: int, high: int) -> Tensor:
         allowed = logits[:, low:high].float()
         decoding = getattr(self.model.config, "action_decoding", "argmax")
-        if self.temperature <= 0 and decoding != "argmax" and self.spec is not None and self.spec.action.kind == "continuous":
+        if (
+            self.temperature <= 0
+            and decoding != "argmax"
+            and self.spec is not None
+            and self.spec.action.kind == "continuous"
+        ):
             return pick_bin(allowed, decoding) + low
         if self.temperature <= 0:
             return allowed.argmax(-1) + low

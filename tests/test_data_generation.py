@@ -160,3 +160,41 @@ def test_generate_without_pixels_writes_proprioception_only(tmp_path: Path) -> N
     assert index["timing"]["rendered_frames"] == 0
     with pytest.raises(ValueError, match="captions task describes camera frames"):
         generate(tmp_path / "c", suite="smoke", episodes=1, progress=False, pixels=False)
+
+
+def test_dart_perturbation_records_the_clean_expert_action() -> None:
+    """The executed action is perturbed, the recorded label is the expert's action in the state
+    actually reached; the clean expert's own rollout is left alone (the normalizers use it)."""
+    from gato_like.data_pipelines.control import Perturbation
+
+    task = get_task("dmc-cartpole-balance")
+    clean = task.rollout(7, "expert", render=False, max_steps=60)
+    perturbed = task.rollout(7, "expert", render=False, max_steps=60, perturbation=Perturbation(0.3, 0.1))
+    assert not np.allclose(clean.observations["position"], perturbed.observations["position"])
+    assert "DART noise 0.3 random 0.1" in perturbed.source
+    # replay the recorded states: each label is what the expert says there (not the executed action)
+    env = task._environment(7)
+    env.reset()
+    expert = task.expert(env.physics)
+    for t in (0, 30, 59):
+        x, cos_theta, sin_theta = perturbed.observations["position"][t]
+        env.physics.data.qpos[:] = [x, np.arctan2(sin_theta, cos_theta)]
+        env.physics.data.qvel[:] = perturbed.observations["velocity"][t]
+        np.testing.assert_allclose(expert(env.physics), perturbed.actions[t], atol=1e-3)
+    babyai = get_task("babyai-GoToLocal")
+    noisy = babyai.rollout(5, "expert", perturbation=Perturbation(random_prob=0.3))
+    assert noisy.success  # the bot replans after random actions and still finishes
+
+
+def test_perturbation_settings_are_recorded_and_checked(tmp_path: Path) -> None:
+    from gato_like.data_pipelines.control import Perturbation
+
+    index = generate(tmp_path, tasks=["dmc-point_mass-easy"], episodes=1, max_steps=5, normalizer_episodes=1,
+                     workers=1, progress=False, pixels=False, perturbation=Perturbation(0.2, 0.05, 3))  # fmt: skip
+    assert index["tasks"]["dmc-point_mass-easy"]["perturbation"] == {"scheme": "dart", "noise": 0.2, "random_prob": 0.05, "hold": 3}  # fmt: skip
+    with pytest.raises(ValueError, match=r"noise: expected a standard deviation in \[0, 2\].*got -0.1"):
+        Perturbation(noise=-0.1)
+    with pytest.raises(ValueError, match=r"random_prob: expected a probability in \[0, 1\), got 1.5"):
+        Perturbation(random_prob=1.5)
+    with pytest.raises(ValueError, match=r"hold: expected an integer number of steps"):
+        Perturbation(hold=0)

@@ -193,3 +193,30 @@ def test_timm_encoder_without_timm_says_how_to_install(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_timm)
     with pytest.raises(ImportError, match=r"pip install 'gato-like\[timm\]'"):
         GatoModel(Config.from_name("debug", image_encoder="timm"))
+
+
+def test_a_padded_goal_ends_where_its_episode_starts() -> None:
+    """Goals of different lengths in one batch: a row's goal-head logits equal those of the row
+    alone, so training sees the goal right before the episode, as acting does (no position gap)."""
+    from gato_like.data_pipelines.generate import without_images
+    from gato_like.data_pipelines.loader import collate, sequence_sample
+
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug")).eval()
+    spec = without_images(get_task("dmc-point_mass-easy").spec)
+    builder = SequenceBuilder(spec)
+    episode = get_task("dmc-point_mass-easy").rollout(3, "expert", render=False, max_steps=6)
+    samples = []
+    for goal_tokens in (2, 4):  # two goals of different lengths (the first 2 or all 4 proprio tokens)
+        seq = builder.build({k: v[:4] for k, v in episode.observations.items()}, episode.actions[:4])
+        goal = builder.build_step({k: v[5] for k, v in episode.observations.items()})
+        sample = sequence_sample(seq, 0, 0, "e")
+        sample |= {"goal_ids": goal.ids[:goal_tokens], "goal_types": goal.types[:goal_tokens],
+                   "goal_local_positions": goal.local_positions[:goal_tokens],
+                   "goal_patches": goal.patches, "goal_patch_positions": goal.patch_positions}  # fmt: skip
+        samples.append(sample)
+    pad = builder.layout.pad_id
+    with torch.no_grad():
+        together = model(collate(samples, pad), goal=True, logits=True)["goal_logits"]
+        alone = model(collate(samples[:1], pad), goal=True, logits=True)["goal_logits"]
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-4)

@@ -11,7 +11,7 @@ from gato_like.config import Config
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.model import GatoModel
 from gato_like.policy import Policy
-from gato_like.tokenizers import SequenceBuilder, SpecMismatchError, TextTokenizer, TokenType
+from gato_like.tokenizers import SpecMismatchError, TextTokenizer, TokenType
 
 TASKS = ("dmc-reacher-easy", "babyai-GoToLocal")
 
@@ -62,12 +62,15 @@ def test_broken_checkpoints_are_named(tmp_path, checkpoint) -> None:
         load_checkpoint(bad)
 
 
-def _reference_action_token(policy: Policy, history: list, observation: dict) -> int:
-    """Argmax of the first action token from a full forward pass over the same window."""
+def _reference_action_logits(
+    policy: Policy, history: list, observation: dict, action: np.ndarray
+) -> torch.Tensor:
+    """Logits ``(A, V)`` of every action token of the last timestep from one full forward pass
+    over the same window (the training path), with the action the policy took."""
     builder = policy.builder
     obs = {k: np.stack([h[0][k] for h in history] + [observation[k]]) for k in observation}
-    actions = np.stack([h[1] for h in history]) if history else None
-    seq = builder.build(obs, actions) if history else builder.build_step(observation)
+    actions = np.stack([h[1] for h in history] + [action])
+    seq = builder.build(obs, actions)
     batch = {
         "ids": torch.from_numpy(seq.ids)[None], "types": torch.from_numpy(seq.types).long()[None],
         "local_positions": torch.from_numpy(seq.local_positions).long()[None],
@@ -77,9 +80,9 @@ def _reference_action_token(policy: Policy, history: list, observation: dict) ->
         "patch_mask": torch.ones(1, len(seq.patches), dtype=torch.bool),
     }  # fmt: skip
     with torch.no_grad():
-        logits = policy.model(batch, logits=True)["policy_logits"][0, -1]
-    low, high = policy._action_range()
-    return int(logits[low:high].argmax()) + low
+        logits = policy.model(batch, logits=True)["policy_logits"][0]
+    # action token j is predicted at the position before it (the separator for j = 0)
+    return logits[len(seq) - 1 - builder.action_size : len(seq) - 1]
 
 
 @pytest.mark.parametrize("backbone", ["decoder", "perceiver"])
@@ -88,7 +91,6 @@ def test_acting_in_the_simulator_matches_recomputation(request, task: str, backb
     checkpoint = request.getfixturevalue("checkpoint" if backbone == "decoder" else "perceiver_checkpoint")
     policy = Policy.from_checkpoint(checkpoint)
     spec = policy.reset(task)
-    builder = SequenceBuilder(spec)
     episode = get_task(task).rollout(4, "expert", max_steps=12)
     history = []
     rolled = False
@@ -98,12 +100,14 @@ def test_acting_in_the_simulator_matches_recomputation(request, task: str, backb
         # the policy keeps at most half the context after a roll-over; mirror its window
         action = policy.act(observation)
         assert action.shape == spec.action.shape
-        first = builder.encode_actions(action[None])[0, 0]
         kept = len(policy.envs[0].steps) - 1  # timesteps kept before this one
         rolled |= kept < len(window)
-        assert first == _reference_action_token(
-            policy, window[len(window) - kept :] if kept else [], observation
+        # every action token's logits (not only an argmax) equal the training pass's
+        acted = torch.cat(policy.last_logits)  # (A, V)
+        reference = _reference_action_logits(
+            policy, window[len(window) - kept :] if kept else [], observation, action
         )
+        torch.testing.assert_close(acted, reference, rtol=1e-4, atol=1e-4)
         history.append((observation, action))
     # decoder: 156 tokens a BabyAI step roll the 320-token context; perceiver: 4 latents + 3 a step, context 24
     assert rolled == (task == "babyai-GoToLocal" or backbone == "perceiver")

@@ -23,8 +23,14 @@ class GatoData(L.LightningDataModule):
         tasks: list[str] | None = None,
         domain_weights: dict[str, float] | None = None,
         seed: int = 0,
+        history_steps: int = 0,
+        task_batches: bool = True,
+        batch_tokens: int = 0,
     ) -> None:
         super().__init__()
+        self.task_batches = task_batches
+        self.batch_tokens = batch_tokens
+        self.history_steps = history_steps
         self.data = str(data)
         self.batch_size = batch_size
         self.context_length = context_length
@@ -40,7 +46,12 @@ class GatoData(L.LightningDataModule):
 
     def _loader(self, seed: int, skip_batches: int = 0) -> Any:
         config = LoaderConfig(
-            context_length=self.context_length, domain_weights=self.domain_weights, seed=seed
+            context_length=self.context_length,
+            domain_weights=self.domain_weights,
+            seed=seed,
+            history_steps=self.history_steps,
+            task_batches=self.task_batches,
+            batch_tokens=self.batch_tokens,
         )
         return make_dataloader(
             self.data, self.batch_size, config, self.tasks, self.workers, skip_batches=skip_batches

@@ -68,20 +68,11 @@ def evaluate(
             [demo_prompt(d, policy) for d in prompt_demos(prompt, name, spec)] if prompt is not None else []
         )
 
-        def act(observation: dict[str, Any], keys: frozenset[str] = frozenset(spec.observations)) -> Any:
-            return policy.act({k: v for k, v in observation.items() if k in keys})
-
-        wants_pixels = "pixels" in spec.observations
         for i in range(episodes):
-            policy.reset(name, prompt=prompts[i % len(prompts)] if prompts else None)
-            episode_seed = (
-                1_000_000 + zlib.crc32(name.encode()) % 1000 * 1000 + seed * 100 + i
-            )  # unseen by training
-            if isinstance(task, BabyAITask):  # a top-down view of the grid, for the video
-                episode = task.rollout(episode_seed, act, max_steps=steps, record_frames=media and i == 0)
-            else:
-                render = wants_pixels or (media and i == 0)
-                episode = task.rollout(episode_seed, act, render=render, max_steps=steps)
+            episode = play_episode(
+                policy, name, eval_seed(name, seed, i), steps,
+                prompt=prompts[i % len(prompts)] if prompts else None, record=media and i == 0,
+            )  # fmt: skip
             returns.append(episode.episode_return)
             successes.append(episode.success)
             frames = episode.observations.get("pixels", episode.extra.get("frames"))
@@ -89,14 +80,20 @@ def evaluate(
                 save_gif(frames, out / f"{name}.gif", max_frames=300)
         normalizers = known.get(name, {}).get("returns") or {}
         expert, random = normalizers.get("expert"), normalizers.get("random")
-        random_measured = False
-        if expert and not random:
+        random_measured = expert_measured = False
+        trained_steps = known.get(name, {}).get("max_steps")
+        if trained_steps is not None and steps != trained_steps:
+            # the normalizers were measured at the data's episode length: measure them at this one
+            expert, random = (
+                expert_returns(task, episodes, steps, seed),
+                random_returns(task, episodes, steps, seed),
+            )
+            random_measured = expert_measured = True
+        elif expert and not random:
             random = random_returns(task, episodes, steps, seed)
             random_measured = True
         mean = float(np.mean(returns))
-        score = None
-        if expert and random and expert["mean"] != random["mean"]:
-            score = (mean - random["mean"]) / (expert["mean"] - random["mean"])
+        score = normalized_score(mean, expert, random)
         results[name] = {
             "episodes": episodes,
             "max_steps": steps,
@@ -104,7 +101,12 @@ def evaluate(
             "returns": [round(r, 4) for r in returns],
             "expert_normalized_score": None if score is None else round(score, 4),
             "success_rate": round(float(np.mean(successes)), 4),
-            "normalizers": {"expert": expert, "random": random, "random_measured_here": random_measured},
+            "normalizers": {
+                "expert": expert,
+                "random": random,
+                "random_measured_here": random_measured,
+                "expert_measured_here": expert_measured,
+            },
             "prompted": bool(prompts),
         }
     scores = [
@@ -132,6 +134,56 @@ def evaluate(
         shutil.copyfile(curves, out / "losses.png")
     write_card(policy.checkpoint, checkpoint, summary, out / "model_card.md")
     return summary
+
+
+def eval_seed(task: str, seed: int, index: int) -> int:
+    """The seed of evaluation episode ``index``: outside the range data generation draws from."""
+    return 1_000_000 + zlib.crc32(task.encode()) % 1000 * 1000 + seed * 100 + index
+
+
+def normalized_score(
+    mean: float, expert: dict[str, Any] | None, random: dict[str, Any] | None
+) -> float | None:
+    """``(R - R_random) / (R_expert - R_random)``, or None without both normalizers."""
+    if expert and random and expert["mean"] != random["mean"]:
+        return (mean - random["mean"]) / (expert["mean"] - random["mean"])
+    return None
+
+
+def play_episode(
+    policy: Policy,
+    name: str,
+    seed: int,
+    steps: int,
+    prompt: tuple[dict[str, Any], Any] | None = None,
+    record: bool = False,
+) -> Any:
+    """One closed-loop episode of ``policy`` in task ``name``'s simulator (reset with ``prompt``);
+    ``record`` keeps frames for a video (camera frames, or BabyAI's top-down grid view).
+
+    The observations the simulator gives are cut to the keys of the checkpoint's spec."""
+    task = get_task(name)
+    spec = policy.checkpoint.spec_for(name)
+    keys = frozenset(spec.observations)
+
+    def act(observation: dict[str, Any]) -> Any:
+        return policy.act({k: v for k, v in observation.items() if k in keys})
+
+    policy.reset(name, prompt=prompt)
+    if isinstance(task, BabyAITask):
+        return task.rollout(seed, act, max_steps=steps, record_frames=record)
+    return task.rollout(seed, act, render="pixels" in spec.observations or record, max_steps=steps)
+
+
+def expert_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:
+    """The clean expert's return summary over ``episodes`` episodes (no rendering)."""
+    from gato_like.data_pipelines.shards import returns_summary
+
+    values = [
+        task.rollout(3_000_000 + seed * 1000 + i, "expert", render=False, max_steps=max_steps).episode_return
+        for i in range(episodes)
+    ]
+    return returns_summary(values)
 
 
 def random_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from gato_like.config import Config
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.data import GatoData
 from gato_like.training.module import GatoLightning, OptimConfig
+from gato_like.training.rollouts import RolloutScores
+from gato_like.training.rollouts import rollout_tasks as rollout_tasks_of
 
 
 class ExportCheckpoint(L.Callback):
@@ -45,10 +47,8 @@ class ExportCheckpoint(L.Callback):
         self.tokens = int(state.get("tokens", 0))
         self.started = time.perf_counter()
 
-    def export(self, trainer: L.Trainer, module: GatoLightning) -> None:
-        if trainer.global_rank != 0 or self.exported == trainer.global_step:
-            return
-        self.exported = trainer.global_step
+    def specs_and_tasks(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The embodiment specs and the per-task entries (normalizers, episode length) a checkpoint carries."""
         index = self.data.source.index["tasks"]
         specs = {}
         tasks: dict[str, Any] = {}
@@ -60,18 +60,33 @@ class ExportCheckpoint(L.Callback):
                 "returns": index[task]["returns"],
                 "max_steps": index[task]["max_steps"],
                 "episodes": index[task].get("episodes"),
+                **({"perturbation": index[task]["perturbation"]} if "perturbation" in index[task] else {}),
             }
+        return specs, tasks
+
+    def export(self, trainer: L.Trainer, module: GatoLightning) -> None:
+        if trainer.global_rank != 0 or self.exported == trainer.global_step:
+            return
+        self.exported = trainer.global_step
+        specs, tasks = self.specs_and_tasks()
+        save_checkpoint(
+            self.out / "checkpoint", module.model, TextTokenizer(), specs, tasks, self.meta(trainer, module)
+        )
+
+    def meta(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+        """What ``meta.json`` records: data, preset, run settings, compute, time, tokens, losses."""
+        assert isinstance(module, GatoLightning)
         seconds = self.seconds()
         metrics = {
             k: round(float(v), 4)
             for k, v in trainer.callback_metrics.items()
-            if k.startswith(("train/", "val/"))
+            if k.startswith(("train/", "val/", "rollout/"))
             and k != "train/tokens"
             and torch.is_tensor(v)
             and v.numel() == 1
         }
         text = TextTokenizer()
-        meta = {
+        meta: dict[str, Any] = {
             "step": trainer.global_step,
             # a fine-tune refuses a checkpoint whose tokenizer file was swapped after training
             "tokenizer_sha256": tokenizer_sha256(text),
@@ -92,7 +107,7 @@ class ExportCheckpoint(L.Callback):
             },
             "metrics": metrics,
         }
-        save_checkpoint(self.out / "checkpoint", module.model, text, specs, tasks, meta)
+        return meta
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_index: int
@@ -129,10 +144,25 @@ def _strategy(name: str) -> Any:
 
 
 def default_precision() -> str:
-    """bf16 mixed precision where the GPU has bf16, fp32 otherwise (CPUs without bf16 units are ~100x slower in bf16)."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
+    """bf16 mixed precision where the hardware has bf16 units, fp32 otherwise: a GPU that
+    supports bf16, or a CPU whose flags list ``avx512_bf16`` or ``amx_bf16`` (bf16 matmul was 2.5x
+    fp32 on such an EPYC; on a CPU without them bf16 ran at 1.2 GFLOP/s, ~100x slower than fp32)."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU advertises native bf16 arithmetic (``/proc/cpuinfo`` flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []
+    )
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def train(
@@ -161,6 +191,12 @@ def train(
     log_every: int = 10,
     callbacks: list[L.Callback] | None = None,
     command: str | None = None,
+    rollout_episodes: int = 2,
+    rollout_tasks: list[str] | None = None,
+    tasks: list[str] | None = None,
+    threads: int | None = None,
+    recipe: str | None = None,
+    batch_tokens: int = 0,
 ) -> Path:
     """Train and return the exported checkpoint directory (``OUT/checkpoint``).
 
@@ -169,14 +205,30 @@ def train(
     arbitrary unpickling); ``OUT/logs`` the CSV logs and TensorBoard events (``tensorboard --logdir OUT/logs``). A resumed run
     continues the model, optimizer, schedule, RNG and data stream where the interrupted run stopped,
     and reproduces its losses. ``callbacks`` are added to the trainer's.
+
+    At every validation the policy is rolled out ``rollout_episodes`` episodes per task (default
+    every task with a simulator; ``rollout_tasks`` to choose) and the weights with the best mean
+    expert-normalized score are exported to ``OUT/best``, which is returned when it exists.
+    ``tasks``: train on these tasks of the dataset only. ``batch_tokens``: cap a batch at about
+    this many tokens (each batch holds one task; fewer sequences for long timesteps). ``threads``: torch intra-op threads
+    (default :func:`thread_policy`).
     """
+    if rollout_episodes < 0:
+        raise ValueError(f"rollout_episodes: expected >= 0, got {rollout_episodes}")
+    torch.set_num_threads(threads or thread_policy(workers))
     L.seed_everything(seed, workers=True)
     out = Path(out)
     fields = dict(overrides or {}) | (
         {"context_length": context_length} if context_length is not None else {}
     )
     config = Config.from_name(preset, **fields)
-    datamodule = GatoData(data, batch_size, config.context_length, workers, seed=seed)
+    datamodule = GatoData(data, batch_size, config.context_length, workers, tasks=tasks, seed=seed,
+                          history_steps=config.history_steps, batch_tokens=batch_tokens)  # fmt: skip
+    export = ExportCheckpoint(out, datamodule, val_every, {})
+    specs, task_entries = export.specs_and_tasks()
+    scored = (
+        rollout_tasks_of(task_entries, rollout_tasks) if rollout_episodes else []
+    )  # fails before any work
     module = GatoLightning(
         config, OptimConfig(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps), datamodule.task_names
     )
@@ -191,7 +243,13 @@ def train(
         "seed": seed,
         "max_minutes": max_minutes,
         "overrides": dict(overrides or {}),
+        "recipe": recipe,
+        "batch_tokens": batch_tokens,
+        "workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "rollout_episodes": rollout_episodes,
     }
+    export.settings = settings
     if command:
         settings["command"] = command
     loggers: list[Any] = [
@@ -200,6 +258,11 @@ def train(
     ]
     state = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=val_every
+    )
+    rollouts = (
+        [RolloutScores(out, task_entries, specs, scored, rollout_episodes, seed, meta=export.meta)]
+        if scored
+        else []
     )
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -216,7 +279,7 @@ def train(
         limit_val_batches=val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
-        callbacks=[state, ExportCheckpoint(out, datamodule, val_every, settings), *(callbacks or [])],
+        callbacks=[state, export, *rollouts, *(callbacks or [])],
         enable_progress_bar=progress,
         log_every_n_steps=log_every,
     )
@@ -228,7 +291,17 @@ def train(
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.global_rank == 0 and (out / "logs" / "metrics.csv").is_file():
         plot_losses(out / "logs" / "metrics.csv", out / "losses.png")
+    if (out / "best").is_dir() and scored:
+        return out / "best"
     return out / "checkpoint"
+
+
+def thread_policy(workers: int) -> int:
+    """Torch intra-op threads for training: the cores left after the data-loader workers (at
+    least one). On 2 cores with one loader worker, 2 intra-op threads wait on a descheduled
+    OpenMP thread at every small op; 1 thread beside the worker is faster (docs/training.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - workers)
 
 
 def plot_losses(

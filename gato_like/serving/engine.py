@@ -211,12 +211,15 @@ class SlotPool:
         self, head: str, group: list[tuple[int, _Slot, Mapping[str, Any]]], out: list[np.ndarray | Exception]
     ) -> None:
         steps: dict[int, Tensor] = {}
+        observed: dict[int, int] = {}
         slots: dict[int, _Slot] = {}
         index: dict[int, int] = {}
         for i, slot, observation in group:
             assert slot.builder is not None
             try:
-                steps[slot.row] = self.helper.embed_tokens(slot.builder.build_step(observation))
+                built = slot.builder.build_step(observation)
+                observed[slot.row] = len(built)  # tokens of the observation (separator included)
+                steps[slot.row] = self.helper.embed_tokens(built)
             except (ValueError, TypeError) as error:
                 out[i] = error
                 continue
@@ -226,11 +229,14 @@ class SlotPool:
         for row, slot in slots.items():
             assert slot.builder is not None and slot.prefix is not None
             need = steps[row].shape[1] + slot.builder.action_size
-            if slot.length + need > self.config.context_length:
+            history = getattr(self.config, "history_steps", 0)
+            if slot.length + need > self.config.context_length or (history and len(slot.steps) >= history):
                 budget = self.config.context_length // 2 - slot.prefix.shape[1]
                 kept: list[Tensor] = []
                 for step in reversed(slot.steps):
-                    if sum(s.shape[1] for s in kept) + step.shape[1] > budget:
+                    if sum(s.shape[1] for s in kept) + step.shape[1] > budget or (
+                        history and len(kept) >= history - 1
+                    ):
                         break
                     kept.insert(0, step)
                 slot.steps, slot.length = kept, 0
@@ -258,7 +264,7 @@ class SlotPool:
         for j, row in enumerate(rows):
             low, high = _action_range(slots[row])
             allowed[j, low:high] = True
-        local = torch.tensor([steps[row].shape[1] for row in rows], device=self.device)
+        local = torch.tensor([observed[row] for row in rows], device=self.device)
         chosen: dict[int, list[int]] = {row: [] for row in rows}
         select = torch.tensor([row - lo for row in rows], device=self.device)
         for j in range(max(sizes.values())):

@@ -1,0 +1,113 @@
+"""Named training recipes: a preset, its departures from Gato and the run settings, chosen together
+on closed-loop scores (docs/recipes.md has the measurements). ``gato-like train`` uses ``cpu`` on a
+machine without a GPU unless told otherwise; every field can still be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What ``gato-like train --recipe NAME`` runs."""
+
+    name: str
+    description: str
+    preset: str
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset's fields (the departures from Gato, each measured)."""
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    val_every: int = 200
+    rollout_episodes: int = 2
+    workers: int = 0
+    batch_tokens: int = 0
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "max_steps": self.max_steps,
+            "max_minutes": self.max_minutes,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "val_every": self.val_every,
+            "rollout_episodes": self.rollout_episodes,
+            "workers": self.workers,
+            "batch_tokens": self.batch_tokens,
+        }
+
+
+#: The departures that make the agent act on a CPU budget (docs/recipes.md, the ablation).
+ACTING = {"history_steps": 4, "action_input_dropout": 1.0}
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            "cpu",
+            "the default suite without pixels in <= 60 minutes on 2 CPU cores",
+            preset="tiny",
+            model=dict(ACTING),
+            max_steps=6000,
+            max_minutes=60.0,
+            batch_size=64,
+            lr=1e-3,
+            warmup_steps=100,
+            val_every=1000,
+            batch_tokens=4096,
+        ),
+        Recipe(
+            "cpu-demo",
+            "the demo's few minutes on 2 CPU cores: the debug preset on the demo's tasks",
+            preset="debug",
+            model=dict(ACTING),
+            max_steps=600,
+            max_minutes=6.0,
+            batch_size=64,
+            lr=2e-3,
+            warmup_steps=50,
+            val_every=300,
+            batch_tokens=4096,
+        ),
+        Recipe(
+            "gato",
+            "Gato's settings, no departure (the paper's recipe; for GPUs and billions of tokens)",
+            preset="small",
+            model={
+                "value_embedding": "off",
+                "target_sigma_bins": 0.0,
+                "text_weight": 1.0,
+                "action_decoding": "argmax",
+            },
+            max_steps=1000,
+            batch_size=8,
+            lr=3e-4,
+            warmup_steps=100,
+            val_every=200,
+            workers=1,
+        ),
+    ]
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """A recipe by name; a mistyped name is refused with the closest one and the list."""
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, RECIPES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown recipe {name!r}{hint} (recipes: {', '.join(RECIPES)})")
+    return RECIPES[name]
+
+
+def default_recipe() -> str:
+    """``cpu`` without a GPU; ``gato`` (the paper's settings) with one."""
+    import torch
+
+    return "gato" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,139 @@
+"""Closed-loop scores during training: at every validation, the policy is rolled out in the real
+simulators for a few episodes per task on unseen seeds, and the expert-normalized score per task
+is logged beside the losses (``rollout/<task>/score``, ``rollout/mean_score``). The weights with
+the best mean score are exported to ``OUT/best`` (the checkpoint format), so the run's best
+policy, not its last, is what a user evaluates and serves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from gato_like.checkpoint import Checkpoint, save_checkpoint
+from gato_like.data_pipelines.tasks import TASKS
+from gato_like.tokenizers import TextTokenizer
+
+#: Tasks that have data but no simulator to roll out in (they are never scored).
+UNSCORED = ("captions",)
+
+
+def rollout_tasks(tasks: dict[str, dict[str, Any]], requested: list[str] | None = None) -> list[str]:
+    """The tasks to roll out: ``requested`` (each must have a simulator and normalizers), or every
+    task of the dataset that has both."""
+    if requested:
+        problems = []
+        for name in requested:
+            if name not in tasks:
+                problems.append(f"{name!r} is not a task of the dataset (tasks: {sorted(tasks)})")
+            elif name in UNSCORED or name not in TASKS:
+                problems.append(f"{name!r} has no simulator to roll out in")
+            elif not (tasks[name].get("returns") or {}).get("expert"):
+                problems.append(f"{name!r} has no expert return to normalize by")
+        if problems:
+            raise ValueError("rollout tasks: " + "; ".join(problems))
+        return list(requested)
+    return [
+        n
+        for n in sorted(tasks)
+        if n in TASKS and n not in UNSCORED and (tasks[n].get("returns") or {}).get("expert")
+    ]
+
+
+class RolloutScores(L.Callback):
+    """Rolls the policy out after every validation (rank 0) and keeps the best weights by score.
+
+    Args:
+        out: run directory; the best weights go to ``out/best``, the history to ``out/rollouts.json``.
+        tasks: task name -> ``{"embodiment", "returns", "max_steps"}`` (the dataset's index entries).
+        specs: embodiment name -> spec.
+        episodes: episodes per task at each validation.
+        max_steps: episode length per task (default: the data's, so the normalizers apply).
+        seed: evaluation seed (episodes use seeds no data generation draws).
+        meta: ``meta.json`` content of the exported best checkpoint (updated with the scores).
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        tasks: dict[str, dict[str, Any]],
+        specs: dict[str, Any],
+        names: list[str],
+        episodes: int = 2,
+        seed: int = 0,
+        meta: Any = None,
+    ) -> None:
+        self.out, self.tasks, self.specs, self.names = Path(out), tasks, specs, names
+        self.episodes, self.seed = episodes, seed
+        self.meta = meta or (lambda trainer, module: {})
+        self.history: list[dict[str, Any]] = []
+        self.best: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        self.best = state.get("best")
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_rank != 0 or not self.names:
+            return
+        from gato_like.policy import Policy
+        from gato_like.training.evaluate import eval_seed, normalized_score, play_episode
+
+        model = module.model  # type: ignore[attr-defined]
+        was_training = model.training
+        started = time.perf_counter()
+        checkpoint = Checkpoint(model, TextTokenizer(), self.specs, self.tasks)
+        policy = Policy(checkpoint, device=module.device)
+        scores: dict[str, float | None] = {}
+        try:
+            with torch.no_grad():
+                for name in self.names:
+                    steps = int(self.tasks[name]["max_steps"])
+                    returns = [
+                        play_episode(policy, name, eval_seed(name, 50 + self.seed, i), steps).episode_return
+                        for i in range(self.episodes)
+                    ]
+                    normalizers = self.tasks[name]["returns"]
+                    scores[name] = normalized_score(
+                        float(np.mean(returns)), normalizers["expert"], normalizers.get("random")
+                    )
+        finally:
+            model.train(was_training)
+        valid = [s for s in scores.values() if s is not None]
+        mean = float(np.mean(valid)) if valid else None
+        seconds = time.perf_counter() - started
+        metrics = {f"rollout/{n}/score": s for n, s in scores.items() if s is not None}
+        if mean is not None:
+            metrics["rollout/mean_score"] = mean
+        for key, value in metrics.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        entry = {
+            "step": trainer.global_step,
+            "mean_score": mean,
+            "scores": scores,
+            "seconds": round(seconds, 1),
+        }
+        self.history.append(entry)
+        if mean is not None and (self.best is None or mean > self.best):
+            self.best = mean
+            meta = dict(self.meta(trainer, module))
+            meta["rollout"] = {"step": trainer.global_step, "mean_score": round(mean, 4), "episodes": self.episodes,
+                               "scores": {n: None if s is None else round(s, 4) for n, s in scores.items()}}  # fmt: skip
+            save_checkpoint(self.out / "best", model, checkpoint.text, self.specs, self.tasks, meta)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "rollouts.json").write_text(
+            json.dumps({"best": self.best, "history": self.history}, indent=2) + "\n"
+        )
+        shown = ", ".join(f"{n.split('-', 1)[-1]} {s:.2f}" for n, s in scores.items() if s is not None)
+        print(f"\n[rollouts] step {trainer.global_step}: mean score {mean if mean is None else round(mean, 3)} ({shown}; {seconds:.0f} s)", flush=True)  # fmt: skip
