@@ -2,14 +2,16 @@
 the same budget and seed, then rolls the policy out in the simulators on unseen seeds.
 
     gato-like data generate --suite control --pixels false --episodes 20 --out data/control
-    .venv/bin/python benchmarks/ablation.py --data data/control --preset debug --steps 400 \\
+    .venv/bin/python benchmarks/ablation.py --data data/control --preset debug --steps 500 \\
         --episodes 5 --rows all --out runs/ablation
 
 Rows (``--rows`` a comma list, or ``all``):
 
-- ``all-on``: every lever at the default (value embedding, HL-Gauss targets, text weight, mean decoding);
-- ``no-value-embedding``, ``one-hot-targets``, ``argmax-decoding``, ``median-decoding``: one lever off;
-- ``gato``: every lever off (Gato's plain per-bin embedding, one-hot targets, argmax).
+- ``recipe``: every departure of the ``cpu`` recipe (4-step history, action tokens never inputs,
+  ordinal value embedding, HL-Gauss targets, text weight 0.1, mean decoding);
+- ``full-history``, ``no-action-masking``, ``no-value-embedding``, ``value-embedding-replace``,
+  ``one-hot-targets``, ``argmax-decoding``, ``median-decoding``: one lever changed;
+- ``gato``: every departure off (Gato's sequence and head as the paper has them).
 
 Prints a table of expert-normalized score per task (and the final training policy loss, which is
 not comparable across target types) and writes ``OUT/ablation.json``. Run alone: two trainings at
@@ -24,8 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gato_like.training.recipes import ACTING
+
 ROWS: dict[str, dict[str, Any]] = {
-    "all-on": {},
+    "recipe": {},
+    "full-history": {"history_steps": 0},
+    "no-action-masking": {"action_input_dropout": 0.0},
     "no-value-embedding": {"value_embedding": "off"},
     "value-embedding-replace": {"value_embedding": "replace"},
     "one-hot-targets": {"target_sigma_bins": 0.0},
@@ -36,8 +42,11 @@ ROWS: dict[str, dict[str, Any]] = {
         "target_sigma_bins": 0.0,
         "action_decoding": "argmax",
         "text_weight": 1.0,
+        "history_steps": 0,
+        "action_input_dropout": 0.0,
     },
 }
+"""Each row: the ``cpu`` recipe's departures (``recipes.ACTING`` and the model defaults) with one changed."""
 
 
 def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +60,8 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = train(
         args.data, out, preset=args.preset, max_steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=max(1, args.steps // 10), val_every=args.steps, seed=args.seed,
-        progress=False, overrides=ROWS[name], workers=args.workers, rollout_episodes=0,
+        progress=False, overrides=ACTING | ROWS[name], workers=args.workers, rollout_episodes=0,
+        batch_tokens=args.batch_tokens,
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
     summary = evaluate(checkpoint, out / "eval", episodes=args.episodes, seed=args.seed,
@@ -77,8 +87,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--preset", default="debug")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_tokens", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -2,8 +2,11 @@
 
 1. generate the default suite in the real simulators (scripted experts, short episodes) and shard it;
 2. inspect it (table, checksums, montage, GIF) and show how each embodiment is tokenized;
-3. train a ``tiny`` model on it for a few minutes with Lightning (loss curves to ``losses.png``);
-4. evaluate it in the simulators (expert-normalized scores, ``scores.png``, GIFs) and write its card;
+3. generate the acting data: full-length DART-perturbed expert episodes of the demo's tasks
+   (proprioception and BabyAI's symbolic view), and train a ``debug`` model on them with the
+   ``cpu-demo`` recipe for a few minutes, rolling it out in the simulators at each validation;
+4. evaluate the best checkpoint by score in the simulators (expert-normalized scores,
+   ``scores.png``, GIFs) and write its card;
 5. start the policy server on a loopback port and drive one simulated robot through it.
 
 Everything goes under ``OUT`` (default ``demo_out``); the last lines say where.
@@ -14,9 +17,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+#: The demo's agent: tasks a debug model learns to act in within minutes on 2 cores.
+DEMO_TASKS = ("dmc-cartpole-balance", "dmc-point_mass-easy", "babyai-GoToRedBall")
 
 if TYPE_CHECKING:
     from gato_like.tokenizers import SequenceBuilder, TokenSequence
@@ -61,9 +67,11 @@ def run(
     normalizer_episodes: int = 5,
     workers: int = 2,
     seed: int = 0,
-    preset: str = "tiny",
-    train_steps: int = 120,
-    train_minutes: float = 8.0,
+    tasks: str = ",".join(DEMO_TASKS),
+    act_episodes: int = 20,
+    act_max_steps: int | None = None,
+    train_steps: int | None = None,
+    train_minutes: float | None = None,
     eval_episodes: int = 3,
     serve_task: str = "dmc-cartpole-balance",
 ) -> None:
@@ -76,9 +84,11 @@ def run(
         normalizer_episodes: expert and random episodes per task for the score normalizers.
         workers: processes for generation.
         seed: base seed.
-        preset: model preset to train.
-        train_steps: optimizer steps (the cosine schedule's length).
-        train_minutes: wall-time cap of training (stops earlier than train_steps if reached).
+        tasks: the tasks the agent is trained on and scored in (comma-separated).
+        act_episodes: expert episodes per control task of the acting data (BabyAI: 15x as many, they are short).
+        act_max_steps: episode length of the acting data and the evaluation (default: each task's full length).
+        train_steps: optimizer steps (default: the cpu-demo recipe's).
+        train_minutes: wall-time cap of training (default: the cpu-demo recipe's).
         eval_episodes: evaluation episodes per task.
         serve_task: the task of the simulated robot driven through the policy server.
     """
@@ -135,9 +145,30 @@ def run(
     for name, (start, stop) in layout.ranges().items():
         ids.add_row(name, f"[{start}, {stop})")
     console.print(ids)
-    console.rule(f"4. train a {preset} model ({train_steps} steps or {train_minutes:g} minutes)")
+    from gato_like.training.recipes import get_recipe
+
+    recipe = get_recipe("cpu-demo")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    act_root = Path(out) / "act_data"
+    console.rule(f"4. generate the acting data ({', '.join(names)}) and train on it")
+    babyai = [n for n in names if n.startswith("babyai")]
+    act_index = generate(
+        act_root, None, names, act_episodes, act_max_steps, seed, workers, 16, normalizer_episodes,
+        overwrite=True, pixels=False, task_episodes={n: 15 * act_episodes for n in babyai},
+    )  # fmt: skip
+    entry = next(iter(act_index["tasks"].values()))
+    console.print(
+        f"{sum(t['timesteps'] for t in act_index['tasks'].values()):,} timesteps in {act_index['timing']['seconds']:.1f}s "
+        f"-> {act_root} (DART: the expert's action plus noise is executed, its clean action recorded: "
+        f"{entry['perturbation']})"
+    )
+    steps = train_steps or recipe.max_steps
+    minutes = train_minutes if train_minutes is not None else float(recipe.max_minutes or 6.0)
+    console.print(
+        f"recipe cpu-demo: {recipe.preset} model, {recipe.model}, {steps} steps or {minutes:g} minutes"
+    )
     run_dir = Path(out) / "run"
-    checkpoint = _train(root, run_dir, preset, train_steps, train_minutes, seed)
+    checkpoint = _train(act_root, run_dir, recipe, steps, minutes, seed)
     meta = json.loads((checkpoint / "meta.json").read_text())
     console.print(
         f"{meta['step']} steps, {meta['tokens']:,} tokens in {meta['training_seconds'] / 60:.1f} min "
@@ -149,14 +180,20 @@ def run(
     from gato_like.training.evaluate import evaluate
 
     summary = evaluate(checkpoint, run_dir / "eval", episodes=eval_episodes, seed=seed)
+    if summary["mean_score"] is not None:
+        console.print(
+            f"mean expert-normalized score {summary['mean_score']:.2f} (1 = the expert, 0 = uniform random; "
+            "full-length episodes on seeds no training episode used)"
+        )
     print_evaluation(summary, run_dir / "eval")
     console.rule("6. serve it, and drive one simulated robot through the server")
-    served = _serve_one_episode(checkpoint, serve_task, max_steps, seed)
+    served = _serve_one_episode(checkpoint, serve_task, act_max_steps, seed)
     console.print(served)
     console.rule("done")
     console.print(
         f"in {(time.perf_counter() - started) / 60:.1f} min. Where everything went:\n"
         f"  dataset     {root} (index.json, one folder of shards per task, montage.png)\n"
+        f"  acting data {act_root} (the tasks the agent was trained on)\n"
         f"  checkpoint  {checkpoint} (model.safetensors, config, tokenizer, specs)\n"
         f"  trainer     {run_dir / 'lightning' / 'last.ckpt'} (resume with gato-like train --resume true)\n"
         f"  logs        {run_dir / 'logs' / 'metrics.csv'}, curves {run_dir / 'losses.png'}\n"
@@ -166,7 +203,7 @@ def run(
     )
 
 
-def _serve_one_episode(checkpoint: Path, task_name: str, max_steps: int, seed: int) -> str:
+def _serve_one_episode(checkpoint: Path, task_name: str, max_steps: int | None, seed: int) -> str:
     """Start ``gato-like serve`` on a free loopback port, run one episode of ``task_name`` in the
     simulator with the light client acting through it, stop the server; a one-line summary."""
     from gato_like.data_pipelines.tasks import get_task
@@ -185,7 +222,7 @@ def _serve_one_episode(checkpoint: Path, task_name: str, max_steps: int, seed: i
                 latencies.append(time.perf_counter() - started)
                 return action
 
-            episode = get_task(task_name).rollout(seed + 7_000_000, act, render=True, max_steps=max_steps)
+            episode = get_task(task_name).rollout(seed + 7_000_000, act, render=False, max_steps=max_steps)
         ms = np.asarray(latencies) * 1000
         return (
             f"{task_name}: {episode.length} steps through ws://127.0.0.1:{port}, return {episode.episode_return:.2f}; "
@@ -196,8 +233,8 @@ def _serve_one_episode(checkpoint: Path, task_name: str, max_steps: int, seed: i
         server.wait(timeout=30)
 
 
-def _train(data: Path, run_dir: Path, preset: str, steps: int, minutes: float, seed: int) -> Path:
-    """Train quietly (Lightning's banner and warnings off, the progress bar on)."""
+def _train(data: Path, run_dir: Path, recipe: Any, steps: int, minutes: float, seed: int) -> Path:
+    """Train with the recipe quietly (Lightning's banner and warnings off, the progress bar on)."""
     import logging
     import warnings
 
@@ -206,8 +243,10 @@ def _train(data: Path, run_dir: Path, preset: str, steps: int, minutes: float, s
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return train(data, run_dir, preset=preset, max_steps=steps, batch_size=8, context_length=512,
-                     lr=1e-3, warmup_steps=min(50, steps // 10), val_every=max(steps // 4, 1), seed=seed,
-                     max_minutes=minutes, command=f"gato-like train --data {data} --out {run_dir} "
-                     f"--preset {preset} --max_steps {steps} --batch_size 8 --context_length 512 --lr 1e-3 "
-                     f"--max_minutes {minutes:g}")  # fmt: skip
+        return train(data, run_dir, preset=recipe.preset, max_steps=steps, batch_size=recipe.batch_size,
+                     lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, max(steps // 10, 1)),
+                     val_every=max(min(recipe.val_every, steps // 2), 1), seed=seed, max_minutes=minutes,
+                     workers=recipe.workers, overrides=dict(recipe.model), rollout_episodes=recipe.rollout_episodes,
+                     batch_tokens=recipe.batch_tokens, recipe=recipe.name,
+                     command=f"gato-like train --data {data} --out {run_dir} --recipe {recipe.name} "
+                     f"--max_steps {steps} --max_minutes {minutes:g}")  # fmt: skip

@@ -25,7 +25,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gato_like.training.train import train
 
     root = tmp_path_factory.mktemp("closed_loop")
-    generate(root / "data", tasks=[TASK], episodes=12, max_steps=500, normalizer_episodes=4, workers=2,
+    generate(root / "data", tasks=[TASK], episodes=12, max_steps=500, normalizer_episodes=4, workers=1,
              progress=False, pixels=False)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -83,11 +83,11 @@ def test_refuses_to_overwrite_and_interruption_leaves_no_partial_shard(tmp_path:
     real = type(task).rollout
     calls = {"n": 0}
 
-    def flaky(self, seed, policy="expert", render=True, max_steps=None):  # type: ignore[no-untyped-def]
+    def flaky(self, seed, policy="expert", render=True, max_steps=None, **kwargs):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # the user hits Ctrl-C half way
-        return real(self, seed, policy, render, max_steps)
+        return real(self, seed, policy, render, max_steps, **kwargs)
 
     monkeypatch.setattr(type(task), "rollout", flaky)
     out = tmp_path / "interrupted"

@@ -1,5 +1,6 @@
 """The distribution installs one top-level package, gato_like, and a working console script."""
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -105,7 +106,8 @@ def test_console_script_help_and_version() -> None:
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
-        [BIN / "gato-like", "demo", "--out", str(tmp_path), "--episodes", "1", "--max-steps", "10", "--normalizer-episodes", "1"],
+        [BIN / "gato-like", "demo", "--out", str(tmp_path), "--episodes", "1", "--max-steps", "10", "--normalizer-episodes", "1",
+         "--act-episodes", "1", "--act-max-steps", "30", "--train-steps", "4", "--eval-episodes", "1"],
         capture_output=True, text=True, check=True, env={"PATH": str(BIN), "MUJOCO_GL": "egl"},
     )  # fmt: skip
     out = result.stdout
@@ -114,3 +116,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "10 timesteps -> 230 tokens" in out  # cartpole: 16 patches + 5 proprio + separator + 1 action
     assert "[3072, 3073)" in out  # separator id with V = 1024
     assert (tmp_path / "data" / "index.json").is_file() and (tmp_path / "data" / "montage.png").is_file()
+    # the agent is trained on the acting data (DART, no pixels), rolled out while training and scored
+    act = json.loads((tmp_path / "act_data" / "index.json").read_text())
+    assert sorted(act["tasks"]) == ["babyai-GoToRedBall", "dmc-cartpole-balance", "dmc-point_mass-easy"]
+    assert act["tasks"]["dmc-cartpole-balance"]["perturbation"]["noise"] == 0.3
+    assert (tmp_path / "run" / "rollouts.json").is_file() and "mean expert-normalized score" in out
+    assert "through ws://127.0.0.1:" in out
