@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 #: The demo's agent: tasks a debug model learns to act in within minutes on 2 cores.
-DEMO_TASKS = ("dmc-cartpole-balance", "dmc-point_mass-easy", "babyai-GoToRedBall")
+DEMO_TASKS = ("dmc-cartpole-balance", "babyai-GoToRedBall")
 
 if TYPE_CHECKING:
     from gato_like.tokenizers import SequenceBuilder, TokenSequence

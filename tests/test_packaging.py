@@ -118,7 +118,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "data" / "index.json").is_file() and (tmp_path / "data" / "montage.png").is_file()
     # the agent is trained on the acting data (DART, no pixels), rolled out while training and scored
     act = json.loads((tmp_path / "act_data" / "index.json").read_text())
-    assert sorted(act["tasks"]) == ["babyai-GoToRedBall", "dmc-cartpole-balance", "dmc-point_mass-easy"]
+    assert sorted(act["tasks"]) == ["babyai-GoToRedBall", "dmc-cartpole-balance"]
     assert act["tasks"]["dmc-cartpole-balance"]["perturbation"]["noise"] == 0.3
     assert (tmp_path / "run" / "rollouts.json").is_file() and "mean expert-normalized score" in out
     assert "through ws://127.0.0.1:" in out

@@ -1,0 +1,68 @@
+"""Recipes, the acting departures' data path (history windows, one-task token-budget batches),
+action bounds, and the precision probe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gato_like.data_pipelines.loader import LoaderConfig, make_dataloader
+from gato_like.tokenizers import SequenceBuilder
+from gato_like.training.recipes import RECIPES, get_recipe
+from gato_like.training.train import cpu_has_bf16
+
+BIN = Path(sys.executable).parent
+
+
+def test_recipes_are_valid_and_a_wrong_name_is_refused_before_any_work(tmp_path: Path) -> None:
+    from gato_like.config import Config
+
+    for recipe in RECIPES.values():
+        Config.from_name(recipe.preset, **recipe.model)  # every override is a real, valid field
+    with pytest.raises(KeyError, match="unknown recipe 'cpux'; did you mean 'cpu'"):
+        get_recipe("cpux")
+    result = subprocess.run([BIN / "gato-like", "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                             "--recipe", "cpux"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "unknown recipe 'cpux'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_history_windows_and_one_task_token_budget_batches(smoke_dataset: Path) -> None:
+    config = LoaderConfig(context_length=512, history_steps=3, task_batches=True, batch_tokens=600, seed=1)
+    loader = make_dataloader(smoke_dataset, 8, config, num_workers=0)
+    seen = set()
+    for _, batch in zip(range(12), loader, strict=False):
+        assert len(set(batch["task"].tolist())) == 1  # one task per batch
+        seen.add(int(batch["task"][0]))
+        rows, width = batch["ids"].shape
+        assert rows <= 8 and (rows == 1 or rows * width <= 600)
+        for row in range(rows):
+            window = ~batch["prompt_mask"][row] & batch["attention_mask"][row]
+            steps = batch["timesteps"][row][window].unique()
+            assert len(steps) <= 3  # at most history_steps timesteps (the prompt is apart)
+    assert len(seen) >= 2
+
+
+def test_out_of_bounds_actions_are_an_error_not_clipped() -> None:
+    from gato_like.data_pipelines.tasks import get_task
+
+    builder = SequenceBuilder(get_task("dmc-reacher-easy").spec)
+    ok = builder.encode_actions(np.array([[1.0, -1.0]], np.float32))
+    assert ok.tolist() == [[builder.layout.continuous_offset + 1023, builder.layout.continuous_offset]]
+    with pytest.raises(
+        ValueError, match=r"action 1.5 at index \(0, 1\) is outside the action bounds \[-1.0, 1.0\]"
+    ):
+        builder.encode_actions(np.array([[0.0, 1.5]]))
+    with pytest.raises(ValueError, match="outside the action bounds"):
+        builder.encode_actions(np.array([[np.nan, 0.0]]))
+
+
+def test_bf16_is_chosen_from_the_cpu_flags() -> None:
+    assert cpu_has_bf16("model name: x\nflags\t: fpu sse avx512f avx512_bf16 fma\n")
+    assert cpu_has_bf16("flags : amx_bf16 amx_tile\n")
+    assert not cpu_has_bf16("flags : fpu sse avx2 avx512f\n")
+    assert not cpu_has_bf16("")
