@@ -224,6 +224,8 @@ def test_finetune_cli_then_eval_with_a_demo_prompt(
     assert result["prompted"] and result["normalizers"]["random_measured_here"]
     # 10 steps is not the demos' 20: both normalizers are measured at the evaluated length
     assert result["normalizers"]["expert_measured_here"] and result["max_steps"] == 10
-    assert result["normalizers"]["random"]["episodes"] == 1 and result["normalizers"]["expert"]["episodes"] == 1
+    assert (
+        result["normalizers"]["random"]["episodes"] == 1 and result["normalizers"]["expert"]["episodes"] == 1
+    )
     card = (run / "eval" / "model_card.md").read_text()
     assert "## Fine-tuning" in card and str(base) in card and "| mode | lora |" in card
