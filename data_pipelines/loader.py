@@ -385,7 +385,10 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         """Lists of samples, one batch each (``task_batches`` with ``batch_tokens``)."""
         group: list[dict[str, Any]] = []
         for sample in self._samples():
-            if group and (sample["task"] != group[0]["task"] or len(group) >= self._group_size(group)):
+            # close the batch before a sample of another task, or one that would overflow it
+            if group and (
+                sample["task"] != group[0]["task"] or len(group) + 1 > self._group_size([*group, sample])
+            ):
                 yield group
                 group = []
             group.append(sample)
