@@ -69,7 +69,7 @@ class Perturbation:
     def active(self) -> bool:
         return self.noise > 0 or self.random_prob > 0
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "scheme": "dart",
             "noise": float(self.noise),
@@ -379,7 +379,7 @@ class ControlTask:
                 action = rng.uniform(-1.0, 1.0, self.action_size)
             action = np.asarray(action, dtype=np.float32).reshape(self.action_size)
             actions.append(action)
-            executed = action
+            executed: np.ndarray = action
             if perturb is not None:
                 if held == 0 and noise_rng.random() < perturb.random_prob:
                     held = int(noise_rng.integers(1, perturb.hold + 1))

@@ -172,7 +172,7 @@ class ValueEmbedding(nn.Module):
 
     def forward(self, bins: Tensor) -> Tensor:
         u = (2.0 * bins.float() + 1.0) / self.bins - 1.0  # bin centre in [-1, 1]
-        angles = u[..., None] * self.freqs
+        angles = u[..., None] * self.get_buffer("freqs")
         return self.proj(torch.cat([u[..., None], angles.sin(), angles.cos()], dim=-1))
 
 

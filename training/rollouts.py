@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from gato_like.checkpoint import Checkpoint, save_checkpoint
 from gato_like.data_pipelines.tasks import TASKS
+from gato_like.model import GatoModel
 from gato_like.tokenizers import TextTokenizer
 
 #: Tasks that have data but no simulator to roll out in (they are never scored).
@@ -67,11 +69,13 @@ class RolloutScores(L.Callback):
         names: list[str],
         episodes: int = 2,
         seed: int = 0,
-        meta: Any = None,
+        meta: Callable[[L.Trainer, L.LightningModule], dict[str, Any]] | None = None,
     ) -> None:
         self.out, self.tasks, self.specs, self.names = Path(out), tasks, specs, names
         self.episodes, self.seed = episodes, seed
-        self.meta = meta or (lambda trainer, module: {})
+        self.meta: Callable[[L.Trainer, L.LightningModule], dict[str, Any]] = meta or (
+            lambda trainer, module: {}
+        )
         self.history: list[dict[str, Any]] = []
         self.best: float | None = None
 
@@ -88,7 +92,8 @@ class RolloutScores(L.Callback):
         from gato_like.policy import Policy
         from gato_like.training.evaluate import eval_seed, normalized_score, play_episode
 
-        model = module.model  # type: ignore[attr-defined]
+        model = module.model
+        assert isinstance(model, GatoModel)
         was_training = model.training
         started = time.perf_counter()
         checkpoint = Checkpoint(model, TextTokenizer(), self.specs, self.tasks)
