@@ -409,11 +409,6 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return len(range(worker, self.skip_batches, workers)) * self.batch_size
 
-    def _task_batches(
-        self, streams: Any, weights: dict[str, float], rng: random.Random, pools: Any
-    ) -> Iterator[dict[str, Any]]:
-        return _task_batches_impl(self.sampler, self.config, self.batch_size, streams, weights, rng, pools)
-
     def _samples(self) -> Iterator[dict[str, Any]]:
         from webdataset.utils import pytorch_worker_seed
 
@@ -428,7 +423,15 @@ class SequenceDataset(torch.utils.data.IterableDataset):
             t: iter(episode_stream(self.source, t, cfg)) for t, w in zip(tasks, weights, strict=True) if w > 0
         }
         if cfg.task_batches:
-            yield from self._task_batches(streams, dict(zip(tasks, weights, strict=True)), rng, pools)
+            yield from _task_batches(
+                self.sampler,
+                cfg,
+                self.batch_size,
+                streams,
+                dict(zip(tasks, weights, strict=True)),
+                rng,
+                pools,
+            )
             return
         buffer: list[dict[str, Any]] = []
         for episode in _mix(streams, dict(zip(tasks, weights, strict=True)), rng):
@@ -444,7 +447,7 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         yield from buffer
 
 
-def _task_batches_impl(
+def _task_batches(
     sampler: WindowSampler,
     config: LoaderConfig,
     group: int,

@@ -29,20 +29,6 @@ class Recipe:
     workers: int = 0
     batch_tokens: int = 0
 
-    def settings(self) -> dict[str, Any]:
-        return {
-            "preset": self.preset,
-            "max_steps": self.max_steps,
-            "max_minutes": self.max_minutes,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "warmup_steps": self.warmup_steps,
-            "val_every": self.val_every,
-            "rollout_episodes": self.rollout_episodes,
-            "workers": self.workers,
-            "batch_tokens": self.batch_tokens,
-        }
-
 
 #: The departures that make the agent act on a CPU budget (docs/recipes.md, the ablation).
 ACTING = {"history_steps": 4, "action_input_dropout": 1.0}
