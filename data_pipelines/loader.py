@@ -383,24 +383,7 @@ class SequenceDataset(torch.utils.data.IterableDataset):
 
     def _groups(self) -> Iterator[list[dict[str, Any]]]:
         """Lists of samples, one batch each (``task_batches`` with ``batch_tokens``)."""
-        group: list[dict[str, Any]] = []
-        for sample in self._samples():
-            # close the batch before a sample of another task, or one that would overflow it
-            if group and (
-                sample["task"] != group[0]["task"] or len(group) + 1 > self._group_size([*group, sample])
-            ):
-                yield group
-                group = []
-            group.append(sample)
-            if len(group) >= self._group_size(group):
-                yield group
-                group = []
-        if group:
-            yield group
-
-    def _group_size(self, group: list[dict[str, Any]]) -> int:
-        longest = max(len(s["ids"]) for s in group)
-        return max(1, min(self.batch_size, self.config.batch_tokens // max(longest, 1)))
+        return self._task_groups()
 
     def _skipped_samples(self) -> int:
         """Samples this worker drops to resume a stream after ``skip_batches`` batches: a
@@ -409,32 +392,35 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return len(range(worker, self.skip_batches, workers)) * self.batch_size
 
-    def _samples(self) -> Iterator[dict[str, Any]]:
+    def _streams(self) -> tuple[dict[str, float], random.Random, dict[str, Iterator[Episode]]]:
+        """This worker's task weights, seeded generator and one episode stream per weighted task."""
         from webdataset.utils import pytorch_worker_seed
 
         cfg = self.config
-        tasks = self.source.tasks
-        weights = [float((cfg.domain_weights or {}).get(t, 1.0)) for t in tasks]
+        weights = {t: float((cfg.domain_weights or {}).get(t, 1.0)) for t in self.source.tasks}
         rng = random.Random(cfg.seed * 1_000_003 + pytorch_worker_seed())
+        streams = {t: iter(episode_stream(self.source, t, cfg)) for t, w in weights.items() if w > 0}
+        return weights, rng, streams
+
+    def _task_groups(self) -> Iterator[list[dict[str, Any]]]:
+        weights, rng, streams = self._streams()
+        pools: dict[str, deque[tuple[str, list[TokenSequence]]]] = defaultdict(
+            lambda: deque(maxlen=self.config.prompt_pool)
+        )
+        return _task_batches(self.sampler, self.config, self.batch_size, streams, weights, rng, pools)
+
+    def _samples(self) -> Iterator[dict[str, Any]]:
+        cfg = self.config
+        if cfg.task_batches:
+            for group in self._task_groups():
+                yield from group
+            return
+        weights, rng, streams = self._streams()
         pools: dict[str, deque[tuple[str, list[TokenSequence]]]] = defaultdict(
             lambda: deque(maxlen=cfg.prompt_pool)
         )
-        streams = {
-            t: iter(episode_stream(self.source, t, cfg)) for t, w in zip(tasks, weights, strict=True) if w > 0
-        }
-        if cfg.task_batches:
-            yield from _task_batches(
-                self.sampler,
-                cfg,
-                self.batch_size,
-                streams,
-                dict(zip(tasks, weights, strict=True)),
-                rng,
-                pools,
-            )
-            return
         buffer: list[dict[str, Any]] = []
-        for episode in _mix(streams, dict(zip(tasks, weights, strict=True)), rng):
+        for episode in _mix(streams, weights, rng):
             bounds = self.sampler.bounds(episode)
             pool = pools[episode.task]
             # several windows per decoded episode (decoding dominates), mixed through a buffer
@@ -455,23 +441,39 @@ def _task_batches(
     weights: dict[str, float],
     rng: random.Random,
     pools: dict[str, deque[tuple[str, list[TokenSequence]]]],
-) -> Iterator[dict[str, Any]]:
-    """Windows in runs of ``group`` from one task: per-task shuffle buffers, a run is emitted
-    when its task's buffer holds enough."""
+) -> Iterator[list[dict[str, Any]]]:
+    """Batches of one task, the task drawn with ``weights`` for each batch: a weight is a task's
+    share of the optimizer steps, whatever its episodes' lengths (drawing per decoded episode gave
+    BabyAI's short episodes ~2.5x the steps of a 1000-step control task). A batch is at most
+    ``group`` windows and, with ``config.batch_tokens``, about that many tokens; windows come from
+    a per-task shuffle buffer refilled from the task's stream."""
     buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
     ready = max(group, config.window_shuffle_buffer)
-    for episode in _mix(streams, weights, rng):
-        bounds = sampler.bounds(episode)
-        pool, buffer = pools[episode.task], buffers[episode.task]
-        for _ in range(sampler.windows_per_episode(bounds) if config.resampled else 1):
-            buffer.append(sampler.sample(episode, bounds, rng, pool))
-        while len(buffer) >= ready:
-            for _ in range(group):
-                yield buffer.pop(rng.randrange(len(buffer)))
-        pool.append((episode.key, sampler.prompt_candidates(episode, bounds, rng)))
-    for buffer in buffers.values():
-        rng.shuffle(buffer)
-        yield from buffer
+    live = {name: stream for name, stream in streams.items() if weights.get(name, 1.0) > 0}
+    while live or any(buffers.values()):
+        names = [n for n in weights if n in live or buffers[n]]
+        name = rng.choices(names, weights=[weights[n] for n in names])[0]
+        buffer, pool = buffers[name], pools[name]
+        while name in live and len(buffer) < ready:
+            try:
+                episode = next(live[name])
+            except StopIteration:
+                del live[name]
+                break
+            bounds = sampler.bounds(episode)
+            for _ in range(sampler.windows_per_episode(bounds) if config.resampled else 1):
+                buffer.append(sampler.sample(episode, bounds, rng, pool))
+            pool.append((episode.key, sampler.prompt_candidates(episode, bounds, rng)))
+        batch: list[dict[str, Any]] = []
+        longest = 0
+        while buffer and len(batch) < group:
+            index = rng.randrange(len(buffer))
+            longest = max(longest, len(buffer[index]["ids"]))
+            if batch and config.batch_tokens and (len(batch) + 1) * longest > config.batch_tokens:
+                break  # the batch is closed before a window that would overflow its token budget
+            batch.append(buffer.pop(index))
+        if batch:
+            yield batch
 
 
 def _mix(
