@@ -4,6 +4,7 @@ validation losses, and an export of the model in the checkpoint format of ``gato
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,10 @@ class OptimConfig:
     max_steps: int = 1000
     """Cosine decay to ``min_lr_ratio * lr`` at this step."""
     min_lr_ratio: float = 0.1
+    max_seconds: float | None = None
+    """Also a wall-time budget (the run's ``max_minutes``): the cosine's progress is the larger of
+    the step fraction and the time fraction, so a time-capped run anneals on any machine instead of
+    stopping at a high learning rate. None: by steps only (reproducible)."""
     goal_every: int = 4
     """Every this many steps, add the goal-conditioned head's loss on the batch's hindsight goals (0: never)."""
 
@@ -50,6 +55,15 @@ class GatoLightning(L.LightningModule):
             {"config": config.to_dict(), "optim": asdict(self.optim), "task_names": self.task_names}
         )
         self.model = model if model is not None else GatoModel(config)
+        self._seconds_before = 0.0  # training seconds of earlier runs this one resumes
+        self._started: float | None = None
+
+    def train_seconds(self) -> float:
+        """Wall seconds spent in ``fit`` so far, resumed runs included."""
+        return self._seconds_before + (0.0 if self._started is None else time.monotonic() - self._started)
+
+    def on_train_start(self) -> None:
+        self._started = time.monotonic()
 
     def training_step(self, batch: dict[str, Any], batch_index: int) -> torch.Tensor:
         out = self.model(batch)
@@ -103,10 +117,12 @@ class GatoLightning(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the RNG streams (dropout) continue where they were, so a resumed run repeats the losses
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        checkpoint["train_seconds"] = self.train_seconds()
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._seconds_before = float(checkpoint.get("train_seconds", 0.0))
         state = checkpoint.get("rng") or {}
         if "torch" in state:
             torch.set_rng_state(state["torch"])
@@ -128,13 +144,18 @@ class GatoLightning(L.LightningModule):
             lr=self.optim.lr,
             betas=self.optim.betas,
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, self.optim))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.optim, self.train_seconds())
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def lr_factor(step: int, optim: OptimConfig) -> float:
-    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine to ``min_lr_ratio``."""
+def lr_factor(step: int, optim: OptimConfig, seconds: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at ``step`` (``seconds`` into training): linear warm-up,
+    then cosine to ``min_lr_ratio`` by ``max_steps`` or, with ``max_seconds``, by then if sooner."""
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
     progress = min(1.0, (step - optim.warmup_steps) / max(1, optim.max_steps - optim.warmup_steps))
+    if optim.max_seconds:
+        progress = max(progress, min(1.0, seconds / optim.max_seconds))
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

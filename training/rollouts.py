@@ -89,6 +89,18 @@ class RolloutScores(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.global_rank != 0 or not self.names:
             return
+        self.score(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """A run stopped by its time budget (or at a step between validations) is scored once more
+        at its last step, so the weights of its final, annealed stretch are not lost."""
+        if trainer.global_rank != 0 or not self.names or trainer.global_step == 0:
+            return
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self.score(trainer, module)
+
+    def score(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Roll out every task, log the scores, keep the weights if they are the best so far."""
         from gato_like.policy import Policy
         from gato_like.training.evaluate import eval_seed, normalized_score, play_episode
 

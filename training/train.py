@@ -230,7 +230,14 @@ def train(
         rollout_tasks_of(task_entries, rollout_tasks) if rollout_episodes else []
     )  # fails before any work
     module = GatoLightning(
-        config, OptimConfig(lr=lr, warmup_steps=warmup_steps, max_steps=max_steps), datamodule.task_names
+        config,
+        OptimConfig(
+            lr=lr,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+            max_seconds=None if max_minutes is None else 60.0 * max_minutes,
+        ),
+        datamodule.task_names,
     )
     settings: dict[str, Any] = {
         "max_steps": max_steps,
