@@ -91,6 +91,11 @@ class Config:
     action_decoding: Literal["argmax", "mean", "median"] = "mean"
     """How the policy turns its distribution over a continuous action's bins into a bin: the most
     likely bin (Gato), or the bin of the distribution's mean or median."""
+    discrete_decoding: Literal["argmax", "sample"] = "argmax"
+    """How the policy picks a discrete action (e.g. BabyAI's moves): the most likely one, or a
+    sample from its distribution, as Gato samples its actions. A policy that sees a few partial
+    views can lock into a loop under argmax (turn, turn, forward, ...); sampling breaks it. Seeded:
+    the same seed and observations give the same actions."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,6 +133,10 @@ class Config:
         if self.action_decoding not in ("argmax", "mean", "median"):
             problems.append(
                 f"action_decoding: expected 'argmax', 'mean' or 'median', got {self.action_decoding!r}"
+            )
+        if self.discrete_decoding not in ("argmax", "sample"):
+            problems.append(
+                f"discrete_decoding: expected 'argmax' or 'sample', got {self.discrete_decoding!r}"
             )
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout: expected [0, 1), got {self.dropout}")

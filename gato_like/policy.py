@@ -45,7 +45,9 @@ class Policy:
         self.model = checkpoint.model.to(device).eval()
         self.device = torch.device(device)
         self.temperature = float(temperature)
+        self.seed = seed
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        """Sampled actions' generator, reseeded with ``seed`` at every :meth:`reset`."""
         self.spec: EmbodimentSpec | None = None
         self.builder: SequenceBuilder | None = None
         self.envs: list[_Env] = []
@@ -86,6 +88,7 @@ class Policy:
                 raise ValueError(f"reset: name a task or embodiment (known: {sorted(self.checkpoint.specs)})")
             name = next(iter(self.checkpoint.specs))
         self.spec = self.checkpoint.spec_for(name)
+        self.generator.manual_seed(self.seed)
         self.builder = SequenceBuilder(self.spec, self.checkpoint.text)
         prefix = self.encode_prefix(self.builder, prompt, goal)
         self.head = "goal" if goal is not None else "policy"
@@ -362,18 +365,28 @@ class Policy:
 
     def _pick(self, logits: Tensor, low: int, high: int) -> Tensor:
         allowed = logits[:, low:high].float()
-        decoding = getattr(self.model.config, "action_decoding", "argmax")
-        if (
-            self.temperature <= 0
-            and decoding != "argmax"
-            and self.spec is not None
-            and self.spec.action.kind == "continuous"
-        ):
-            return pick_bin(allowed, decoding) + low
-        if self.temperature <= 0:
-            return allowed.argmax(-1) + low
-        probs = torch.softmax(allowed / self.temperature, -1).cpu()
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device) + low
+        if self.temperature > 0:  # the caller's temperature samples every action
+            return sample_bin(allowed, self.temperature, self.generator) + low
+        assert self.spec is not None
+        return pick_action(allowed, self.model.config, self.spec.action.kind, self.generator) + low
+
+
+def pick_action(logits: Tensor, config: Any, kind: str, generator: torch.Generator) -> Tensor:
+    """The action token ``(N,)`` (offset within its range) from logits over that range ``(N, n)``,
+    as the config decodes: continuous bins by ``action_decoding``, discrete choices by
+    ``discrete_decoding`` (sampled at temperature 1 with ``generator``, or argmax)."""
+    if kind == "continuous":
+        return pick_bin(logits, getattr(config, "action_decoding", "argmax"))
+    if getattr(config, "discrete_decoding", "argmax") == "sample":
+        return sample_bin(logits, 1.0, generator)
+    return logits.argmax(-1)
+
+
+def sample_bin(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:
+    """A sample ``(N,)`` from ``softmax(logits / temperature)`` over ``(N, n)``, drawn on the CPU
+    with ``generator`` (so it is the same on any device)."""
+    probs = torch.softmax(logits.float() / temperature, -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
 def pick_bin(logits: Tensor, decoding: str) -> Tensor:

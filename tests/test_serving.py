@@ -161,6 +161,33 @@ def test_concurrent_sessions_get_the_local_policys_actions(server, checkpoint: P
             np.testing.assert_allclose(served[i][0][t], local.act(observations[i][t]), atol=1e-6, err_msg=f"session {i} step {t}")  # fmt: skip
 
 
+def test_sampled_discrete_actions_are_seeded_per_episode_and_match_the_local_policy(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", discrete_decoding="sample"))
+    task = get_task(TASKS[1])
+    path = save_checkpoint(tmp_path / "sample", model, TextTokenizer(), {task.spec.name: task.spec},
+                           {TASKS[1]: {"embodiment": task.spec.name}})  # fmt: skip
+    observations = [_obs(TASKS[1], np.random.default_rng(t)) for t in range(12)]
+    local = Policy.from_checkpoint(path)
+
+    def episode() -> list[int]:
+        local.reset(TASKS[1])
+        return [int(local.act(o)[0]) for o in observations]
+
+    first = episode()
+    assert episode() == first  # reseeded at reset: the same observations give the same actions
+    argmax = Policy.from_checkpoint(path)
+    argmax.model.config.discrete_decoding = "argmax"
+    argmax.reset(TASKS[1])
+    assert [int(argmax.act(o)[0]) for o in observations] != first  # it did sample
+    with background_server(load_checkpoint(path), EngineConfig(), ServerConfig(port=0)) as server:
+        client = PolicyClient(_url(server), task=TASKS[1])
+        with client:
+            for _ in range(2):  # a reset restarts the server's stream too
+                client.reset()
+                assert [int(client.act(o)[0]) for o in observations] == first
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from gato_like.checkpoint import Checkpoint
 from gato_like.model import KVCache
-from gato_like.policy import Policy, pick_bin
+from gato_like.policy import Policy, pick_action
 from gato_like.serving import protocol as p
 from gato_like.serving.protocol import ProtocolError
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenType
@@ -87,6 +87,9 @@ class _Slot:
     prefix: Tensor | None = None  # (1, p, D) prompt and goal embeddings, kept on roll-over
     steps: list[Tensor] = field(default_factory=list)  # (1, n_t, D) per finished timestep
     length: int = 0  # tokens in this row of the cache
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    """Sampled (``discrete_decoding = "sample"``) actions: reseeded at each reset, so an episode's
+    actions are those of a new local ``Policy`` (seed 0) given the same observations."""
 
 
 class SlotPool:
@@ -187,6 +190,7 @@ class SlotPool:
             slot.spec, slot.builder, slot.prefix = spec, builder, prefix
             slot.head = "goal" if goal is not None else "policy"
             slot.steps, slot.length = [], 0
+            slot.generator.manual_seed(0)
             self.cache.lengths[slot.row] = 0
             if prefix.shape[1]:
                 chunks[slot.row] = prefix
@@ -269,11 +273,13 @@ class SlotPool:
         select = torch.tensor([row - lo for row in rows], device=self.device)
         for j in range(max(sizes.values())):
             picked = logits[select].float().masked_fill(~allowed, float("-inf")).argmax(-1)  # (R,)
-            decoding = getattr(self.config, "action_decoding", "argmax")
-            for r, row in enumerate(rows):  # continuous actions: the configured decoding (as Policy)
-                if decoding != "argmax" and slots[row].spec.action.kind == "continuous":  # type: ignore[union-attr]
-                    low, high = _action_range(slots[row])
-                    picked[r] = pick_bin(logits[select[r : r + 1], low:high].float(), decoding)[0] + low
+            for r, row in enumerate(rows):  # the configured decoding, as Policy
+                slot = slots[row]
+                low, high = _action_range(slot)
+                kind = slot.spec.action.kind  # type: ignore[union-attr]
+                if kind == "continuous" or self.config.discrete_decoding != "argmax":
+                    part = logits[select[r : r + 1], low:high].float()
+                    picked[r] = pick_action(part, self.config, kind, slot.generator)[0] + low
             tokens = self.model.embed(
                 picked[:, None], torch.full_like(picked[:, None], int(TokenType.ACTION)), (local + j)[:, None]
             )  # (R, 1, D)
