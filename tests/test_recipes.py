@@ -47,6 +47,33 @@ def test_history_windows_and_one_task_token_budget_batches(smoke_dataset: Path) 
     assert len(seen) >= 2
 
 
+def test_a_task_weight_is_its_share_of_batches_whatever_its_episode_length(smoke_dataset: Path) -> None:
+    # point mass episodes are long and BabyAI's short: drawn per decoded episode, BabyAI got several
+    # times the batches of a control task; drawn per batch, equal weights give equal shares
+    weights = {"dmc-point_mass-easy": 1.0, "babyai-GoToRedBall": 1.0, "captions": 0.0}
+    config = LoaderConfig(context_length=512, history_steps=3, task_batches=True, batch_tokens=600, seed=3,
+                          domain_weights=weights)  # fmt: skip
+    counts: dict[int, int] = {}
+    for _, batch in zip(range(300), make_dataloader(smoke_dataset, 8, config, num_workers=0), strict=False):
+        task = int(batch["task"][0])
+        counts[task] = counts.get(task, 0) + 1
+    assert len(counts) == 2
+    share = min(counts.values()) / sum(counts.values())
+    assert 0.4 <= share <= 0.5, counts  # 300 fair draws: 0.5 +- 0.06 at 2 sigma
+
+
+def test_a_time_budget_anneals_the_learning_rate_by_the_clock() -> None:
+    from gato_like.training.module import OptimConfig, lr_factor
+
+    by_steps = OptimConfig(lr=1.0, warmup_steps=10, max_steps=1000, min_lr_ratio=0.1)
+    timed = OptimConfig(lr=1.0, warmup_steps=10, max_steps=1000, min_lr_ratio=0.1, max_seconds=60.0)
+    assert lr_factor(5, timed, 59.0) == lr_factor(5, by_steps) == 0.6  # warm-up is by steps
+    assert lr_factor(100, by_steps, 60.0) > 0.9  # steps alone: early in the cosine
+    assert lr_factor(100, timed, 30.0) == pytest.approx(0.55)  # half the time gone: half-way down
+    assert lr_factor(100, timed, 600.0) == pytest.approx(0.1)  # past the budget: the floor
+    assert lr_factor(1000, timed, 1.0) == pytest.approx(0.1)  # the step budget still ends it
+
+
 def test_out_of_bounds_actions_are_an_error_not_clipped() -> None:
     from gato_like.data_pipelines.tasks import get_task
 
