@@ -46,8 +46,10 @@ class Policy:
         self.device = torch.device(device)
         self.temperature = float(temperature)
         self.seed = seed
+        self.episodes = 0
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        """Sampled actions' generator, reseeded with ``seed`` at every :meth:`reset`."""
+        """Sampled actions' generator, seeded at every :meth:`reset` from ``seed`` and the count
+        of resets so far (:func:`episode_seed`): reproducible, and each episode its own draws."""
         self.spec: EmbodimentSpec | None = None
         self.builder: SequenceBuilder | None = None
         self.envs: list[_Env] = []
@@ -88,7 +90,8 @@ class Policy:
                 raise ValueError(f"reset: name a task or embodiment (known: {sorted(self.checkpoint.specs)})")
             name = next(iter(self.checkpoint.specs))
         self.spec = self.checkpoint.spec_for(name)
-        self.generator.manual_seed(self.seed)
+        self.generator.manual_seed(episode_seed(self.seed, self.episodes))
+        self.episodes += 1
         self.builder = SequenceBuilder(self.spec, self.checkpoint.text)
         prefix = self.encode_prefix(self.builder, prompt, goal)
         self.head = "goal" if goal is not None else "policy"
@@ -369,6 +372,11 @@ class Policy:
             return sample_bin(allowed, self.temperature, self.generator) + low
         assert self.spec is not None
         return pick_action(allowed, self.model.config, self.spec.action.kind, self.generator) + low
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The sampler's seed for the ``episode``-th reset of a policy (or server session) seeded ``seed``."""
+    return seed * 1_000_003 + episode
 
 
 def pick_action(logits: Tensor, config: Any, kind: str, generator: torch.Generator) -> Tensor:

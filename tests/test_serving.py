@@ -164,28 +164,40 @@ def test_concurrent_sessions_get_the_local_policys_actions(server, checkpoint: P
 def test_sampled_discrete_actions_are_seeded_per_episode_and_match_the_local_policy(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = GatoModel(Config.from_name("debug", discrete_decoding="sample"))
-    task = get_task(TASKS[1])
-    path = save_checkpoint(tmp_path / "sample", model, TextTokenizer(), {task.spec.name: task.spec},
-                           {TASKS[1]: {"embodiment": task.spec.name}})  # fmt: skip
-    observations = [_obs(TASKS[1], np.random.default_rng(t)) for t in range(12)]
-    local = Policy.from_checkpoint(path)
+    specs = {get_task(t).spec.name: get_task(t).spec for t in TASKS}
+    tasks = {t: {"embodiment": get_task(t).spec.name} for t in TASKS}
+    path = save_checkpoint(tmp_path / "sample", model, TextTokenizer(), specs, tasks)
+    steps = 10
+    observations = {task: [_obs(task, np.random.default_rng(t)) for t in range(steps)] for task in TASKS}
 
-    def episode() -> list[int]:
-        local.reset(TASKS[1])
-        return [int(local.act(o)[0]) for o in observations]
+    def episodes(policy: Policy, count: int = 2) -> list[list[int]]:
+        out = []
+        for _ in range(count):
+            policy.reset(TASKS[1])
+            out.append([int(policy.act(o)[0]) for o in observations[TASKS[1]]])
+        return out
 
-    first = episode()
-    assert episode() == first  # reseeded at reset: the same observations give the same actions
+    local = episodes(Policy.from_checkpoint(path))
+    assert local == episodes(Policy.from_checkpoint(path))  # seeded: a new policy repeats them
+    assert local[0] != local[1]  # each episode its own draws
     argmax = Policy.from_checkpoint(path)
     argmax.model.config.discrete_decoding = "argmax"
-    argmax.reset(TASKS[1])
-    assert [int(argmax.act(o)[0]) for o in observations] != first  # it did sample
+    assert episodes(argmax, 1)[0] not in local  # it did sample
+
+    async def robot(url: str, task: str) -> list[list[int]]:
+        out = []
+        async with AsyncPolicyClient(url, task=task) as client:
+            for _ in range(2):
+                await client.reset()
+                out.append([int((await client.step(o))["action"][0]) for o in observations[task]])
+        return out
+
+    async def both(url: str) -> list[list[list[int]]]:  # a continuous session shares the passes
+        return await asyncio.gather(robot(url, TASKS[1]), robot(url, TASKS[0]))
+
     with background_server(load_checkpoint(path), EngineConfig(), ServerConfig(port=0)) as server:
-        client = PolicyClient(_url(server), task=TASKS[1])
-        with client:
-            for _ in range(2):  # a reset restarts the server's stream too
-                client.reset()
-                assert [int(client.act(o)[0]) for o in observations] == first
+        served, _ = asyncio.run(both(_url(server)))
+    assert served == local  # the session's episodes are the local policy's
 
 
 # -- bad input -----------------------------------------------------------------------------------

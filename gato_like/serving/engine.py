@@ -39,7 +39,7 @@ from torch import Tensor
 
 from gato_like.checkpoint import Checkpoint
 from gato_like.model import KVCache
-from gato_like.policy import Policy, pick_action
+from gato_like.policy import Policy, episode_seed, pick_action
 from gato_like.serving import protocol as p
 from gato_like.serving.protocol import ProtocolError
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenType
@@ -87,9 +87,11 @@ class _Slot:
     prefix: Tensor | None = None  # (1, p, D) prompt and goal embeddings, kept on roll-over
     steps: list[Tensor] = field(default_factory=list)  # (1, n_t, D) per finished timestep
     length: int = 0  # tokens in this row of the cache
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
-    """Sampled (``discrete_decoding = "sample"``) actions: reseeded at each reset, so an episode's
-    actions are those of a new local ``Policy`` (seed 0) given the same observations."""
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    """Sampled (``discrete_decoding = "sample"``) actions: seeded at each reset by the session's
+    episode count, so its episodes are those of a new local ``Policy`` (seed 0) given the same
+    observations."""
+    episodes: int = 0
 
 
 class SlotPool:
@@ -190,7 +192,8 @@ class SlotPool:
             slot.spec, slot.builder, slot.prefix = spec, builder, prefix
             slot.head = "goal" if goal is not None else "policy"
             slot.steps, slot.length = [], 0
-            slot.generator.manual_seed(0)
+            slot.generator.manual_seed(episode_seed(0, slot.episodes))
+            slot.episodes += 1
             self.cache.lengths[slot.row] = 0
             if prefix.shape[1]:
                 chunks[slot.row] = prefix
@@ -277,6 +280,8 @@ class SlotPool:
                 slot = slots[row]
                 low, high = _action_range(slot)
                 kind = slot.spec.action.kind  # type: ignore[union-attr]
+                if j >= sizes[row]:
+                    continue  # this row's action is complete: draw nothing from its generator
                 if kind == "continuous" or self.config.discrete_decoding != "argmax":
                     part = logits[select[r : r + 1], low:high].float()
                     picked[r] = pick_action(part, self.config, kind, slot.generator)[0] + low
