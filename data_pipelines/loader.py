@@ -62,9 +62,9 @@ class LoaderConfig:
     history_steps: int = 0
     """The most timesteps a window holds (0: as many as fit the context); the model's ``history_steps``."""
     task_batches: bool = False
-    """Each run of ``batch_size`` consecutive sequences (one DataLoader batch) comes from one task,
-    so short control windows are not padded to a long BabyAI window; tasks still alternate with
-    the domain weights from batch to batch."""
+    """Each batch comes from one task, so short control windows are not padded to a long BabyAI
+    window; the task of each batch is drawn with the domain weights (a weight is a task's share of
+    the optimizer steps). The dataset then yields whole collated batches."""
     batch_tokens: int = 0
     """With ``task_batches``: a batch holds at most ``batch_size`` sequences and about this many
     tokens (padding included), so a task with long timesteps (BabyAI's 150-token views) gets
@@ -583,7 +583,7 @@ def make_dataloader(
     dataset = SequenceDataset(source, config)
     dataset.skip_batches, dataset.batch_size = skip_batches, batch_size
     pad_id = dataset.sampler.builders[source.tasks[0]].layout.pad_id
-    if config.task_batches and config.batch_tokens > 0:  # the dataset makes the batches itself
+    if config.task_batches:  # the dataset makes the batches itself: each one task, never straddling
         dataset.batches, dataset.collate = True, functools.partial(collate, pad_id=pad_id)
         return torch.utils.data.DataLoader(
             dataset,

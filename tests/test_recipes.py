@@ -62,6 +62,15 @@ def test_a_task_weight_is_its_share_of_batches_whatever_its_episode_length(smoke
     assert 0.4 <= share <= 0.5, counts  # 300 fair draws: 0.5 +- 0.06 at 2 sigma
 
 
+def test_a_one_pass_stream_of_task_batches_never_mixes_tasks(smoke_dataset: Path) -> None:
+    # a finished task's short remainder must not shift later fixed-size batches across tasks
+    config = LoaderConfig(context_length=512, history_steps=3, task_batches=True, resampled=False, seed=2)
+    batches = list(make_dataloader(smoke_dataset, 3, config, num_workers=0))  # 4 windows a task
+    assert sum(len(b["ids"]) for b in batches) == 12
+    assert all(len(set(b["task"].tolist())) == 1 for b in batches)
+    assert len({int(b["task"][0]) for b in batches}) == 3
+
+
 def test_a_time_budget_anneals_the_learning_rate_by_the_clock() -> None:
     from gato_like.training.module import OptimConfig, lr_factor
 
