@@ -37,6 +37,9 @@ def test_training_logs_closed_loop_scores_and_keeps_the_best(run: Path) -> None:
     assert run.name == "best"
     history = json.loads((run.parent / "rollouts.json").read_text())
     assert [h["step"] for h in history["history"]] == [120, 240]
+    minutes = [h["minutes"] for h in history["history"]]
+    assert 0 < minutes[0] < minutes[1] < 10  # training minutes beside each score: the curve's x
+    assert (run.parent / "scores.png").stat().st_size > 10_000
     best = max(h["mean_score"] for h in history["history"])
     assert history["best"] == best
     meta = json.loads((run / "meta.json").read_text())

@@ -57,6 +57,7 @@ class GatoLightning(L.LightningModule):
         self.model = model if model is not None else GatoModel(config)
         self._seconds_before = 0.0  # training seconds of earlier runs this one resumes
         self._started: float | None = None
+        self._clock = 0.0  # the schedule's training seconds, the same on every rank
 
     def train_seconds(self) -> float:
         """Wall seconds spent in ``fit`` so far, resumed runs included."""
@@ -64,6 +65,14 @@ class GatoLightning(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._started = time.monotonic()
+        self._clock = self._seconds_before
+
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        if self.optim.max_seconds:  # rank 0's clock, so every rank anneals alike (replicas agree)
+            seconds = self.train_seconds()
+            if self.trainer.world_size > 1:
+                seconds = float(self.trainer.strategy.broadcast(seconds, src=0))
+            self._clock = seconds
 
     def training_step(self, batch: dict[str, Any], batch_index: int) -> torch.Tensor:
         out = self.model(batch)
@@ -145,7 +154,7 @@ class GatoLightning(L.LightningModule):
             betas=self.optim.betas,
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, self.optim, self.train_seconds())
+            optimizer, lambda step: lr_factor(step, self.optim, self._clock)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

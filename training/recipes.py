@@ -1,5 +1,5 @@
 """Named training recipes: a preset, its departures from Gato and the run settings, chosen together
-on closed-loop scores (docs/recipes.md has the measurements). ``gato-like train`` uses ``cpu`` on a
+on closed-loop scores (docs/acting.md has the measurements). ``gato-like train`` uses ``cpu`` on a
 machine without a GPU unless told otherwise; every field can still be overridden on the command line.
 """
 

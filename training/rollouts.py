@@ -85,6 +85,12 @@ class RolloutScores(L.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state.get("history", []))
         self.best = state.get("best")
+        # a score taken after the last trainer state (the end of a time-capped run) is in best/
+        saved = self.out / "best" / "meta.json"
+        if saved.is_file():
+            score = (json.loads(saved.read_text()).get("rollout") or {}).get("mean_score")
+            if score is not None and (self.best is None or score > self.best):
+                self.best = float(score)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.global_rank != 0 or not self.names:
@@ -135,8 +141,10 @@ class RolloutScores(L.Callback):
             trainer.callback_metrics[key] = torch.tensor(value)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        clock = getattr(module, "train_seconds", None)
         entry = {
             "step": trainer.global_step,
+            "minutes": round(clock() / 60.0, 2) if callable(clock) else None,
             "mean_score": mean,
             "scores": scores,
             "seconds": round(seconds, 1),
@@ -154,3 +162,38 @@ class RolloutScores(L.Callback):
         )
         shown = ", ".join(f"{n.split('-', 1)[-1]} {s:.2f}" for n, s in scores.items() if s is not None)
         print(f"\n[rollouts] step {trainer.global_step}: mean score {mean if mean is None else round(mean, 3)} ({shown}; {seconds:.0f} s)", flush=True)  # fmt: skip
+
+
+def plot_scores(history: list[dict[str, Any]], path: Path) -> Path:
+    """Closed-loop score per task and their mean against training minutes (optimizer steps where
+    an entry has no minutes) from a run's ``rollouts.json`` history, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = all(entry.get("minutes") is not None for entry in history)
+    xs = [entry["minutes"] if timed else entry["step"] for entry in history]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name in sorted({n for entry in history for n in entry["scores"]}):
+        points = [
+            (x, e["scores"][name])
+            for x, e in zip(xs, history, strict=True)
+            if e["scores"].get(name) is not None
+        ]
+        if points:
+            axis.plot(*zip(*points, strict=True), ".-", linewidth=0.8, alpha=0.6, label=name)
+    means = [
+        (x, e["mean_score"]) for x, e in zip(xs, history, strict=True) if e.get("mean_score") is not None
+    ]
+    if means:
+        axis.plot(*zip(*means, strict=True), "o-", color="black", linewidth=2, label="mean")
+    axis.axhline(1.0, color="grey", linestyle=":", linewidth=0.8)
+    axis.axhline(0.0, color="grey", linestyle=":", linewidth=0.8)
+    axis.set_xlabel("training minutes" if timed else "optimizer step")
+    axis.set_ylabel("expert-normalized score (closed loop)")
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

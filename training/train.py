@@ -18,7 +18,7 @@ from gato_like.config import Config
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.data import GatoData
 from gato_like.training.module import GatoLightning, OptimConfig
-from gato_like.training.rollouts import RolloutScores
+from gato_like.training.rollouts import RolloutScores, plot_scores
 from gato_like.training.rollouts import rollout_tasks as rollout_tasks_of
 
 
@@ -298,6 +298,8 @@ def train(
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.global_rank == 0 and (out / "logs" / "metrics.csv").is_file():
         plot_losses(out / "logs" / "metrics.csv", out / "losses.png")
+    if trainer.global_rank == 0 and rollouts and rollouts[0].history:
+        plot_scores(rollouts[0].history, out / "scores.png")
     if (out / "best").is_dir() and scored:
         return out / "best"
     return out / "checkpoint"
