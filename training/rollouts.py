@@ -174,7 +174,7 @@ def plot_scores(history: list[dict[str, Any]], path: Path) -> Path:
 
     timed = all(entry.get("minutes") is not None for entry in history)
     xs = [entry["minutes"] if timed else entry["step"] for entry in history]
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(8.5, 4))
     for name in sorted({n for entry in history for n in entry["scores"]}):
         points = [
             (x, e["scores"][name])
@@ -192,7 +192,7 @@ def plot_scores(history: list[dict[str, Any]], path: Path) -> Path:
     axis.axhline(0.0, color="grey", linestyle=":", linewidth=0.8)
     axis.set_xlabel("training minutes" if timed else "optimizer step")
     axis.set_ylabel("expert-normalized score (closed loop)")
-    axis.legend(fontsize=7, loc="lower right")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
