@@ -95,7 +95,9 @@ def test_eval_command_scores_writes_json_and_plot(trained: Path, tmp_path: Path)
         f"| babyai-GoToRedBall | 3 | {task['mean_return']:,.2f} | {task['expert_normalized_score']:,.2f} |"
         in card
     )
-    assert "| optimizer steps | 300 |" in card and "gato-like eval --ckpt" in card
+    # the run was scored once, at its end (its validations came later than max_steps)
+    assert "| optimizer steps | 300 (the weights with the best closed-loop score" in card
+    assert "gato-like eval --ckpt" in card
     assert "{{" not in card and "Undefined" not in card
 
 
@@ -103,5 +105,8 @@ def test_training_meta_records_compute_and_tokens(trained: Path) -> None:
     meta = json.loads((trained / "meta.json").read_text())
     assert meta["preset"] == "debug" and meta["settings"]["batch_size"] == 16
     assert meta["tokens"] > 300 * 16 * 100  # 300 steps of 16 sequences, mostly full
-    assert meta["tokens_per_second"] > 0 and meta["compute"]["precision"] == "32-true"
+    from gato_like.training.train import default_precision
+
+    # the precision the probe chose for this machine (bf16-mixed only where it has bf16 units)
+    assert meta["tokens_per_second"] > 0 and meta["compute"]["precision"] == default_precision()
     assert (trained.parent / "losses.png").stat().st_size > 0
