@@ -36,6 +36,9 @@ from gato_like.data_pipelines.shards import INDEX_FILE, DatasetError, check_inde
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TextTokenizer, TokenSequence, TokenType
 from gato_like.tokenizers.spec import SpecMismatchError
 
+#: Recent prompt candidates per task: (episode key, its candidate prompts).
+Pools = dict[str, deque[tuple[str, list[TokenSequence]]]]
+
 
 @dataclass
 class LoaderConfig:
@@ -373,17 +376,13 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         if self.batches:  # whole batches of one task each (DataLoader batch_size=None)
             info = torch.utils.data.get_worker_info()
             worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-            batches = (self.collate(group) for group in self._groups())
+            batches = (self.collate(group) for group in self._task_groups())
             return itertools.islice(batches, len(range(worker, self.skip_batches, workers)), None)
         samples = self._samples()
         skip = self._skipped_samples()
         if skip:
             samples = itertools.islice(samples, skip, None)
         return samples
-
-    def _groups(self) -> Iterator[list[dict[str, Any]]]:
-        """Lists of samples, one batch each (``task_batches`` with ``batch_tokens``)."""
-        return self._task_groups()
 
     def _skipped_samples(self) -> int:
         """Samples this worker drops to resume a stream after ``skip_batches`` batches: a
@@ -392,33 +391,27 @@ class SequenceDataset(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return len(range(worker, self.skip_batches, workers)) * self.batch_size
 
-    def _streams(self) -> tuple[dict[str, float], random.Random, dict[str, Iterator[Episode]]]:
-        """This worker's task weights, seeded generator and one episode stream per weighted task."""
+    def _streams(self) -> tuple[dict[str, float], random.Random, dict[str, Iterator[Episode]], Pools]:
+        """This worker's task weights, seeded generator, one episode stream per weighted task and
+        empty prompt pools."""
         from webdataset.utils import pytorch_worker_seed
 
         cfg = self.config
         weights = {t: float((cfg.domain_weights or {}).get(t, 1.0)) for t in self.source.tasks}
         rng = random.Random(cfg.seed * 1_000_003 + pytorch_worker_seed())
         streams = {t: iter(episode_stream(self.source, t, cfg)) for t, w in weights.items() if w > 0}
-        return weights, rng, streams
+        pools: Pools = defaultdict(lambda: deque(maxlen=cfg.prompt_pool))
+        return weights, rng, streams, pools
 
     def _task_groups(self) -> Iterator[list[dict[str, Any]]]:
-        weights, rng, streams = self._streams()
-        pools: dict[str, deque[tuple[str, list[TokenSequence]]]] = defaultdict(
-            lambda: deque(maxlen=self.config.prompt_pool)
-        )
+        """Lists of samples, one batch of one task each (``task_batches``)."""
+        weights, rng, streams, pools = self._streams()
         return _task_batches(self.sampler, self.config, self.batch_size, streams, weights, rng, pools)
 
     def _samples(self) -> Iterator[dict[str, Any]]:
+        """Samples of every task mixed (without ``task_batches``)."""
         cfg = self.config
-        if cfg.task_batches:
-            for group in self._task_groups():
-                yield from group
-            return
-        weights, rng, streams = self._streams()
-        pools: dict[str, deque[tuple[str, list[TokenSequence]]]] = defaultdict(
-            lambda: deque(maxlen=cfg.prompt_pool)
-        )
+        weights, rng, streams, pools = self._streams()
         buffer: list[dict[str, Any]] = []
         for episode in _mix(streams, weights, rng):
             bounds = self.sampler.bounds(episode)
@@ -440,7 +433,7 @@ def _task_batches(
     streams: dict[str, Iterator[Episode]],
     weights: dict[str, float],
     rng: random.Random,
-    pools: dict[str, deque[tuple[str, list[TokenSequence]]]],
+    pools: Pools,
 ) -> Iterator[list[dict[str, Any]]]:
     """Batches of one task, the task drawn with ``weights`` for each batch: a weight is a task's
     share of the optimizer steps, whatever its episodes' lengths (drawing per decoded episode gave
@@ -449,7 +442,7 @@ def _task_batches(
     a per-task shuffle buffer refilled from the task's stream."""
     buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
     ready = max(group, config.window_shuffle_buffer)
-    live = {name: stream for name, stream in streams.items() if weights.get(name, 1.0) > 0}
+    live = dict(streams)  # the weighted tasks' streams, until each is exhausted
     while live or any(buffers.values()):
         names = [n for n in weights if n in live or buffers[n]]
         name = rng.choices(names, weights=[weights[n] for n in names])[0]

@@ -277,11 +277,11 @@ class SlotPool:
         for j in range(max(sizes.values())):
             picked = logits[select].float().masked_fill(~allowed, float("-inf")).argmax(-1)  # (R,)
             for r, row in enumerate(rows):  # the configured decoding, as Policy
+                if j >= sizes[row]:
+                    continue  # this row's action is complete: draw nothing from its generator
                 slot = slots[row]
                 low, high = _action_range(slot)
                 kind = slot.spec.action.kind  # type: ignore[union-attr]
-                if j >= sizes[row]:
-                    continue  # this row's action is complete: draw nothing from its generator
                 if kind == "continuous" or self.config.discrete_decoding != "argmax":
                     part = logits[select[r : r + 1], low:high].float()
                     picked[r] = pick_action(part, self.config, kind, slot.generator)[0] + low
