@@ -83,6 +83,23 @@ def test_a_time_budget_anneals_the_learning_rate_by_the_clock() -> None:
     assert lr_factor(1000, timed, 1.0) == pytest.approx(0.1)  # the step budget still ends it
 
 
+def test_the_end_of_a_run_is_scored_unless_a_validation_just_scored_it(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from gato_like.training.rollouts import RolloutScores
+
+    callback = RolloutScores(tmp_path, {}, {}, ["dmc-cartpole-balance"], end_gap=125)
+    scored: list[int] = []
+    callback.score = lambda trainer, module: scored.append(trainer.global_step)  # type: ignore[method-assign]
+    callback.history = [{"step": 2500}]
+    for step in (2501, 2624, 2625, 3000):  # the clock stopped this many steps in
+        callback.on_train_end(SimpleNamespace(global_rank=0, global_step=step), None)  # type: ignore[arg-type]
+    assert scored == [2625, 3000]
+    callback.history = []  # never validated: always scored at the end
+    callback.on_train_end(SimpleNamespace(global_rank=0, global_step=7), None)  # type: ignore[arg-type]
+    assert scored[-1] == 7
+
+
 def test_out_of_bounds_actions_are_an_error_not_clipped() -> None:
     from gato_like.data_pipelines.tasks import get_task
 

@@ -31,7 +31,7 @@ class Recipe:
 
 
 #: The departures that make the agent act on a CPU budget (docs/acting.md, the ablation).
-ACTING = {"history_steps": 4, "action_input_dropout": 1.0, "discrete_decoding": "sample"}
+ACTING = {"history_steps": 2, "action_input_dropout": 1.0, "discrete_decoding": "sample"}
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -43,7 +43,7 @@ RECIPES: dict[str, Recipe] = {
             model=dict(ACTING),
             max_steps=20000,  # more than 56 minutes hold here: the learning rate anneals by the clock
             max_minutes=56.0,  # + the last rollouts: <= 60 minutes in all
-            batch_size=256,
+            batch_size=1024,  # a cap; batch_tokens binds (~290 two-step control windows)
             lr=1e-3,
             warmup_steps=100,
             val_every=2500,
@@ -57,7 +57,7 @@ RECIPES: dict[str, Recipe] = {
             model=dict(ACTING),
             max_steps=1500,
             max_minutes=8.0,
-            batch_size=64,
+            batch_size=128,
             lr=2e-3,
             warmup_steps=50,
             val_every=500,

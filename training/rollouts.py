@@ -59,6 +59,8 @@ class RolloutScores(L.Callback):
         max_steps: episode length per task (default: the data's, so the normalizers apply).
         seed: evaluation seed (episodes use seeds no data generation draws).
         meta: ``meta.json`` content of the exported best checkpoint (updated with the scores).
+        end_gap: at the end of training, score again only if at least this many steps passed since
+            the last score (a clock that stops a step after a validation would repeat its rollouts).
     """
 
     def __init__(
@@ -70,9 +72,10 @@ class RolloutScores(L.Callback):
         episodes: int = 2,
         seed: int = 0,
         meta: Callable[[L.Trainer, L.LightningModule], dict[str, Any]] | None = None,
+        end_gap: int = 1,
     ) -> None:
         self.out, self.tasks, self.specs, self.names = Path(out), tasks, specs, names
-        self.episodes, self.seed = episodes, seed
+        self.episodes, self.seed, self.end_gap = episodes, seed, max(1, int(end_gap))
         self.meta: Callable[[L.Trainer, L.LightningModule], dict[str, Any]] = meta or (
             lambda trainer, module: {}
         )
@@ -102,7 +105,7 @@ class RolloutScores(L.Callback):
         at its last step, so the weights of its final, annealed stretch are not lost."""
         if trainer.global_rank != 0 or not self.names or trainer.global_step == 0:
             return
-        if not self.history or self.history[-1]["step"] != trainer.global_step:
+        if not self.history or trainer.global_step - self.history[-1]["step"] >= self.end_gap:
             self.score(trainer, module)
 
     def score(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -267,7 +267,8 @@ def train(
         dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=val_every
     )
     rollouts = (
-        [RolloutScores(out, task_entries, specs, scored, rollout_episodes, seed, meta=export.meta)]
+        [RolloutScores(out, task_entries, specs, scored, rollout_episodes, seed, meta=export.meta,
+                       end_gap=max(1, val_every // 20))]  # fmt: skip
         if scored
         else []
     )
