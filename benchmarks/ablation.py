@@ -7,10 +7,11 @@ the same budget and seed, then rolls the policy out in the simulators on unseen 
 
 Rows (``--rows`` a comma list, or ``all``):
 
-- ``recipe``: every departure of the ``cpu`` recipe (4-step history, action tokens never inputs,
+- ``recipe``: every departure of the ``cpu`` recipe (2-step history, action tokens never inputs,
   ordinal value embedding, HL-Gauss targets, text weight 0.1, mean decoding);
-- ``full-history``, ``no-action-masking``, ``no-value-embedding``, ``value-embedding-replace``,
-  ``one-hot-targets``, ``argmax-decoding``, ``median-decoding``: one lever changed;
+- ``history-1``, ``history-4``, ``full-history``, ``no-action-masking``, ``no-value-embedding``,
+  ``value-embedding-replace``, ``one-hot-targets``, ``argmax-decoding``, ``median-decoding``: one
+  lever changed;
 - ``gato``: every departure off (Gato's sequence and head as the paper has them).
 
 Prints a table of expert-normalized score per task (and the final training policy loss, which is
@@ -30,6 +31,8 @@ from gato_like.training.recipes import ACTING
 
 ROWS: dict[str, dict[str, Any]] = {
     "recipe": {},
+    "history-1": {"history_steps": 1},
+    "history-4": {"history_steps": 4},
     "full-history": {"history_steps": 0},
     "no-action-masking": {"action_input_dropout": 0.0},
     "no-value-embedding": {"value_embedding": "off"},

@@ -266,9 +266,13 @@ def train(
     state = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=val_every
     )
+    end_gap = max(1, val_every // 20)  # a few steps after a validation: its score stands
     rollouts = (
-        [RolloutScores(out, task_entries, specs, scored, rollout_episodes, seed, meta=export.meta,
-                       end_gap=max(1, val_every // 20))]  # fmt: skip
+        [
+            RolloutScores(
+                out, task_entries, specs, scored, rollout_episodes, seed, meta=export.meta, end_gap=end_gap
+            )
+        ]
         if scored
         else []
     )
