@@ -148,6 +148,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our model")
     args = parser.parse_args()
     torch.manual_seed(0)
+    try:
+        import transformers  # noqa: F401
+
+        have_hf = True
+    except ImportError:
+        have_hf = False
+        print("transformers is not installed (pip install -e '.[bench]'): GPT-2 columns left out")
     peak32, peak16 = matmul_peak(), matmul_peak(512, torch.bfloat16, n=2)  # small: bf16 may be very slow
     print(f"matmul peak on this machine: fp32 {peak32 / 1e9:.0f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
     fast_bf16 = peak16 > peak32
@@ -163,7 +170,7 @@ def main() -> None:
         params = GatoModel(config).num_parameters()
         for bf16 in (False, True) if fast_bf16 else (False,):
             rate = train_rate(ours(config, batch, bf16), args.steps, tokens)
-            hf = train_rate(gpt2(config, batch, bf16), args.steps, tokens)
+            hf = train_rate(gpt2(config, batch, bf16), args.steps, tokens) if have_hf else float("nan")
             flops = rate * flops_per_token(config)
             label = "bf16" if bf16 else "fp32"
             print(
