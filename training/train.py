@@ -266,7 +266,7 @@ def train(
     state = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=val_every
     )
-    end_gap = max(1, val_every // 20)  # a few steps after a validation: its score stands
+    end_gap = val_every // 20  # a few steps after a validation, its score stands (the callback keeps >= 1)
     rollouts = (
         [
             RolloutScores(
