@@ -232,7 +232,7 @@ class WindowSampler:
     def _tokens(self, episode: Episode, start: int, stop: int) -> TokenSequence:
         builder = self.builders[episode.task]
         observations = {k: v[start:stop] for k, v in episode.observations.items()}
-        return builder.build(observations, episode.actions[start:stop])
+        return builder.build(observations, episode.actions[start:stop], checked=True)  # checked when decoded
 
     def windows_per_episode(self, bounds: np.ndarray) -> int:
         """How many windows to cut from one decoded episode: about its tokens over the context."""

@@ -177,6 +177,8 @@ def train(
     tasks: str | None = None,
     threads: int | None = None,
     batch_tokens: int | None = None,
+    domain_weights: dict[str, float] | None = None,
+    goal_every: int | None = None,
 ) -> None:
     """Pretrain a model on a dataset (Lightning: one CPU or many GPUs, same code).
 
@@ -211,6 +213,8 @@ def train(
         tasks: comma-separated tasks of the dataset to train on (default: all).
         threads: torch intra-op threads (default: the cores left after the loader workers).
         batch_tokens: about this many tokens a batch at most, each batch one task (0: batch_size sequences; default: the recipe's).
+        domain_weights: each task's share of the optimizer steps, e.g. --domain_weights '{"dmc-reacher-easy": 2}' (default: the recipe's for the tasks it names, 1 for the rest).
+        goal_every: train the goal head every this many steps (0: never; default: the recipe's).
     """
     from gato_like.training.recipes import default_recipe, get_recipe
     from gato_like.training.train import train as run
@@ -221,6 +225,12 @@ def train(
         return default if value is None else value
 
     parsed: int | str = int(devices) if devices.isdigit() else devices
+    from gato_like.data_pipelines.loader import DatasetSource
+
+    present = set(
+        DatasetSource.open(str(data), _task_list(tasks)).tasks
+    )  # the recipe's weights for these only
+    weights = {k: v for k, v in chosen.domain_weights.items() if k in present} | dict(domain_weights or {})
     checkpoint = run(
         data, out, pick(preset, chosen.preset), pick(max_steps, chosen.max_steps), pick(batch_size, chosen.batch_size),
         context_length, pick(lr, chosen.lr), pick(warmup_steps, chosen.warmup_steps), accumulate, clip,
@@ -229,6 +239,7 @@ def train(
         overrides=dict(chosen.model) | dict(model or {}), command=shlex.join(["gato-like", *sys.argv[1:]]),
         rollout_episodes=pick(rollout_episodes, chosen.rollout_episodes), rollout_tasks=_task_list(rollout_tasks),
         tasks=_task_list(tasks), threads=threads, recipe=chosen.name, batch_tokens=pick(batch_tokens, chosen.batch_tokens),
+        domain_weights=weights or None, goal_every=pick(goal_every, chosen.goal_every),
     )  # fmt: skip
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 

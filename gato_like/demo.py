@@ -247,6 +247,6 @@ def _train(data: Path, run_dir: Path, recipe: Any, steps: int, minutes: float, s
                      lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, max(steps // 10, 1)),
                      val_every=max(min(recipe.val_every, steps // 2), 1), seed=seed, max_minutes=minutes,
                      workers=recipe.workers, overrides=dict(recipe.model), rollout_episodes=recipe.rollout_episodes,
-                     batch_tokens=recipe.batch_tokens, recipe=recipe.name,
+                     batch_tokens=recipe.batch_tokens, recipe=recipe.name, goal_every=recipe.goal_every,
                      command=f"gato-like train --data {data} --out {run_dir} --recipe {recipe.name} "
                      f"--max_steps {steps} --max_minutes {minutes:g}")  # fmt: skip

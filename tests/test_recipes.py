@@ -119,3 +119,45 @@ def test_bf16_is_chosen_from_the_cpu_flags() -> None:
     assert cpu_has_bf16("flags : amx_bf16 amx_tile\n")
     assert not cpu_has_bf16("flags : fpu sse avx2 avx512f\n")
     assert not cpu_has_bf16("")
+
+
+def test_the_recipes_task_weights_apply_to_the_tasks_a_dataset_has(
+    smoke_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the cpu recipe names the default suite's tasks; a dataset with only some of them still trains,
+    # with the recipe's weights for those, and the run records what it used
+    import json
+    from dataclasses import replace
+
+    from gato_like.training import recipes
+
+    weighted = replace(
+        get_recipe("cpu"), name="cpu", domain_weights=dict(recipes.SUITE_WEIGHTS), goal_every=8
+    )
+    monkeypatch.setitem(recipes.RECIPES, "cpu", weighted)  # the CLI below runs in this process
+    run = tmp_path / "run"
+    argv = ["gato-like", "train", "--data", str(smoke_dataset), "--out", str(run), "--recipe", "cpu",
+            "--preset", "debug", "--max_steps", "2", "--val_every", "2", "--rollout_episodes", "0", "--max_minutes", "5"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    from gato_like.cli import main
+
+    assert main(argv[1:]) == 0, capsys.readouterr().err[-2000:]
+    settings = json.loads((run / "checkpoint" / "meta.json").read_text())["settings"]
+    assert settings["domain_weights"] == {"babyai-GoToRedBall": 0.5, "dmc-point_mass-easy": 1.0}
+    assert settings["goal_every"] == 8
+    # its output is not a terminal: plain progress lines instead of a bar that draws nothing
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] ")]
+    assert lines and lines[0].startswith("[train] step 1/2 (50%) | loss ")
+    assert "tokens/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith("[train] step 2/2 (100%)") and lines[-1].endswith("(done)")
+
+
+def test_weights_of_tasks_the_dataset_lacks_are_refused_before_any_work(
+    smoke_dataset: Path, tmp_path: Path
+) -> None:
+    result = subprocess.run([BIN / "gato-like", "train", "--data", str(smoke_dataset), "--out", str(tmp_path / "run"),
+                             "--domain_weights", '{"dmc-pendulm-swingup": 2}'], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0
+    assert "not in the dataset: ['dmc-pendulm-swingup']" in result.stderr
+    assert not (tmp_path / "run").exists()

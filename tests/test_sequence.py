@@ -210,8 +210,11 @@ def test_builder_matches_reference_and_invariants(case) -> None:
     start = steps // 2
     window = seq.window(start, steps)
     sub = builder.build({k: v[start:] for k, v in obs.items()}, actions[start:])
+    # ... and a window the loader builds without checking its (already checked) episode again is the same
+    unchecked = builder.build({k: v[start:] for k, v in obs.items()}, actions[start:], checked=True)
     for name in ("ids", "types", "timesteps", "local_positions", "loss_mask", "patches", "patch_positions"):
         np.testing.assert_array_equal(getattr(window, name), getattr(sub, name))
+        np.testing.assert_array_equal(getattr(unchecked, name), getattr(sub, name))
 
 
 def test_builder_is_picklable() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from gato_like.config import Config
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.data import GatoData
 from gato_like.training.module import GatoLightning, OptimConfig
+from gato_like.training.progress import PlainProgress
 from gato_like.training.rollouts import RolloutScores, plot_scores
 from gato_like.training.rollouts import rollout_tasks as rollout_tasks_of
 
@@ -197,6 +199,8 @@ def train(
     threads: int | None = None,
     recipe: str | None = None,
     batch_tokens: int = 0,
+    domain_weights: dict[str, float] | None = None,
+    goal_every: int = 4,
 ) -> Path:
     """Train and return the exported checkpoint directory (``OUT/checkpoint``).
 
@@ -211,7 +215,9 @@ def train(
     expert-normalized score are exported to ``OUT/best``, which is returned when it exists.
     ``tasks``: train on these tasks of the dataset only. ``batch_tokens``: cap a batch at about
     this many tokens (each batch holds one task; fewer sequences for long timesteps). ``threads``: torch intra-op threads
-    (default :func:`thread_policy`).
+    (default :func:`thread_policy`). ``domain_weights``: each task's share of the optimizer steps
+    (default 1 each; a name the dataset lacks is an error). ``goal_every``: train the goal head every
+    this many steps (0: never).
     """
     if rollout_episodes < 0:
         raise ValueError(f"rollout_episodes: expected >= 0, got {rollout_episodes}")
@@ -223,7 +229,14 @@ def train(
     )
     config = Config.from_name(preset, **fields)
     datamodule = GatoData(data, batch_size, config.context_length, workers, tasks=tasks, seed=seed,
-                          history_steps=config.history_steps, batch_tokens=batch_tokens)  # fmt: skip
+                          history_steps=config.history_steps, batch_tokens=batch_tokens,
+                          domain_weights=domain_weights)  # fmt: skip
+    unknown = sorted(set(domain_weights or {}) - set(datamodule.task_names))
+    if unknown or any(not w >= 0 for w in (domain_weights or {}).values()):  # before any work
+        raise ValueError(
+            f"domain_weights: expected non-negative weights of the dataset's tasks, got {domain_weights}"
+            + (f"; not in the dataset: {unknown} (tasks: {datamodule.task_names})" if unknown else "")
+        )
     export = ExportCheckpoint(out, datamodule, val_every, {})
     specs, task_entries = export.specs_and_tasks()
     scored = (
@@ -236,6 +249,7 @@ def train(
             warmup_steps=warmup_steps,
             max_steps=max_steps,
             max_seconds=None if max_minutes is None else 60.0 * max_minutes,
+            goal_every=goal_every,
         ),
         datamodule.task_names,
     )
@@ -252,6 +266,8 @@ def train(
         "overrides": dict(overrides or {}),
         "recipe": recipe,
         "batch_tokens": batch_tokens,
+        "domain_weights": dict(domain_weights or {}),
+        "goal_every": goal_every,
         "workers": workers,
         "torch_threads": torch.get_num_threads(),
         "rollout_episodes": rollout_episodes,
@@ -276,6 +292,8 @@ def train(
         if scored
         else []
     )
+    # the bar draws only on a terminal; to a file or a CI log, a plain line a minute instead
+    plain = [PlainProgress()] if progress and not sys.stdout.isatty() else []
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=1,  # one endless resampled stream: max_steps (or max_time) ends training
@@ -291,8 +309,8 @@ def train(
         limit_val_batches=val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
-        callbacks=[state, export, *rollouts, *(callbacks or [])],
-        enable_progress_bar=progress,
+        callbacks=[state, export, *rollouts, *plain, *(callbacks or [])],
+        enable_progress_bar=progress and not plain,
         log_every_n_steps=log_every,
     )
     last = out / "lightning" / "last.ckpt"

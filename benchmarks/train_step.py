@@ -1,0 +1,89 @@
+"""Training steps on a real dataset's batches (the `cpu` recipe's ~4096-token task batches), with
+torch's CPU flash-attention kernel against its plain "math" kernel, side by side in one run.
+
+    .venv/bin/python benchmarks/train_step.py --data data/suite60 [--preset tiny] [--steps 48]
+
+The model's attention (``gato_like.model.attention``) uses the math kernel on a CPU; this script
+shows why: the windows are short (20-30 tokens for a control task with a 2-timestep history, ~480
+for BabyAI), and the flash kernel's per-call overhead dominates at those sizes. Each row does the
+same optimizer steps on the same batches: policy and dynamics losses every step, the goal head every
+4th step (as ``GatoLightning``), bf16 autocast where the CPU has bf16 units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gato_like.config import Config
+from gato_like.model import GatoModel
+from gato_like.training.data import GatoData
+from gato_like.training.recipes import ACTING
+from gato_like.training.train import cpu_has_bf16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--batch_tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="the fastest of this many runs per row")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = Config.from_name(args.preset, **ACTING)
+    data = GatoData(args.data, 1024, config.context_length, 0, seed=0,
+                    history_steps=config.history_steps, batch_tokens=args.batch_tokens)  # fmt: skip
+    stream = iter(data._loader(0))
+    batches = [next(stream) for _ in range(args.steps)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    bf16 = cpu_has_bf16()
+    print(f"{args.steps} real batches of {args.data}: {tokens / args.steps:.0f} tokens each on average; "
+          f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} threads")  # fmt: skip
+
+    def run(kernel: SDPBackend | None, goal_every: int, dynamics: bool = True) -> float:
+        torch.manual_seed(0)
+        model = GatoModel(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        chosen = sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()
+        with chosen:
+            for i, batch in enumerate(batches[:4] + batches):  # 4 warm-up steps
+                if i == 4:
+                    start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as Lightning's bf16-mixed
+                    out = model(batch)
+                    loss = out["loss"] if dynamics else out["policy_loss"]
+                    if goal_every and i % goal_every == 0 and "goal_ids" in batch:
+                        loss = loss + model(batch, goal=True)["loss"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        return time.perf_counter() - start
+
+    rows = {
+        "goal head every 4th step, flash kernel": (SDPBackend.FLASH_ATTENTION, 4, True),
+        "goal head every 4th step, math kernel": (SDPBackend.MATH, 4, True),
+        "goal head every 16th step": (None, 16, True),
+        "no goal head": (None, 0, True),
+        "no goal head, no dynamics head": (None, 0, False),
+    }
+    seconds: dict[str, float] = {}
+    for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
+        for name, row in rows.items():
+            seconds[name] = min(seconds.get(name, float("inf")), run(*row))
+    base = next(iter(seconds.values()))
+    print(f"{'training step':40s} {'steps/s':>8s} {'tokens/s':>9s} {'speed-up':>8s}")
+    for name, s in seconds.items():
+        print(f"{name:40s} {args.steps / s:8.2f} {tokens / s:9.0f} {base / s:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
