@@ -225,12 +225,13 @@ def train(
         return default if value is None else value
 
     parsed: int | str = int(devices) if devices.isdigit() else devices
-    from gato_like.data_pipelines.loader import DatasetSource
+    weights = dict(chosen.domain_weights)
+    if weights:  # a recipe's weights apply to the tasks this dataset has; a user's must all exist
+        from gato_like.data_pipelines.loader import DatasetSource
 
-    present = set(
-        DatasetSource.open(str(data), _task_list(tasks)).tasks
-    )  # the recipe's weights for these only
-    weights = {k: v for k, v in chosen.domain_weights.items() if k in present} | dict(domain_weights or {})
+        present = set(DatasetSource.open(str(data), _task_list(tasks)).tasks)
+        weights = {k: v for k, v in weights.items() if k in present}
+    weights |= dict(domain_weights or {})
     checkpoint = run(
         data, out, pick(preset, chosen.preset), pick(max_steps, chosen.max_steps), pick(batch_size, chosen.batch_size),
         context_length, pick(lr, chosen.lr), pick(warmup_steps, chosen.warmup_steps), accumulate, clip,

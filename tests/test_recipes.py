@@ -161,3 +161,7 @@ def test_weights_of_tasks_the_dataset_lacks_are_refused_before_any_work(
     assert result.returncode != 0
     assert "not in the dataset: ['dmc-pendulm-swingup']" in result.stderr
     assert not (tmp_path / "run").exists()
+    result = subprocess.run([BIN / "gato-like", "train", "--data", str(smoke_dataset), "--out", str(tmp_path / "run"),
+                             "--goal_every", "-1"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "goal_every: expected a step interval >= 0" in result.stderr
+    assert not (tmp_path / "run").exists()

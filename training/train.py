@@ -221,6 +221,8 @@ def train(
     """
     if rollout_episodes < 0:
         raise ValueError(f"rollout_episodes: expected >= 0, got {rollout_episodes}")
+    if goal_every < 0:
+        raise ValueError(f"goal_every: expected a step interval >= 0 (0: never), got {goal_every}")
     torch.set_num_threads(threads or thread_policy(workers))
     L.seed_everything(seed, workers=True)
     out = Path(out)
