@@ -1,14 +1,13 @@
-"""Training steps on a real dataset's batches (the `cpu` recipe's ~4096-token task batches), with
-torch's CPU flash-attention kernel against its plain "math" kernel, side by side in one run.
+"""Where a real training step's time goes: the `cpu` recipe's own ~4096-token task batches of a
+dataset through forward, backward and AdamW, side by side in one run, with the goal head every 4th
+step (as ``GatoLightning`` trains it by default), every 16th, or never, without the dynamics head,
+and with torch's CPU flash-attention kernel (its default) against its plain "math" kernel.
 
-    .venv/bin/python benchmarks/train_step.py --data data/suite60 [--preset tiny] [--steps 48]
+    .venv/bin/python benchmarks/train_step.py --data data/suite60 [--preset tiny] [--steps 48] [--repeats 2]
 
-The model's attention (``gato_like.model.attention``) uses the math kernel on a CPU; this script
-shows why: the windows are short (20-30 tokens for a control task with a 2-timestep history, ~480
-for BabyAI), and the flash kernel's per-call overhead dominates at those sizes. Each row does the
-same optimizer steps on the same batches: policy and dynamics losses every step, the goal head every
-4th step (as ``GatoLightning``), bf16 autocast where the CPU has bf16 units.
-"""
+Each row does the same optimizer steps on the same batches from the same initial weights, in bf16
+autocast where the CPU has bf16 units (as Lightning's bf16-mixed: the forward only); each row's
+time is the fastest of ``--repeats`` runs, the rows alternating."""
 
 from __future__ import annotations
 

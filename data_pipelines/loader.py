@@ -173,6 +173,19 @@ def _named(handler: Any) -> Any:
     return handle
 
 
+def check_domain_weights(weights: dict[str, float] | None, tasks: list[str]) -> None:
+    """Task weights must name tasks of the dataset, be non-negative and leave one task positive
+    (a task not named weighs 1); raises ``ValueError`` naming what is wrong."""
+    weights = weights or {}
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"domain_weights: no task(s) {unknown} in the dataset (tasks: {tasks})")
+    if any(not w >= 0 for w in weights.values()) or not any(weights.get(t, 1.0) > 0 for t in tasks):
+        raise ValueError(
+            f"domain_weights: expected non-negative weights, at least one positive, got {weights}"
+        )
+
+
 class WindowSampler:
     """Episodes of several tasks -> training sequences (numpy dicts), as described in the module doc.
 
@@ -196,14 +209,7 @@ class WindowSampler:
             )
         if config.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error: expected 'raise' or 'skip', got {config.on_error!r}")
-        weights = config.domain_weights or {}
-        unknown = sorted(set(weights) - set(source.tasks))
-        if unknown:
-            raise ValueError(f"domain_weights: no task(s) {unknown} in the dataset (tasks: {source.tasks})")
-        if any(w < 0 for w in weights.values()) or not any(weights.get(t, 1.0) > 0 for t in source.tasks):
-            raise ValueError(
-                f"domain_weights: expected non-negative weights, at least one positive, got {weights}"
-            )
+        check_domain_weights(config.domain_weights, source.tasks)
         for task, builder in self.builders.items():
             per_step = builder.fixed_observation_size() + 1 + builder.action_size
             if per_step > config.context_length:

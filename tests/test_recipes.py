@@ -159,7 +159,7 @@ def test_weights_of_tasks_the_dataset_lacks_are_refused_before_any_work(
     result = subprocess.run([BIN / "gato-like", "train", "--data", str(smoke_dataset), "--out", str(tmp_path / "run"),
                              "--domain_weights", '{"dmc-pendulm-swingup": 2}'], capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0
-    assert "not in the dataset: ['dmc-pendulm-swingup']" in result.stderr
+    assert "domain_weights: no task(s) ['dmc-pendulm-swingup'] in the dataset" in result.stderr
     assert not (tmp_path / "run").exists()
     result = subprocess.run([BIN / "gato-like", "train", "--data", str(smoke_dataset), "--out", str(tmp_path / "run"),
                              "--goal_every", "-1"], capture_output=True, text=True)  # fmt: skip

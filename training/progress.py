@@ -50,8 +50,8 @@ class PlainProgress(L.Callback):
         if trainer.global_rank == 0:
             self.emit(trainer, time.monotonic(), final=True)
 
-    def line(self, trainer: L.Trainer, now: float) -> str:
-        """The progress line at ``now`` (monotonic seconds)."""
+    def line(self, trainer: L.Trainer, now: float, final: bool = False) -> str:
+        """The progress line at ``now`` (monotonic seconds); ``final``: "(done)" instead of an ETA."""
         step, total = trainer.global_step, trainer.max_steps
         elapsed = max(now - self._started, 1e-9)
         parts = [
@@ -71,16 +71,15 @@ class PlainProgress(L.Callback):
         if left is not None:
             remaining.append(left)
         clock = f"{elapsed / 60.0:.1f} min"
-        if remaining:
+        if final:
+            clock += " (done)"
+        elif remaining:
             clock += f", ETA {min(remaining) / 60.0:.1f} min"
         parts.append(clock)
         return "[train] " + " | ".join(parts)
 
     def emit(self, trainer: L.Trainer, now: float, final: bool = False) -> None:
-        text = self.line(trainer, now)
-        if final:
-            text = text.split(", ETA")[0] + " (done)"
-        print(text, file=self.stream, flush=True)
+        print(self.line(trainer, now, final), file=self.stream, flush=True)
 
 
 def _time_remaining(trainer: L.Trainer) -> float | None:

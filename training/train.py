@@ -16,6 +16,7 @@ import torch
 
 from gato_like.checkpoint import save_checkpoint, tokenizer_sha256
 from gato_like.config import Config
+from gato_like.data_pipelines.loader import check_domain_weights
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.data import GatoData
 from gato_like.training.module import GatoLightning, OptimConfig
@@ -233,12 +234,7 @@ def train(
     datamodule = GatoData(data, batch_size, config.context_length, workers, tasks=tasks, seed=seed,
                           history_steps=config.history_steps, batch_tokens=batch_tokens,
                           domain_weights=domain_weights)  # fmt: skip
-    unknown = sorted(set(domain_weights or {}) - set(datamodule.task_names))
-    if unknown or any(not w >= 0 for w in (domain_weights or {}).values()):  # before any work
-        raise ValueError(
-            f"domain_weights: expected non-negative weights of the dataset's tasks, got {domain_weights}"
-            + (f"; not in the dataset: {unknown} (tasks: {datamodule.task_names})" if unknown else "")
-        )
+    check_domain_weights(domain_weights, datamodule.task_names)  # before any work, not when the loader starts
     export = ExportCheckpoint(out, datamodule, val_every, {})
     specs, task_entries = export.specs_and_tasks()
     scored = (
