@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ def generate(
     pixels: bool = True,
     perturbation: Perturbation | None = DEFAULT_PERTURBATION,
     task_episodes: dict[str, int] | None = None,
+    task_hold: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Generate expert episodes of a suite into shards under ``out`` and write its index.
 
@@ -108,6 +109,8 @@ def generate(
             The return normalizers are always the clean expert's and the uniform-random policy's.
         task_episodes: episodes of particular tasks instead of ``episodes`` (e.g. more of the
             short BabyAI episodes than of the 1000-step control ones).
+        task_hold: the perturbation's ``hold`` for particular tasks (e.g. 1 for cartpole balance,
+            which long random pushes tip over beyond what its expert recovers from).
 
     Returns:
         The index written to ``out/index.json``.
@@ -133,6 +136,11 @@ def generate(
         raise ValueError(
             f"task_episodes: expected >= 1 episodes for tasks being generated, got {task_episodes} (tasks: {[t.name for t in selected]})"
         )
+    holds = dict(task_hold or {})
+    unknown = sorted(set(holds) - {t.name for t in selected})
+    if unknown:
+        raise ValueError(f"task_hold: {unknown} are not tasks being generated (tasks: {[t.name for t in selected]})")
+    perturbations = {t.name: replace(perturbation, hold=holds.get(t.name, perturbation.hold)) for t in selected}
     if not pixels and "captions" in {t.name for t in selected}:
         raise ValueError("pixels=False: the captions task describes camera frames; leave it out of the tasks")
     root.mkdir(parents=True, exist_ok=True)
@@ -145,7 +153,7 @@ def generate(
             episode_seed(seed, t.name, kind, i),
             max_steps,
             pixels,
-            perturbation if kind == "data" else None,
+            perturbations[t.name] if kind == "data" else None,
         )
         for t in selected
         for kind, count in (
@@ -193,7 +201,7 @@ def generate(
             "episodes": counts[task.name],
             "timesteps": stats[task.name]["timesteps"],
             "success_rate": round(stats[task.name]["success"] / counts[task.name], 4),
-            "perturbation": perturbation.to_dict(),
+            "perturbation": perturbations[task.name].to_dict(),
             "max_steps": max_steps or task.max_steps,
             "returns": {
                 "dataset": returns_summary(returns[task.name]["data"]),

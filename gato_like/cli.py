@@ -31,6 +31,7 @@ def data_generate(
     random_prob: float = 0.1,
     hold: int = 1,
     task_episodes: str | None = None,
+    task_hold: str | None = None,
 ) -> None:
     """Generate expert episodes of a suite into WebDataset shards, with return normalizers.
 
@@ -54,6 +55,7 @@ def data_generate(
         random_prob: probability of executing a uniformly random action instead of the expert's; 0: none.
         hold: a random action is held for 1..hold steps (continuous tasks), a push that leaves the expert's path.
         task_episodes: episodes of particular tasks, e.g. "babyai-GoToLocal=200,babyai-PickupLoc=200".
+        task_hold: hold of particular tasks, e.g. "dmc-cartpole-balance=1" beside --hold 50.
     """
     from gato_like.data_pipelines.control import Perturbation
     from gato_like.data_pipelines.generate import generate
@@ -75,6 +77,7 @@ def data_generate(
         pixels=pixels,
         perturbation=perturbation,
         task_episodes=_counts(task_episodes),
+        task_hold=_counts(task_hold, "--task_hold"),
     )
     timing = index["timing"]
     episodes_total = sum(t["episodes"] for t in index["tasks"].values())
@@ -437,15 +440,15 @@ def print_evaluation(summary: dict[str, Any], destination: Path) -> None:
     )
 
 
-def _counts(text: str | None) -> dict[str, int] | None:
-    """``"a=200, b=50"`` -> ``{"a": 200, "b": 50}``; a malformed entry is named."""
+def _counts(text: str | None, flag: str = "--task_episodes") -> dict[str, int] | None:
+    """``"a=200, b=50"`` -> ``{"a": 200, "b": 50}``; a malformed entry is named with its ``flag``."""
     if not text:
         return None
     out = {}
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, _, count = part.partition("=")
         if not count.strip().isdigit():
-            raise ValueError(f"--task_episodes: expected TASK=COUNT, got {part!r}")
+            raise ValueError(f"{flag}: expected TASK=COUNT, got {part!r}")
         out[name.strip()] = int(count)
     return out
 
