@@ -162,3 +162,61 @@ def test_sequences_never_exceed_the_context(smoke_dataset: Path, context: int, f
         smoke_dataset, 150, context_length=context, prompt_probability=0.5, prompt_max_fraction=fraction
     )
     assert max(len(s["ids"]) for s in samples) <= context
+
+
+def test_one_pass_tokenization_equals_tokenizing_each_window(smoke_dataset: Path) -> None:
+    """The loader tokenizes every timestep an episode's windows, goals and prompt candidates need
+    in one pass and cuts them apart; each piece must equal tokenizing its span on its own."""
+    import random
+    from collections import deque
+
+    from gato_like.data_pipelines.loader import WindowSampler
+    from gato_like.data_pipelines.shards import iter_task
+
+    source = DatasetSource.open(smoke_dataset)
+    sampler = WindowSampler(source, LoaderConfig(context_length=512, history_steps=3, prompt_probability=0.5))
+    fields = ("ids", "types", "timesteps", "local_positions", "loss_mask", "patches", "patch_positions")
+    checked = 0
+    for task in source.tasks:  # images (captions), proprioception and text
+        builder = sampler.builders[task]
+        pool: deque = deque(maxlen=4)
+        for episode in list(iter_task(smoke_dataset, task))[:3]:
+            bounds = sampler.bounds(episode)
+            samples, candidates = sampler.episode_samples(episode, bounds, random.Random(7), pool, 5)
+            plans, spans, chosen = sampler.plan(episode, bounds, random.Random(7), pool, 5)
+            assert len(samples) == 5 and len(candidates) == chosen
+            alone = [
+                builder.build({k: v[a:b] for k, v in episode.observations.items()}, episode.actions[a:b])
+                for a, b in spans
+            ]
+            pieces = iter(alone)
+            for i, (sample, (prompt, has_goal)) in enumerate(zip(samples, plans, strict=True)):
+                n = len(prompt) if prompt is not None else 0
+                window = next(pieces)
+                for name in ("ids", "types", "local_positions", "loss_mask"):
+                    np.testing.assert_array_equal(sample[name][n:], getattr(window, name), err_msg=name)
+                np.testing.assert_array_equal(
+                    sample["timesteps"][n:] - sample["timesteps"][n], window.timesteps
+                )
+                np.testing.assert_array_equal(
+                    sample["patches"][len(sample["patches"]) - len(window.patches) :], window.patches
+                )
+                assert has_goal
+                goal_step = spans[2 * i + 1][0]
+                goal = builder.build_step({k: v[goal_step] for k, v in episode.observations.items()})
+                keep = goal.types != TokenType.SEPARATOR
+                np.testing.assert_array_equal(sample["goal_ids"], goal.ids[keep])
+                np.testing.assert_array_equal(sample["goal_local_positions"], goal.local_positions[keep])
+                np.testing.assert_array_equal(sample["goal_patches"], goal.patches)
+                next(pieces)
+                checked += 1
+            for candidate in candidates:
+                reference = next(pieces)
+                for name in fields:
+                    np.testing.assert_array_equal(
+                        getattr(candidate, name), getattr(reference, name), err_msg=name
+                    )
+            pool.append((episode.key, candidates))
+    assert checked == 5 * 3 * len(source.tasks)
+    # the prompts drawn from the pool were exercised too
+    assert any(p is not None for p, _ in plans)

@@ -71,24 +71,32 @@ class TokenSequence:
 
     def window(self, start: int, stop: int) -> TokenSequence:
         """Whole timesteps ``[start, stop)``, renumbered from 0 (for context windows)."""
-        start, stop = operator.index(start), operator.index(stop)
-        if not 0 <= start < stop <= self.num_timesteps:
-            raise ValueError(
-                f"window: expected 0 <= start < stop <= {self.num_timesteps}, got [{start}, {stop})"
-            )
+        return self.windows([(start, stop)])[0]
+
+    def windows(self, spans: list[tuple[int, int]]) -> list[TokenSequence]:
+        """:meth:`window` of each ``(start, stop)`` span (views, not copies), the bounds found once."""
+        steps = self.num_timesteps
         bounds = self.timestep_bounds()
-        lo, hi = int(bounds[start]), int(bounds[stop])
-        image = self.types == TokenType.IMAGE
-        p_lo, p_hi = int(image[:lo].sum()), int(image[:hi].sum())
-        return TokenSequence(
-            ids=self.ids[lo:hi],
-            types=self.types[lo:hi],
-            timesteps=(self.timesteps[lo:hi] - start).astype(np.int32),
-            local_positions=self.local_positions[lo:hi],
-            loss_mask=self.loss_mask[lo:hi],
-            patches=self.patches[p_lo:p_hi],
-            patch_positions=self.patch_positions[p_lo:p_hi],
-        )
+        images = np.concatenate([[0], np.cumsum(self.types == TokenType.IMAGE)])
+        out = []
+        for start, stop in spans:
+            start, stop = operator.index(start), operator.index(stop)
+            if not 0 <= start < stop <= steps:
+                raise ValueError(f"window: expected 0 <= start < stop <= {steps}, got [{start}, {stop})")
+            lo, hi = int(bounds[start]), int(bounds[stop])
+            p_lo, p_hi = int(images[lo]), int(images[hi])
+            out.append(
+                TokenSequence(
+                    ids=self.ids[lo:hi],
+                    types=self.types[lo:hi],
+                    timesteps=(self.timesteps[lo:hi] - start).astype(np.int32),
+                    local_positions=self.local_positions[lo:hi],
+                    loss_mask=self.loss_mask[lo:hi],
+                    patches=self.patches[p_lo:p_hi],
+                    patch_positions=self.patch_positions[p_lo:p_hi],
+                )
+            )
+        return out
 
     @staticmethod
     def concatenate(parts: list[TokenSequence]) -> TokenSequence:
