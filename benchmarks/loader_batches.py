@@ -1,0 +1,96 @@
+"""The training loader's task batches per second, side by side in one run: windows tokenized in
+one pass per decoded episode (the loader) against one tokenizer call per window and per goal (the
+loader before; kept here as the reference), on the same batches.
+
+    .venv/bin/python benchmarks/loader_batches.py --data data/suite60 [--batches 40] [--repeats 2]
+
+The loader runs in the training process (the recipes' ``workers = 0``), so every second it takes
+is a second the model does not train; compare its seconds per batch with a training step's
+(``benchmarks/train_step.py``). Both rows yield identical batches (checked here, and by
+``tests/test_loader.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+
+from gato_like.data_pipelines.loader import WindowSampler, sequence_sample
+from gato_like.tokenizers import TokenSequence, TokenType
+from gato_like.training.data import GatoData
+
+ONE_PASS = WindowSampler.episode_samples
+
+
+def per_window(self: WindowSampler, episode: Any, bounds: Any, rng: Any, pool: Any, count: int,
+               candidates: bool = True) -> tuple[list[dict[str, Any]], list[TokenSequence]]:  # fmt: skip
+    """The same draws, each window, goal and prompt candidate tokenized on its own."""
+    plans, spans, chosen = self.plan(episode, bounds, rng, pool, count, candidates)
+    builder = self.builders[episode.task]
+    pieces = iter(
+        builder.build(
+            {k: v[a:b] for k, v in episode.observations.items()}, episode.actions[a:b], checked=True
+        )
+        for a, b in spans
+    )
+    out = []
+    for prompt, has_goal in plans:
+        window = next(pieces)
+        sequence = TokenSequence.concatenate([prompt, window]) if prompt is not None else window
+        sample = sequence_sample(sequence, len(prompt) if prompt is not None else 0, self.task_ids[episode.task], episode.key)  # fmt: skip
+        if has_goal:
+            goal = next(pieces)
+            keep = goal.types < TokenType.SEPARATOR
+            sample |= {"goal_ids": goal.ids[keep], "goal_types": goal.types[keep],
+                       "goal_local_positions": goal.local_positions[keep], "goal_patches": goal.patches,
+                       "goal_patch_positions": goal.patch_positions}  # fmt: skip
+        out.append(sample)
+    return out, list(pieces)[:chosen]
+
+
+def run(data: GatoData, batches: int) -> tuple[float, list[dict[str, Any]]]:
+    stream = iter(data._loader(0))
+    kept = [next(stream) for _ in range(4)]  # warm-up: shard opening, first shuffle buffers
+    start = time.perf_counter()
+    kept += [next(stream) for _ in range(batches)]
+    return time.perf_counter() - start, kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batch_tokens", type=int, default=4096)
+    parser.add_argument("--history_steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="the fastest of this many runs per row")
+    args = parser.parse_args()
+    data = GatoData(args.data, 1024, 1024, 0, seed=0, history_steps=args.history_steps,
+                    batch_tokens=args.batch_tokens)  # fmt: skip
+    rows = {"one tokenizer call per window (before)": per_window, "one pass per decoded episode": ONE_PASS}
+    seconds: dict[str, float] = {}
+    outputs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
+        for name, method in rows.items():
+            WindowSampler.episode_samples = method  # type: ignore[method-assign]
+            took, outputs[name] = run(data, args.batches)
+            seconds[name] = min(seconds.get(name, float("inf")), took)
+    WindowSampler.episode_samples = ONE_PASS  # type: ignore[method-assign]
+    first, second = outputs.values()
+    same = all(
+        a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a if k != "episode")
+        for a, b in zip(first, second, strict=True)
+    )
+    print(f"{args.batches} task batches of {args.data} (history {args.history_steps}, ~{args.batch_tokens} tokens "
+          f"each), in this process; identical batches: {same}")  # fmt: skip
+    base = next(iter(seconds.values()))
+    print(f"{'loader':40s} {'batches/s':>9s} {'s/batch':>8s} {'speed-up':>8s}")
+    for name, s in seconds.items():
+        print(f"{name:40s} {args.batches / s:9.2f} {s / args.batches:8.3f} {base / s:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
