@@ -139,8 +139,22 @@ def generate(
     holds = dict(task_hold or {})
     unknown = sorted(set(holds) - {t.name for t in selected})
     if unknown:
-        raise ValueError(f"task_hold: {unknown} are not tasks being generated (tasks: {[t.name for t in selected]})")
-    perturbations = {t.name: replace(perturbation, hold=holds.get(t.name, perturbation.hold)) for t in selected}
+        raise ValueError(
+            f"task_hold: {unknown} are not tasks being generated (tasks: {[t.name for t in selected]})"
+        )
+    continuous = {t.name for t in selected if t.spec.action.kind == "continuous"}
+    discrete = sorted(n for n, h in holds.items() if n not in continuous and h != 1)
+    if discrete:
+        raise ValueError(
+            f"task_hold: {discrete} act with discrete actions; a hold applies to continuous actions only"
+        )
+    # the index records what was done: a hold of 1 for tasks whose random actions are never held
+    perturbations = {
+        t.name: replace(
+            perturbation, hold=holds.get(t.name, perturbation.hold) if t.name in continuous else 1
+        )
+        for t in selected
+    }
     if not pixels and "captions" in {t.name for t in selected}:
         raise ValueError("pixels=False: the captions task describes camera frames; leave it out of the tasks")
     root.mkdir(parents=True, exist_ok=True)

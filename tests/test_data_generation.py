@@ -203,12 +203,16 @@ def test_perturbation_settings_are_recorded_and_checked(tmp_path: Path) -> None:
 def test_hold_per_task_is_recorded_and_checked(tmp_path: Path) -> None:
     from gato_like.data_pipelines.control import Perturbation
 
-    tasks = ["dmc-point_mass-easy", "dmc-pendulum-swingup"]
+    tasks = ["dmc-point_mass-easy", "dmc-pendulum-swingup", "babyai-GoToRedBall"]
     index = generate(tmp_path / "a", tasks=tasks, episodes=1, max_steps=60, normalizer_episodes=1, workers=1,
                      progress=False, pixels=False, perturbation=Perturbation(0.0, 0.5, 20),
                      task_hold={"dmc-point_mass-easy": 1})  # fmt: skip
     assert index["tasks"]["dmc-point_mass-easy"]["perturbation"]["hold"] == 1
     assert index["tasks"]["dmc-pendulum-swingup"]["perturbation"]["hold"] == 20
+    assert index["tasks"]["babyai-GoToRedBall"]["perturbation"]["hold"] == 1  # discrete: never held
+    with pytest.raises(ValueError, match=r"task_hold: \['babyai-GoToRedBall'\] act with discrete actions"):
+        generate(tmp_path / "d", tasks=tasks, episodes=1, max_steps=5, normalizer_episodes=1, workers=1,
+                 progress=False, pixels=False, task_hold={"babyai-GoToRedBall": 5})  # fmt: skip
     with pytest.raises(ValueError, match=r"task_hold: \['dmc-reacher-easy'\] are not tasks being generated"):
         generate(tmp_path / "b", tasks=tasks, episodes=1, max_steps=5, normalizer_episodes=1, workers=1,
                  progress=False, pixels=False, task_hold={"dmc-reacher-easy": 1})  # fmt: skip
