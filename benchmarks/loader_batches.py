@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.loader import WindowSampler, sequence_sample
-from gato_like.tokenizers import TokenSequence, TokenType
+from gato_like.data_pipelines.loader import WindowSampler
+from gato_like.tokenizers import TokenSequence
 from gato_like.training.data import GatoData
 
 ONE_PASS = WindowSampler.episode_samples
@@ -29,25 +29,13 @@ def per_window(self: WindowSampler, episode: Any, bounds: Any, rng: Any, pool: A
     """The same draws, each window, goal and prompt candidate tokenized on its own."""
     plans, spans, chosen = self.plan(episode, bounds, rng, pool, count, candidates)
     builder = self.builders[episode.task]
-    pieces = iter(
+    tokenized = [
         builder.build(
             {k: v[a:b] for k, v in episode.observations.items()}, episode.actions[a:b], checked=True
         )
         for a, b in spans
-    )
-    out = []
-    for prompt, has_goal in plans:
-        window = next(pieces)
-        sequence = TokenSequence.concatenate([prompt, window]) if prompt is not None else window
-        sample = sequence_sample(sequence, len(prompt) if prompt is not None else 0, self.task_ids[episode.task], episode.key)  # fmt: skip
-        if has_goal:
-            goal = next(pieces)
-            keep = goal.types < TokenType.SEPARATOR
-            sample |= {"goal_ids": goal.ids[keep], "goal_types": goal.types[keep],
-                       "goal_local_positions": goal.local_positions[keep], "goal_patches": goal.patches,
-                       "goal_patch_positions": goal.patch_positions}  # fmt: skip
-        out.append(sample)
-    return out, list(pieces)[:chosen]
+    ]
+    return self.assemble(episode, plans, tokenized, chosen)
 
 
 def run(data: GatoData, batches: int) -> tuple[float, list[dict[str, Any]]]:

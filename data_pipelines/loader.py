@@ -334,7 +334,19 @@ class WindowSampler:
         observations = {k: v[index] for k, v in episode.observations.items()}
         tokens = self.builders[episode.task].build(observations, episode.actions[index], checked=True)
         offsets = np.cumsum([0] + [b - a for a, b in spans])
-        pieces = iter(tokens.windows([(int(a), int(b)) for a, b in itertools.pairwise(offsets)]))
+        return self.assemble(
+            episode, plans, tokens.windows([(int(a), int(b)) for a, b in itertools.pairwise(offsets)]), chosen
+        )
+
+    def assemble(
+        self,
+        episode: Episode,
+        plans: list[tuple[TokenSequence | None, bool]],
+        tokenized: list[TokenSequence],
+        chosen: int,
+    ) -> tuple[list[dict[str, Any]], list[TokenSequence]]:
+        """Samples (prompt + window, goal) and prompt candidates from :meth:`plan`'s spans tokenized."""
+        pieces = iter(tokenized)
         task = self.task_ids[episode.task]
         out = []
         for prompt, has_goal in plans:
