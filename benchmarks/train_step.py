@@ -1,7 +1,8 @@
 """Where a real training step's time goes: the `cpu` recipe's own ~4096-token task batches of a
 dataset through forward, backward and AdamW, side by side in one run, with the goal head every 4th
 step (as ``GatoLightning`` trains it by default), every 16th, or never, without the dynamics head,
-and with torch's CPU flash-attention kernel (its default) against its plain "math" kernel.
+and with torch's CPU flash-attention kernel (its default) against its plain "math" kernel; on a CPU
+with bf16 units, also in fp32 (no autocast).
 
     .venv/bin/python benchmarks/train_step.py --data data/suite60 [--preset tiny] [--steps 48] [--repeats 2]
 
@@ -48,7 +49,9 @@ def main() -> None:
     print(f"{args.steps} real batches of {args.data}: {tokens / args.steps:.0f} tokens each on average; "
           f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} threads")  # fmt: skip
 
-    def run(kernel: SDPBackend | None, goal_every: int, dynamics: bool = True) -> float:
+    def run(
+        kernel: SDPBackend | None, goal_every: int, dynamics: bool = True, autocast: bool = True
+    ) -> float:
         torch.manual_seed(0)
         model = GatoModel(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -57,7 +60,9 @@ def main() -> None:
             for i, batch in enumerate(batches[:4] + batches):  # 4 warm-up steps
                 if i == 4:
                     start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as Lightning's bf16-mixed
+                with torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=bf16 and autocast
+                ):  # as Lightning's bf16-mixed
                     out = model(batch)
                     loss = out["loss"] if dynamics else out["policy_loss"]
                     if goal_every and i % goal_every == 0 and "goal_ids" in batch:
@@ -74,14 +79,16 @@ def main() -> None:
         "no goal head": (None, 0, True),
         "no goal head, no dynamics head": (None, 0, False),
     }
+    if bf16:  # the probe's choice against fp32 on the same CPU
+        rows["fp32 instead of bf16 autocast (goal head every 4th)"] = (None, 4, True, False)
     seconds: dict[str, float] = {}
     for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
         for name, row in rows.items():
             seconds[name] = min(seconds.get(name, float("inf")), run(*row))
     base = next(iter(seconds.values()))
-    print(f"{'training step':40s} {'steps/s':>8s} {'tokens/s':>9s} {'speed-up':>8s}")
+    print(f"{'training step':52s} {'steps/s':>8s} {'tokens/s':>9s} {'speed-up':>8s}")
     for name, s in seconds.items():
-        print(f"{name:40s} {args.steps / s:8.2f} {tokens / s:9.0f} {base / s:7.2f}x")
+        print(f"{name:52s} {args.steps / s:8.2f} {tokens / s:9.0f} {base / s:7.2f}x")
 
 
 if __name__ == "__main__":

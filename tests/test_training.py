@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gato_like.data_pipelines.generate import generate
 
@@ -34,6 +35,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore")
         return train(root / "data", root / "run", preset="debug", max_steps=300, batch_size=16, context_length=512,
                      lr=1e-3, warmup_steps=30, val_every=1000, workers=1, progress=False)  # fmt: skip
+
+
+def test_precision_probe_times_both_and_leaves_the_rng(trained: Path) -> None:
+    from gato_like.config import Config
+    from gato_like.training.data import GatoData
+    from gato_like.training.train import probe_precision
+
+    config = Config.from_name("debug", context_length=512)
+    data = GatoData(trained.parent.parent / "data", 4, 512, 0)
+    stream = iter(data._loader(0))
+    batches = [next(stream)]
+    before = torch.random.get_rng_state()
+    probe = probe_precision(config, batches, repeats=1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # training's seeded RNG is not consumed
+    assert probe["fp32_s"] > 0 and probe["bf16_s"] > 0
+    assert probe["choice"] == ("bf16-mixed" if probe["bf16_s"] < probe["fp32_s"] else "32-true")
+    with pytest.raises(ValueError, match="at least one batch"):
+        probe_precision(config, [])
 
 
 def test_run_directory_and_logs(trained: Path) -> None:
@@ -105,8 +124,14 @@ def test_training_meta_records_compute_and_tokens(trained: Path) -> None:
     meta = json.loads((trained / "meta.json").read_text())
     assert meta["preset"] == "debug" and meta["settings"]["batch_size"] == 16
     assert meta["tokens"] > 300 * 16 * 100  # 300 steps of 16 sequences, mostly full
-    from gato_like.training.train import default_precision
+    from gato_like.training.train import cpu_has_bf16, default_precision
 
-    # the precision the probe chose for this machine (bf16-mixed only where it has bf16 units)
-    assert meta["tokens_per_second"] > 0 and meta["compute"]["precision"] == default_precision()
+    # bf16-mixed only where the machine has bf16 units; on such a CPU, what the timing probe chose
+    probe = meta["settings"].get("precision_probe")
+    assert (probe is not None) == (cpu_has_bf16() and not torch.cuda.is_available())
+    chosen = probe["choice"] if probe else default_precision()
+    assert meta["tokens_per_second"] > 0 and meta["compute"]["precision"] == chosen
+    if probe:
+        faster = "bf16-mixed" if probe["bf16_s"] < probe["fp32_s"] else "32-true"
+        assert chosen == faster and probe["fp32_s"] > 0 and probe["bf16_s"] > 0
     assert (trained.parent / "losses.png").stat().st_size > 0

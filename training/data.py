@@ -44,7 +44,7 @@ class GatoData(L.LightningDataModule):
     def task_names(self) -> list[str]:
         return self.source.tasks
 
-    def _loader(self, seed: int, skip_batches: int = 0) -> Any:
+    def _loader(self, seed: int, skip_batches: int = 0, workers: int | None = None) -> Any:
         config = LoaderConfig(
             context_length=self.context_length,
             domain_weights=self.domain_weights,
@@ -54,7 +54,12 @@ class GatoData(L.LightningDataModule):
             batch_tokens=self.batch_tokens,
         )
         return make_dataloader(
-            self.data, self.batch_size, config, self.tasks, self.workers, skip_batches=skip_batches
+            self.data,
+            self.batch_size,
+            config,
+            self.tasks,
+            self.workers if workers is None else workers,
+            skip_batches=skip_batches,
         )
 
     def train_dataloader(self) -> Any:

@@ -149,10 +149,45 @@ def _strategy(name: str) -> Any:
 def default_precision() -> str:
     """bf16 mixed precision where the hardware has bf16 units, fp32 otherwise: a GPU that
     supports bf16, or a CPU whose flags list ``avx512_bf16`` or ``amx_bf16`` (bf16 matmul was 2.5x
-    fp32 on such an EPYC; on a CPU without them bf16 ran at 1.2 GFLOP/s, ~100x slower than fp32)."""
+    fp32 on such an EPYC; on a CPU without them bf16 ran at 1.2 GFLOP/s, ~100x slower than fp32).
+    :func:`train` goes further on such a CPU: :func:`probe_precision` times the model itself."""
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
+def probe_precision(config: Config, batches: list[dict[str, Any]], repeats: int = 3) -> dict[str, Any]:
+    """Time this model's forward and backward on these real batches in fp32 and in bf16 autocast on
+    the CPU, and choose the faster (a few seconds). On a CPU with bf16 units the flags alone do not
+    decide: measured on one (``benchmarks/train_step.py``), bf16 autocast made `tiny` steps 1.23x
+    faster and `debug` steps 1.23x slower (casts cost more than a 64-wide matmul saves).
+
+    Returns ``{"choice": "bf16-mixed" | "32-true", "fp32_s": ..., "bf16_s": ...}`` (seconds per
+    step, the fastest of ``repeats`` rounds after a warm-up). The global RNG is left as it was.
+    """
+    from gato_like.model import GatoModel
+
+    if not batches:
+        raise ValueError("probe_precision: expected at least one batch")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GatoModel(config)
+        seconds = {False: float("inf"), True: float("inf")}
+        for round_ in range(repeats + 1):
+            for bf16 in (False, True):  # alternating, so drift hits both alike
+                start = time.perf_counter()
+                for batch in batches:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        loss = model(batch)["loss"]
+                    loss.backward()
+                model.zero_grad(set_to_none=True)
+                if round_:  # the first round warms up
+                    seconds[bf16] = min(seconds[bf16], (time.perf_counter() - start) / len(batches))
+    return {
+        "choice": "bf16-mixed" if seconds[True] < seconds[False] else "32-true",
+        "fp32_s": round(seconds[False], 5),
+        "bf16_s": round(seconds[True], 5),
+    }
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
@@ -240,6 +275,20 @@ def train(
     scored = (
         rollout_tasks_of(task_entries, rollout_tasks) if rollout_episodes else []
     )  # fails before any work
+    probe = None
+    if (
+        precision is None
+        and accelerator in ("auto", "cpu")
+        and not torch.cuda.is_available()
+        and cpu_has_bf16()
+    ):
+        # bf16 units on the CPU: measure which precision this model trains faster in, on its own batches
+        stream = iter(datamodule._loader(seed + 7, workers=0))
+        probe = probe_precision(config, [next(stream) for _ in range(2)])
+        precision = probe["choice"]
+        if progress:
+            print(f"[precision] this CPU has bf16 units; one step of this model: fp32 {1e3 * probe['fp32_s']:.0f} ms, "
+                  f"bf16 autocast {1e3 * probe['bf16_s']:.0f} ms -> {precision}")  # fmt: skip
     module = GatoLightning(
         config,
         OptimConfig(
@@ -270,6 +319,8 @@ def train(
         "torch_threads": torch.get_num_threads(),
         "rollout_episodes": rollout_episodes,
     }
+    if probe is not None:
+        settings["precision_probe"] = probe
     export.settings = settings
     if command:
         settings["command"] = command
