@@ -310,7 +310,7 @@ def finetune(
     )
 
 
-def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, episodes: int = 10, max_steps: int | None = None, seed: int = 0, prompt: Path | None = None) -> None:  # fmt: skip
+def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, episodes: int = 10, max_steps: int | None = None, seed: int = 0, prompt: Path | None = None, gym: str | None = None) -> None:  # fmt: skip
     """Roll a checkpoint's policy out in the real simulators: expert-normalized scores, success rates, plot, GIFs.
 
     Args:
@@ -321,6 +321,8 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
         max_steps: episode length cap (default: the training data's).
         seed: seed of the evaluation episodes (disjoint from the training seeds).
         prompt: a demos folder: prompt every episode with the end of one of its demos of the task.
+        gym: a gymnasium environment id (e.g. InvertedPendulum-v5): roll the checkpoint's task with
+            that environment's spaces out in it; mean return beside a uniform-random policy's.
     """
 
     from gato_like.training.evaluate import evaluate as run
@@ -336,6 +338,7 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
         seed,
         command=shlex.join(["gato-like", *sys.argv[1:]]),
         prompt=prompt,
+        gym=gym,
     )
     print_evaluation(summary, destination)
 

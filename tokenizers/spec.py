@@ -549,6 +549,48 @@ class EmbodimentSpec:
         # equal specs have equal names; hashing the name keeps hash consistent with __eq__
         return hash(self.name)
 
+    @classmethod
+    def from_gymnasium(
+        cls, env: Any, name: str | None = None, control_hz: float | None = None
+    ) -> EmbodimentSpec:
+        """The spec of a gymnasium environment (or its ``(observation_space, action_space)``):
+        ``Box``/``Discrete``/``MultiDiscrete``/``MultiBinary``/``Text`` spaces, in ``Dict`` and
+        ``Tuple`` nests (keys ``a/b``, ``0``), one ``Box``/``Discrete``/``MultiDiscrete``/
+        ``MultiBinary`` action. A space that cannot be expressed (``Graph``, ``Sequence``, an
+        action ``Box`` with infinite bounds, ...) raises :class:`SpecError` naming it.
+        See :mod:`gato_like.tokenizers.gym_spaces`."""
+        from gato_like.tokenizers.gym_spaces import SpaceMapping
+
+        return SpaceMapping.of(env, name=name, control_hz=control_hz).spec
+
+    def differences(
+        self, other: EmbodimentSpec, ours: str = "this spec", theirs: str = "the other"
+    ) -> list[str]:
+        """What differs between two specs, one line per field (empty when they are equal)."""
+        if self == other:
+            return []
+        mine, yours = set(self.observations), set(other.observations)
+        detail = []
+        if mine != yours:
+            detail.append(
+                f"observation keys: {ours}: {sorted(mine)}, {theirs}: {sorted(yours)}"
+                + (f" (missing from {theirs}: {sorted(mine - yours)})" if mine - yours else "")
+                + (f" (not in {ours}: {sorted(yours - mine)})" if yours - mine else "")
+            )
+        for key in sorted(mine & yours):
+            if self.observations[key] != other.observations[key]:
+                detail.append(
+                    f"obs.{key}: {ours} says {self.observations[key].to_dict()}, {theirs} "
+                    f"{other.observations[key].to_dict()}"
+                )
+        if self.action != other.action:
+            detail.append(f"action: {ours} says {self.action.to_dict()}, {theirs} {other.action.to_dict()}")
+        if self.name != other.name:
+            detail.append(f"name: {ours} says {self.name!r}, {theirs} {other.name!r}")
+        if self.control_hz != other.control_hz:
+            detail.append(f"control_hz: {ours} says {self.control_hz:g}, {theirs} {other.control_hz:g}")
+        return detail or ["description or metadata"]
+
     def keys_by_kind(self, kind: str) -> list[str]:
         """Observation keys of one kind, sorted."""
         return sorted(k for k, v in self.observations.items() if v.kind == kind)

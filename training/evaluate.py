@@ -19,6 +19,7 @@ import numpy as np
 
 from gato_like.checkpoint import Checkpoint
 from gato_like.data_pipelines.babyai import BabyAITask
+from gato_like.data_pipelines.gym_env import GymTask
 from gato_like.data_pipelines.inspect import save_gif
 from gato_like.data_pipelines.shards import atomic_write_bytes
 from gato_like.data_pipelines.tasks import get_task
@@ -36,6 +37,7 @@ def evaluate(
     prompt: str | Path | None = None,
     write_card_file: bool = True,
     media: bool = True,
+    gym: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate every task (default: every task the checkpoint was trained on that has a reward),
     and write ``eval.json``, ``scores.png``, a GIF per task and ``model_card.md``.
@@ -49,17 +51,27 @@ def evaluate(
     described with fewer sensors (e.g. proprioception only) is evaluated in the same simulator.
     A task whose normalizers lack the random policy's return (demos brought with `data convert`)
     gets it measured here, over ``episodes`` uniform-random episodes.
+
+    ``gym``: a gymnasium environment id instead of the built-in simulators. Its spaces give an
+    embodiment spec (:meth:`EmbodimentSpec.from_gymnasium`); the checkpoint's task with that spec
+    is rolled out in it (``tasks`` names it when several match). It has no expert, so the result
+    is the mean return beside a uniform-random policy's, not an expert-normalized score.
     """
+    if episodes < 1:
+        raise ValueError(f"episodes: expected >= 1, got {episodes}")
     policy = Policy.from_checkpoint(checkpoint)
     known = policy.checkpoint.tasks
     names = tasks or [t for t in sorted(known) if t != "captions"]
-    if episodes < 1:
-        raise ValueError(f"episodes: expected >= 1, got {episodes}")
+    simulators: dict[str, Any] = {}
+    if gym is not None:
+        gym_task = GymTask(gym)
+        names = [gym_checkpoint_task(policy.checkpoint, gym_task, tasks)]
+        simulators[names[0]] = gym_task
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     for name in names:
-        task = get_task(name)
+        task = simulators.get(name) or get_task(name)
         steps = max_steps or known.get(name, {}).get("max_steps") or task.max_steps
         returns, successes = [], []
         spec = policy.checkpoint.spec_for(name)
@@ -72,6 +84,7 @@ def evaluate(
             episode = play_episode(
                 policy, name, eval_seed(name, seed, i), steps,
                 prompt=prompts[i % len(prompts)] if prompts else None, record=media and i == 0,
+                task=task,
             )  # fmt: skip
             returns.append(episode.episode_return)
             successes.append(episode.success)
@@ -82,7 +95,10 @@ def evaluate(
         expert, random = normalizers.get("expert"), normalizers.get("random")
         random_measured = expert_measured = False
         trained_steps = known.get(name, {}).get("max_steps")
-        if trained_steps is not None and steps != trained_steps:
+        if gym is not None:  # no expert: the random policy's return is the only reference
+            expert, random = None, random_returns(task, episodes, steps, seed)
+            random_measured = True
+        elif trained_steps is not None and steps != trained_steps:
             # the normalizers were measured at the data's episode length: measure them at this one
             expert, random = (
                 expert_returns(task, episodes, steps, seed),
@@ -118,6 +134,7 @@ def evaluate(
             + (["--tasks", ",".join(tasks)] if tasks else [])
             + (["--max_steps", str(max_steps)] if max_steps else [])
             + (["--seed", str(seed)] if seed else [])
+            + (["--gym", gym] if gym else [])
         )
     summary = {
         "checkpoint": str(checkpoint),
@@ -157,12 +174,14 @@ def play_episode(
     steps: int,
     prompt: tuple[dict[str, Any], Any] | None = None,
     record: bool = False,
+    task: Any = None,
 ) -> Any:
     """One closed-loop episode of ``policy`` in task ``name``'s simulator (reset with ``prompt``);
     ``record`` keeps frames for a video (camera frames, or BabyAI's top-down grid view).
 
-    The observations the simulator gives are cut to the keys of the checkpoint's spec."""
-    task = get_task(name)
+    The observations the simulator gives are cut to the keys of the checkpoint's spec. ``task``:
+    the simulator (default: the built-in task ``name``; a :class:`GymTask` for a user's env)."""
+    task = task or get_task(name)
     spec = policy.checkpoint.spec_for(name)
     keys = frozenset(spec.observations)
 
@@ -173,6 +192,49 @@ def play_episode(
     if isinstance(task, BabyAITask):
         return task.rollout(seed, act, max_steps=steps, record_frames=record)
     return task.rollout(seed, act, render="pixels" in spec.observations or record, max_steps=steps)
+
+
+def gym_checkpoint_task(checkpoint: Any, gym_task: GymTask, tasks: list[str] | None = None) -> str:
+    """The checkpoint's task to roll out in a gymnasium environment: the one named in ``tasks``,
+    else the one whose spec has the environment's observations and action. Raises ``ValueError``
+    saying what differs when none fits."""
+    derived = gym_task.spec
+    if tasks is not None and len(tasks) != 1:
+        raise ValueError(f"--gym: expected one checkpoint task to roll out, got {tasks}")
+
+    def differences(name: str) -> list[str]:
+        spec = checkpoint.spec_for(name)
+        # the body matters, not what it is called
+        return [
+            d
+            for d in spec.differences(derived, "the checkpoint", gym_task.name)
+            if not d.startswith(("name:", "control_hz:", "description"))
+        ]
+
+    candidates = tasks or sorted(checkpoint.tasks)
+    if tasks:
+        if tasks[0] not in checkpoint.tasks:
+            raise ValueError(
+                f"--tasks {tasks[0]}: not a task of the checkpoint (tasks: {sorted(checkpoint.tasks)})"
+            )
+        problems = differences(tasks[0])
+        if problems:
+            raise ValueError(
+                f"checkpoint task {tasks[0]!r} does not fit {gym_task.name}: " + "; ".join(problems)
+            )
+        return tasks[0]
+    fitting = [name for name in candidates if not differences(name)]
+    if len(fitting) == 1:
+        return fitting[0]
+    if fitting:
+        raise ValueError(
+            f"{gym_task.name}: several checkpoint tasks fit ({fitting}); choose one with --tasks"
+        )
+    raise ValueError(
+        f"{gym_task.name}: no task of the checkpoint has its observations and action "
+        f"({derived.to_dict()['observations']} -> {derived.action.to_dict()}); fine-tune on demos of it first "
+        f"(checkpoint tasks: {sorted(checkpoint.tasks)})"
+    )
 
 
 def expert_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:

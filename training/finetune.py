@@ -164,27 +164,8 @@ def load_demos(
     problems: list[str] = []
     if spec_file is not None:
         given = EmbodimentSpec.from_file(spec_file)
-        if given != spec:
-            ours, theirs = set(given.observations), set(spec.observations)
-            detail = []
-            if ours != theirs:
-                detail.append(
-                    f"observation keys: the spec has {sorted(ours)}, the demos have {sorted(theirs)}"
-                    + (f" (missing from the demos: {sorted(ours - theirs)})" if ours - theirs else "")
-                    + (f" (not in the spec: {sorted(theirs - ours)})" if theirs - ours else "")
-                )
-            for key in sorted(ours & theirs):
-                if given.observations[key] != spec.observations[key]:
-                    detail.append(
-                        f"obs.{key}: the spec says {given.observations[key].to_dict()}, the demos "
-                        f"{spec.observations[key].to_dict()}"
-                    )
-            if given.action != spec.action:
-                detail.append(
-                    f"action: the spec says {given.action.to_dict()}, the demos {spec.action.to_dict()}"
-                )
-            if given.name != spec.name:
-                detail.append(f"name: the spec says {given.name!r}, the demos {spec.name!r}")
+        detail = given.differences(spec, "the spec", "the demos")
+        if detail:
             problems.append(f"--spec {spec_file} does not match the demos in {root}: " + "; ".join(detail))
             spec = given  # check every episode against the spec the user means, to list all problems
     known = (base_specs or {}).get(spec.name)

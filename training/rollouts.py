@@ -128,7 +128,9 @@ class RolloutScores(L.Callback):
                 for name in self.names:
                     steps = int(self.tasks[name]["max_steps"])
                     returns = [
-                        play_episode(policy, name, eval_seed(name, 50 + self.seed, first + i), steps).episode_return
+                        play_episode(
+                            policy, name, eval_seed(name, 50 + self.seed, first + i), steps
+                        ).episode_return
                         for i in range(self.episodes)
                     ]
                     normalizers = self.tasks[name]["returns"]
