@@ -307,7 +307,16 @@ def finetune(
         f"at step {summary['best_step']} of {summary['steps_run']}"
         f"{' (stopped early)' if summary['early_stopped'] else ''}\ncheckpoint: {checkpoint}\n"
         f"evaluate: gato-like eval --ckpt {checkpoint} --tasks {summary['task']} --prompt {data}"
+        + _gym_hint(summary["task"])
     )
+
+
+def _gym_hint(task: str) -> str:
+    """Demos recorded in a gymnasium environment (task ``gym-<id>``, no built-in simulator) are
+    evaluated in that environment."""
+    from gato_like.data_pipelines.tasks import TASKS
+
+    return f" --gym {task[4:]}" if task.startswith("gym-") and task not in TASKS else ""
 
 
 def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, episodes: int = 10, max_steps: int | None = None, seed: int = 0, prompt: Path | None = None, gym: str | None = None) -> None:  # fmt: skip
@@ -427,12 +436,14 @@ def print_evaluation(summary: dict[str, Any], destination: Path) -> None:
         title=f"evaluation of {summary['checkpoint']} ({first['episodes']} episodes per task)",
         title_justify="left",
     )
-    for column in ("task", "mean return", "expert-normalized score", "success"):
+    for column in ("task", "mean return", "random policy's", "expert-normalized score", "success"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for name, result in summary["tasks"].items():
+        random = (result.get("normalizers") or {}).get("random") or {}
         table.add_row(
             name,
             _cell(result["mean_return"]),
+            _cell(random.get("mean")),  # the reference where there is no expert (eval --gym)
             _cell(result["expert_normalized_score"]),
             _cell(result["success_rate"]),
         )
