@@ -279,6 +279,8 @@ def train(
     if (
         precision is None
         and accelerator in ("auto", "cpu")
+        and strategy == "auto"
+        and devices in ("auto", 1, "1")  # one process: ranks timing apart could choose apart
         and not torch.cuda.is_available()
         and cpu_has_bf16()
     ):
