@@ -68,6 +68,9 @@ def test_nested_spaces_flatten_to_keys_and_convert_both_ways() -> None:
     assert spec.observations["joint/vel"].low is None  # infinite bounds: none recorded
     assert spec.observations["mode"].num_values == 3 and spec.observations["pair/1"].num_values == 7
     assert spec.observations["pair/0"].shape == (1,)  # a 0-d Box becomes one value
+    renamed = SpaceMapping.of((observation_space, action_space), name="other-rig", control_hz=20).spec
+    assert spec.differences(renamed, body_only=True) == []  # the same body under another name and rate
+    assert [d.split(":")[0] for d in spec.differences(renamed)] == ["name", "control_hz"]
 
     observation_space.seed(3)
     sample = observation_space.sample()

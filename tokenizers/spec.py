@@ -564,9 +564,15 @@ class EmbodimentSpec:
         return SpaceMapping.of(env, name=name, control_hz=control_hz).spec
 
     def differences(
-        self, other: EmbodimentSpec, ours: str = "this spec", theirs: str = "the other"
+        self,
+        other: EmbodimentSpec,
+        ours: str = "this spec",
+        theirs: str = "the other",
+        body_only: bool = False,
     ) -> list[str]:
-        """What differs between two specs, one line per field (empty when they are equal)."""
+        """What differs between two specs, one line per field (empty when they are equal).
+        ``body_only``: compare the observations and the action only (what a policy reads and
+        emits), not the name, control rate, description or metadata."""
         if self == other:
             return []
         mine, yours = set(self.observations), set(other.observations)
@@ -585,6 +591,8 @@ class EmbodimentSpec:
                 )
         if self.action != other.action:
             detail.append(f"action: {ours} says {self.action.to_dict()}, {theirs} {other.action.to_dict()}")
+        if body_only:
+            return detail
         if self.name != other.name:
             detail.append(f"name: {ours} says {self.name!r}, {theirs} {other.name!r}")
         if self.control_hz != other.control_hz:

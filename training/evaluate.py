@@ -202,16 +202,9 @@ def gym_checkpoint_task(checkpoint: Any, gym_task: GymTask, tasks: list[str] | N
     if tasks is not None and len(tasks) != 1:
         raise ValueError(f"--gym: expected one checkpoint task to roll out, got {tasks}")
 
-    def differences(name: str) -> list[str]:
-        spec = checkpoint.spec_for(name)
-        # the body matters, not what it is called
-        return [
-            d
-            for d in spec.differences(derived, "the checkpoint", gym_task.name)
-            if not d.startswith(("name:", "control_hz:", "description"))
-        ]
+    def differences(name: str) -> list[str]:  # the body matters, not what it is called
+        return checkpoint.spec_for(name).differences(derived, "the checkpoint", gym_task.name, body_only=True)
 
-    candidates = tasks or sorted(checkpoint.tasks)
     if tasks:
         if tasks[0] not in checkpoint.tasks:
             raise ValueError(
@@ -223,7 +216,7 @@ def gym_checkpoint_task(checkpoint: Any, gym_task: GymTask, tasks: list[str] | N
                 f"checkpoint task {tasks[0]!r} does not fit {gym_task.name}: " + "; ".join(problems)
             )
         return tasks[0]
-    fitting = [name for name in candidates if not differences(name)]
+    fitting = [name for name in sorted(checkpoint.tasks) if not differences(name)]
     if len(fitting) == 1:
         return fitting[0]
     if fitting:
