@@ -584,12 +584,14 @@ class EmbodimentSpec:
                 + (f" (not in {ours}: {sorted(yours - mine)})" if yours - mine else "")
             )
         for key in sorted(mine & yours):
-            if self.observations[key] != other.observations[key]:
+            if (
+                self.observations[key].to_dict() != other.observations[key].to_dict()
+            ):  # eq=False: by value here
                 detail.append(
                     f"obs.{key}: {ours} says {self.observations[key].to_dict()}, {theirs} "
                     f"{other.observations[key].to_dict()}"
                 )
-        if self.action != other.action:
+        if self.action.to_dict() != other.action.to_dict():
             detail.append(f"action: {ours} says {self.action.to_dict()}, {theirs} {other.action.to_dict()}")
         if body_only:
             return detail
