@@ -49,7 +49,9 @@ class Features:
         return np.concatenate(parts)
 
 
-def fit(task: str, root: str, seconds: float, seed: int) -> tuple[nn.Module, Features, Any, int]:
+def fit(
+    task: str, root: str, seconds: float, seed: int, max_episodes: int | None = None
+) -> tuple[nn.Module, Features, Any, int]:
     from gato_like.data_pipelines.loader import DatasetSource
     from gato_like.data_pipelines.shards import iter_task
 
@@ -57,7 +59,12 @@ def fit(task: str, root: str, seconds: float, seed: int) -> tuple[nn.Module, Fea
     spec = DatasetSource.open(root, [task]).specs[task]
     features = Features(spec)
     xs, ys = [], []
-    for episode in iter_task(root, task):
+    episodes = list(iter_task(root, task))
+    if max_episodes is not None:  # a few demos, chosen by the seed (as benchmarks/fewshot.py does)
+        import random
+
+        episodes = [episodes[i] for i in random.Random(seed).sample(range(len(episodes)), max_episodes)]
+    for episode in episodes:
         for t in range(episode.length):
             xs.append(features({k: v[t] for k, v in episode.observations.items()}))
             ys.append(np.asarray(episode.actions[t]).reshape(-1))
@@ -112,6 +119,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max_episodes", type=int, default=None, help="train on this many episodes, drawn by --seed"
+    )
     args = parser.parse_args()
     from gato_like.data_pipelines.shards import read_index
     from gato_like.data_pipelines.tasks import get_task
@@ -122,7 +132,7 @@ def main() -> None:
     names = rollout_tasks(index, args.tasks.split(",") if args.tasks else None)
     results: dict[str, Any] = {}
     for name in names:
-        _, _, actor, steps = fit(name, args.data, args.seconds, args.seed)
+        _, _, actor, steps = fit(name, args.data, args.seconds, args.seed, args.max_episodes)
         task = get_task(name)
         returns = [
             task.rollout(
