@@ -236,9 +236,16 @@ class WindowSampler:
         return self._text_lengths[text]
 
     def _tokens(self, episode: Episode, start: int, stop: int) -> TokenSequence:
+        return self._build(episode, np.arange(start, stop))
+
+    def _build(self, episode: Episode, index: np.ndarray) -> TokenSequence:
+        """Tokens of the episode's timesteps ``index`` (checked when the episode was decoded), with
+        the dynamics head's change targets (each proprio value minus the timestep before's)."""
         builder = self.builders[episode.task]
-        observations = {k: v[start:stop] for k, v in episode.observations.items()}
-        return builder.build(observations, episode.actions[start:stop], checked=True)  # checked when decoded
+        observations = {k: v[index] for k, v in episode.observations.items()}
+        before = np.maximum(index - 1, 0)
+        previous = {k: episode.observations[k][before] for k in builder.tensor_keys}
+        return builder.build(observations, episode.actions[index], checked=True, previous=previous)
 
     def windows_per_episode(self, bounds: np.ndarray) -> int:
         """How many windows to cut from one decoded episode: about its tokens over the context."""
@@ -330,9 +337,7 @@ class WindowSampler:
         if not spans:
             return [], []
         # the spans' timesteps side by side: one tokenization, then each span cut out again
-        index = np.concatenate([np.arange(a, b) for a, b in spans])
-        observations = {k: v[index] for k, v in episode.observations.items()}
-        tokens = self.builders[episode.task].build(observations, episode.actions[index], checked=True)
+        tokens = self._build(episode, np.concatenate([np.arange(a, b) for a, b in spans]))
         offsets = np.cumsum([0] + [b - a for a, b in spans])
         return self.assemble(
             episode, plans, tokens.windows([(int(a), int(b)) for a, b in itertools.pairwise(offsets)]), chosen
@@ -391,6 +396,7 @@ def sequence_sample(sequence: TokenSequence, prompt_length: int, task_id: int, k
     prompt_mask[:prompt_length] = True
     return {
         "ids": sequence.ids,
+        "dynamics_ids": sequence.ids if sequence.dynamics_ids is None else sequence.dynamics_ids,
         "types": sequence.types,
         "local_positions": sequence.local_positions,
         "timesteps": sequence.timesteps,
@@ -562,7 +568,8 @@ def _mix(
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Pad a list of sequences into a batch of torch tensors. B = batch, L = longest, P = most patches.
 
-    Returns ``ids``/``types``/``local_positions``/``timesteps`` (B, L) int64, ``attention_mask``,
+    Returns ``ids``/``dynamics_ids``/``types``/``local_positions``/``timesteps`` (B, L) int64,
+    ``attention_mask``,
     ``episode`` (B sample keys),
     ``loss_mask``, ``prompt_mask`` (B, L) bool, ``patches`` (B, P, 3, 16, 16) float32,
     ``patch_positions`` (B, P, 4), ``patch_mask`` (B, P) bool, ``task`` (B,); and the ``goal_*``
@@ -583,6 +590,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
     batch: dict[str, Any] = {
         "ids": pad("ids", pad_id, np.int64),
+        "dynamics_ids": pad("dynamics_ids", pad_id, np.int64),
         "types": pad("types", int(TokenType.PAD), np.int64),
         "local_positions": pad("local_positions", 0, np.int64),
         "timesteps": pad("timesteps", 0, np.int64),

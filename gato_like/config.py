@@ -63,6 +63,14 @@ class Config:
     """Loss weight of the policy head (action and text tokens)."""
     dynamics_weight: float = 0.5
     """Loss weight of the dynamics head (next timestep's proprio/discrete observation tokens)."""
+    dynamics_target: Literal["absolute", "delta"] = "delta"
+    """What the dynamics head predicts for a proprio value: its change since the previous
+    timestep, tokenized like any proprio value (``delta``, the default; the prediction is the
+    last value plus the decoded change), or the next value's own bin (``absolute``, what a plain
+    next-token objective gives, and what checkpoints without this field were trained with).
+    Mu-law bins are fine near zero and coarse far from it (0.0002 wide at 0, 0.1 at 5), so an
+    absolute bin of a velocity near 5 is coarser than a control step's change; see
+    docs/heads.md. Discrete observations are predicted as they are either way."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
     value_embedding: Literal["off", "add", "replace"] = "add"
@@ -108,6 +116,8 @@ class Config:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.backbone not in ("decoder", "perceiver"):
             problems.append(f"backbone: expected 'decoder' or 'perceiver', got {self.backbone!r}")
+        if self.dynamics_target not in ("absolute", "delta"):
+            problems.append(f"dynamics_target: expected 'absolute' or 'delta', got {self.dynamics_target!r}")
         if self.image_encoder not in ("resnet", "timm"):
             problems.append(f"image_encoder: expected 'resnet' or 'timm', got {self.image_encoder!r}")
         if not (self.target_sigma_bins >= 0.0):
@@ -173,6 +183,7 @@ class Config:
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
         data = json.loads(Path(path).read_text())
+        data.setdefault("dynamics_target", "absolute")  # written before the field existed
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -351,6 +351,8 @@ class GatoModel(nn.Module):
         the target positions); with ``logits=True`` also ``policy_logits``/``dynamics_logits``
         (B, L, V). With ``goal=True`` the batch's goal observation is prepended (L' = goal tokens
         + L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
+        The dynamics head's targets are ``dynamics_ids`` (B, L) when ``config.dynamics_target`` is
+        ``delta`` (a batch without them is scored on its discrete observations only), else ``ids``.
         """
         x = self.embed(batch["ids"], batch["types"], batch["local_positions"], batch.get("patches"),
                        batch.get("patch_positions"), batch.get("patch_mask"))  # fmt: skip
@@ -391,7 +393,13 @@ class GatoModel(nn.Module):
             & ~batch.get("prompt_mask", torch.zeros_like(batch["attention_mask"]))
         )
         out["policy_loss"] = self._next_token_loss(h, "policy", batch["ids"], batch["loss_mask"], predicts)
-        out["dynamics_loss"] = self._next_token_loss(h, "dynamics", batch["ids"], dynamics_mask, predicts)
+        dynamics_ids = batch["ids"]
+        if self.config.dynamics_target == "delta":
+            if "dynamics_ids" in batch:
+                dynamics_ids = batch["dynamics_ids"]
+            else:  # a hand-made batch (e.g. for logits only): no change targets, discrete ones only
+                dynamics_mask = dynamics_mask & (batch["types"] != int(TokenType.CONTINUOUS))
+        out["dynamics_loss"] = self._next_token_loss(h, "dynamics", dynamics_ids, dynamics_mask, predicts)
         out["loss"] = (
             self.config.policy_weight * out["policy_loss"]
             + self.config.dynamics_weight * out["dynamics_loss"]

@@ -158,7 +158,9 @@ class Policy:
         """Open-loop dynamics: predicted observations after each of ``actions`` (k, *action.shape),
         starting from the current history and ``observation``; the policy's own state is untouched.
 
-        ``decode``: a continuous value is the median bin of the head's distribution over the 1024
+        With ``Config.dynamics_target="delta"`` the head predicts each proprio value's change: the
+        prediction is the previous value plus the decoded change (kept in float; its bin is fed
+        back). ``decode``: a continuous value is the median bin of the head's distribution over the 1024
         bins (``median``, the default: robust to the long tails of an uncertain head, where the
         most likely bin can sit far out), its mean in mu-law space (``mean``) or its most likely
         bin (``argmax``); that bin is fed back. Discrete values are always the most likely one.
@@ -196,6 +198,13 @@ class Policy:
             int(TokenType.CONTINUOUS): (layout.continuous_offset, layout.discrete_offset),
             int(TokenType.DISCRETE): (layout.discrete_offset, layout.separator_id),
         }
+        delta = self.model.config.dynamics_target == "delta"
+        continuous_at = np.flatnonzero(template.types == TokenType.CONTINUOUS)
+        # the proprio values in token order; with delta targets the head's changes add up on them
+        values = np.concatenate(
+            [np.asarray(observation[k], np.float64).reshape(-1) for k in builder.tensor_keys
+             if spec.observations[k].kind == "proprio"] or [np.zeros(0)]
+        )  # fmt: skip
         try:
             self._feed([self._embed(template)])
             predictions = []
@@ -216,13 +225,17 @@ class Policy:
                             self._predicted_bin(logits[0, low:high], int(template.types[position]), decode)
                             + low
                         )
+                        if delta and template.types[position] == TokenType.CONTINUOUS:
+                            j = int(np.searchsorted(continuous_at, position))
+                            values[j] += float(builder.continuous.decode(ids[position : position + 1])[0])
+                            ids[position] = int(builder.continuous.encode(values[j : j + 1])[0])
                     else:  # a run of carried-over text or image tokens
                         while end < last and not generated[end]:
                             end += 1
                     logits = self._feed([self._embed(_part(template, ids, position, end))], head="dynamics")
                     position = end
                 self._feed([self._embed(_part(template, ids, last, last + 1))])
-                predictions.append(self._decode_observation(ids, template))
+                predictions.append(self._decode_observation(ids, template, values if delta else None))
             return predictions
         finally:
             self.cache, self.envs[0].length = saved
@@ -290,19 +303,28 @@ class Policy:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _decode_observation(self, ids: np.ndarray, template: TokenSequence) -> dict[str, np.ndarray]:
-        """Predicted proprio/discrete keys from the ids of one generated observation."""
+    def _decode_observation(
+        self, ids: np.ndarray, template: TokenSequence, proprio: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Predicted proprio/discrete keys from the ids of one generated observation; ``proprio``
+        (the proprio values in token order, float) replaces the proprio tokens' bin centres."""
         assert self.builder is not None and self.spec is not None
         builder, out = self.builder, {}
         tensors = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)
         values = ids[tensors]
-        at = 0
+        at, at_proprio = 0, 0
         for key in builder.tensor_keys:
             obs = self.spec.observations[key]
             n = int(np.prod(obs.shape))
             chunk = values[at : at + n]
             if obs.kind == "proprio":
-                out[key] = builder.continuous.decode(chunk).astype(np.float32).reshape(obs.shape)
+                decoded = (
+                    builder.continuous.decode(chunk)
+                    if proprio is None
+                    else proprio[at_proprio : at_proprio + n]
+                )
+                out[key] = np.asarray(decoded, np.float32).reshape(obs.shape)
+                at_proprio += n
             else:
                 out[key] = builder.discrete.decode(chunk).reshape(obs.shape)
             at += n

@@ -45,9 +45,13 @@ def _episode_tokens(task: str, steps: int, seed: int = 0) -> tuple[SequenceBuild
     t = get_task(task)
     episode = t.rollout(seed, "expert", max_steps=steps)
     builder = SequenceBuilder(t.spec)
-    seq = builder.build(episode.observations, episode.actions)
+    before = np.maximum(np.arange(episode.length) - 1, 0)
+    previous = {k: episode.observations[k][before] for k in builder.tensor_keys}
+    seq = builder.build(episode.observations, episode.actions, previous=previous)
+    assert seq.dynamics_ids is not None
     batch = {
         "ids": torch.from_numpy(seq.ids)[None],
+        "dynamics_ids": torch.from_numpy(seq.dynamics_ids)[None],
         "types": torch.from_numpy(seq.types).long()[None],
         "local_positions": torch.from_numpy(seq.local_positions).long()[None],
         "timesteps": torch.from_numpy(seq.timesteps).long()[None],

@@ -170,6 +170,29 @@ def test_dynamics_rollout_predicts_observations_and_leaves_the_policy_untouched(
     ]
 
 
+def test_delta_dynamics_add_the_decoded_changes_to_the_observation(checkpoint, monkeypatch) -> None:
+    """With change targets (the default), each predicted proprio value is the previous one plus the
+    decoded change, kept in float; with absolute targets it is the predicted bin's centre."""
+    episode = get_task("dmc-reacher-easy").rollout(2, "expert", max_steps=3)
+    observation = {k: v[0] for k, v in episode.observations.items()}
+    monkeypatch.setattr(Policy, "_predicted_bin", staticmethod(lambda logits, kind, decode: 600))
+    policy = Policy.from_checkpoint(checkpoint)
+    assert policy.model.config.dynamics_target == "delta"
+    policy.reset("dmc-reacher-easy")
+    change = float(
+        policy.builder.continuous.decode(np.array([policy.builder.layout.continuous_offset + 600]))[0]
+    )
+    predicted = policy.rollout(observation, episode.actions[:3])
+    for k, step in enumerate(predicted, start=1):
+        for key in ("position", "to_target", "velocity"):
+            np.testing.assert_allclose(
+                step[key], observation[key].astype(np.float64) + k * change, rtol=0, atol=1e-6
+            )
+    policy.model.config.dynamics_target = "absolute"
+    for step in policy.rollout(observation, episode.actions[:3]):
+        np.testing.assert_allclose(step["velocity"], [change, change], rtol=1e-6)
+
+
 def test_rollout_first_token_matches_a_full_forward(checkpoint) -> None:
     task = get_task("babyai-GoToLocal")
     episode = task.rollout(3, "expert", max_steps=2)
@@ -184,7 +207,7 @@ def test_rollout_first_token_matches_a_full_forward(checkpoint) -> None:
     ids = np.concatenate([step.ids, mission])
     types = np.concatenate([step.types, np.full(len(mission), int(TokenType.TEXT))])
     local = np.concatenate([step.local_positions, np.arange(len(mission))])
-    batch = {"ids": torch.from_numpy(ids)[None], "types": torch.from_numpy(types).long()[None],
+    batch = {"ids": torch.from_numpy(ids)[None], "dynamics_ids": torch.from_numpy(ids)[None], "types": torch.from_numpy(types).long()[None],
              "local_positions": torch.from_numpy(local).long()[None],
              "timesteps": torch.from_numpy(np.r_[step.timesteps, np.ones(len(mission), int)]).long()[None],
              "loss_mask": torch.zeros(1, len(ids), dtype=torch.bool), "attention_mask": torch.ones(1, len(ids), dtype=torch.bool)}  # fmt: skip

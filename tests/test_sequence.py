@@ -16,6 +16,7 @@ from gato_like.tokenizers import (
     SequenceBuilder,
     SpecMismatchError,
     TextTokenizer,
+    TokenSequence,
     TokenType,
 )
 
@@ -76,6 +77,19 @@ def test_exact_tokens_of_a_hand_made_episode() -> None:
     assert pending.ids.tolist() == step0 + step1[:-2]
     single = builder.build_step({k: v[1] for k, v in obs.items()})
     assert single.ids.tolist() == step1[:-2]
+    assert seq.dynamics_ids is None  # only built when the previous timestep is given
+    # the dynamics head's change targets: b_state minus the step before (step 0: itself); the
+    # change (1, -257) is bin 744 and (clipped) bin 0; every other token is its own id
+    previous = {"b_state": np.array([[0.0, 256.0], [0.0, 256.0]], np.float32), "a_button": np.array([3, 3])}
+    seq = builder.build(obs, actions, previous=previous)
+    assert seq.ids.tolist() == step0 + step1
+    delta0 = [*say, 3074, 3074, 2048 + 3, 1024 + 512, 1024 + 512, 3072, 1024 + 512, 1024 + 1023]
+    delta1 = [*say, 3074, 3074, 2048 + 0, 1024 + 744, 1024 + 0, 3072, 1024 + 0, 1024 + 768]
+    assert seq.dynamics_ids is not None and seq.dynamics_ids.tolist() == delta0 + delta1
+    second = seq.window(1, 2)
+    assert second.dynamics_ids is not None and second.dynamics_ids.tolist() == delta1
+    joined = TokenSequence.concatenate([builder.build(obs, actions), second])  # a prompt without targets
+    assert joined.dynamics_ids is not None and joined.dynamics_ids.tolist() == step0 + step1 + delta1
 
 
 @st.composite

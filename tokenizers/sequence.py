@@ -48,6 +48,10 @@ class TokenSequence:
         loss_mask: bool ``(L,)`` True on targets (action and text tokens).
         patches: float32 ``(P, 3, 16, 16)``, one per ``TokenType.IMAGE`` position, in order.
         patch_positions: int64 ``(P, 4)``: patch row, column, rows, columns in its image.
+        dynamics_ids: int64 ``(L,)`` or None: what the dynamics head learns to predict at each
+            position when it predicts changes (``Config.dynamics_target="delta"``): ``ids``, except
+            that a proprio token holds the token of its value minus the previous timestep's. Only
+            built when :meth:`SequenceBuilder.build` is given the previous timestep.
     """
 
     ids: np.ndarray
@@ -57,6 +61,7 @@ class TokenSequence:
     loss_mask: np.ndarray
     patches: np.ndarray
     patch_positions: np.ndarray
+    dynamics_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -94,6 +99,7 @@ class TokenSequence:
                     loss_mask=self.loss_mask[lo:hi],
                     patches=self.patches[p_lo:p_hi],
                     patch_positions=self.patch_positions[p_lo:p_hi],
+                    dynamics_ids=None if self.dynamics_ids is None else self.dynamics_ids[lo:hi],
                 )
             )
         return out
@@ -114,6 +120,9 @@ class TokenSequence:
             loss_mask=np.concatenate([p.loss_mask for p in parts]),
             patches=np.concatenate([p.patches for p in parts]),
             patch_positions=np.concatenate([p.patch_positions for p in parts]),
+            dynamics_ids=None
+            if all(p.dynamics_ids is None for p in parts)
+            else np.concatenate([p.ids if p.dynamics_ids is None else p.dynamics_ids for p in parts]),
         )
 
 
@@ -219,7 +228,11 @@ class SequenceBuilder:
         return patches, np.broadcast_to(positions, (steps, *positions.shape))
 
     def build(
-        self, observations: Mapping[str, Any], actions: np.ndarray | None = None, checked: bool = False
+        self,
+        observations: Mapping[str, Any],
+        actions: np.ndarray | None = None,
+        checked: bool = False,
+        previous: Mapping[str, np.ndarray] | None = None,
     ) -> TokenSequence:
         """Tokenize an episode.
 
@@ -230,6 +243,9 @@ class SequenceBuilder:
             checked: the caller already checked these arrays against the spec (e.g. a window
                 of an episode the loader checked when it decoded it): skip the check, which cost
                 ~15 % of the loader's time when done again for every window.
+            previous: per proprio key ``(T, *shape)``, the observation one timestep before each
+                of ``observations`` (an episode's first timestep: itself). Fills the sequence's
+                ``dynamics_ids``: each proprio token's change since that timestep, tokenized.
 
         Raises:
             SpecMismatchError: naming every key that does not match the spec (unless ``checked``).
@@ -244,6 +260,7 @@ class SequenceBuilder:
 
         # Fixed-size blocks (T, n) of ids, types and loss mask, in the timestep's order.
         id_blocks: list[np.ndarray] = []
+        delta_blocks: list[np.ndarray] = []  # id_blocks with proprio changes (``previous`` given)
         type_blocks: list[np.ndarray] = []
         patch_list: list[np.ndarray] = []
         position_list: list[np.ndarray] = []
@@ -252,13 +269,18 @@ class SequenceBuilder:
             patch_list.append(patches)
             position_list.append(positions)
             id_blocks.append(np.full(patches.shape[:2], self.layout.image_patch_id, dtype=np.int64))
+            delta_blocks.append(id_blocks[-1])
             type_blocks.append(np.full(patches.shape[:2], TokenType.IMAGE, dtype=np.int8))
         for key in self.tensor_keys:
             array = np.asarray(observations[key]).reshape(steps, -1)
             if self.spec.observations[key].kind == "proprio":
                 ids, kind = self.continuous.encode(array).reshape(array.shape), TokenType.CONTINUOUS
+                if previous is not None:
+                    before = np.asarray(previous[key], dtype=np.float64).reshape(array.shape)
+                    delta_blocks.append(self.continuous.encode(array - before).reshape(array.shape))
             else:
                 ids, kind = self.discrete.encode(array).reshape(array.shape), TokenType.DISCRETE
+                delta_blocks.append(ids)
             id_blocks.append(ids)
             type_blocks.append(np.full(ids.shape, kind, dtype=np.int8))
         id_blocks.append(np.full((steps, 1), self.layout.separator_id, dtype=np.int64))
@@ -270,6 +292,11 @@ class SequenceBuilder:
         type_blocks.append(np.full(action_ids.shape, TokenType.ACTION, dtype=np.int8))
         fixed_ids = np.concatenate(id_blocks, axis=1)
         fixed_types = np.concatenate(type_blocks, axis=1)
+        fixed_deltas = (
+            np.concatenate([*delta_blocks, *id_blocks[len(delta_blocks) :]], axis=1)
+            if previous is not None
+            else None
+        )
 
         text_ids = [
             np.concatenate([self.text.encode(str(observations[k][t])) for k in self.text_keys])
@@ -277,10 +304,12 @@ class SequenceBuilder:
             else np.zeros(0, dtype=np.int64)
             for t in range(steps)
         ]
-        ids_per_step, types_per_step = [], []
+        ids_per_step, types_per_step, deltas_per_step = [], [], []
         for t in range(steps):
             width = fixed_ids.shape[1] - (self.action_size if t >= num_actions else 0)
             ids_per_step.append(np.concatenate([text_ids[t], fixed_ids[t, :width]]))
+            if fixed_deltas is not None:
+                deltas_per_step.append(np.concatenate([text_ids[t], fixed_deltas[t, :width]]))
             types_per_step.append(
                 np.concatenate(
                     [np.full(len(text_ids[t]), TokenType.TEXT, dtype=np.int8), fixed_types[t, :width]]
@@ -303,7 +332,10 @@ class SequenceBuilder:
             p = self.image.patch_size
             patches = np.zeros((0, PATCH_CHANNELS, p, p), dtype=np.float32)
             positions = np.zeros((0, 4), dtype=np.int64)
-        return TokenSequence(ids, types, timesteps, local_positions, loss_mask, patches, positions)
+        dynamics_ids = np.concatenate(deltas_per_step) if fixed_deltas is not None else None
+        return TokenSequence(
+            ids, types, timesteps, local_positions, loss_mask, patches, positions, dynamics_ids
+        )
 
     def build_step(self, observation: Mapping[str, Any]) -> TokenSequence:
         """One timestep awaiting its action (observation tokens + separator), for acting."""
