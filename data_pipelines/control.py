@@ -293,6 +293,65 @@ class Arm3ReachExpert(ReachExpert):
     DAMPING = 1e-2
 
 
+class GoalPointMassExpert(PointMassExpert):
+    """The point-mass PD step towards a goal position instead of the task's target."""
+
+    def __init__(self, physics: Any, goal: np.ndarray) -> None:
+        super().__init__(physics)
+        self.goal = np.asarray(goal, np.float64)
+
+    def __call__(self, physics: Any) -> np.ndarray:
+        position = physics.named.data.geom_xpos["pointmass"][:2]
+        return np.clip(50.0 * (self.goal - position) - 5.0 * physics.data.qvel, -1.0, 1.0)
+
+
+class GoalReachExpert(ReachExpert):
+    """The reacher's least-squares step towards a goal fingertip position instead of the target."""
+
+    def __init__(self, physics: Any, goal: np.ndarray) -> None:
+        super().__init__(physics)
+        self.goal = np.asarray(goal, np.float64)
+
+    def __call__(self, physics: Any) -> np.ndarray:
+        import mujoco
+
+        model, data = physics.model.ptr, physics.data.ptr
+        error = self.goal - physics.named.data.geom_xpos["finger"][:2]
+        jacobian = np.zeros((3, model.nv))
+        mujoco.mj_jacGeom(model, data, jacobian, None, model.geom("finger").id)
+        j = jacobian[:2]
+        dq = j.T @ np.linalg.solve(j @ j.T + self.DAMPING * np.eye(2), error)
+        return np.clip(self.KP * dq - self.KD * physics.data.qvel, -1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class GoalSpec:
+    """A goal-reaching variant of a task: every episode draws a goal position for the body, the
+    expert drives the body there (not to the task's target, which the observation may still show),
+    and the reward is 1 while the body is within ``radius`` of the goal. Its episodes give the goal
+    head goals that are not the task's own target; the final observation is the goal state."""
+
+    body: str
+    """Geom whose x-y position must reach the goal."""
+    radius: float
+    """Success radius (m): the task's own (point mass: the target's size; reacher: target + finger)."""
+    low: float
+    high: float
+    """Point mass: each coordinate uniform in [low, high]; reacher: the goal's distance from the
+    shoulder, uniform in [low, high], at a uniform angle (as dm_control draws the target)."""
+    polar: bool = False
+    expert: Callable[[Any, np.ndarray], Callable[[Any], np.ndarray]] | None = None
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        if self.polar:
+            angle, radius = rng.uniform(0.0, 2 * np.pi), rng.uniform(self.low, self.high)
+            return np.array([radius * np.cos(angle), radius * np.sin(angle)])
+        return rng.uniform(self.low, self.high, 2)
+
+    def reached(self, physics: Any, goal: np.ndarray) -> bool:
+        return bool(np.linalg.norm(physics.named.data.geom_xpos[self.body][:2] - goal) <= self.radius)
+
+
 # --------------------------------------------------------------------------------------------------
 # tasks
 
@@ -311,6 +370,8 @@ class ControlTask:
     control_hz: float
     max_steps: int = 1000
     description: str = ""
+    goals: GoalSpec | None = None
+    """A goal-reaching variant (see :class:`GoalSpec`); None: the task's own target."""
     _envs: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -346,6 +407,12 @@ class ControlTask:
         env.task.random.seed(seed)
         return env
 
+    def goal(self, seed: int) -> np.ndarray:
+        """The goal position of episode ``seed`` (goal-reaching variants only)."""
+        if self.goals is None:
+            raise ValueError(f"{self.name} has no goals; its goal-reaching variants are {GOAL_TASK_NAMES}")
+        return self.goals.draw(np.random.default_rng([seed, 5]))
+
     def rollout(
         self,
         seed: int,
@@ -361,7 +428,10 @@ class ControlTask:
         (``actions``); the rewards are those of the executed actions."""
         env = self._environment(seed)
         timestep = env.reset()
-        expert = self.expert(env.physics) if policy == "expert" else None
+        goal = None if self.goals is None else self.goal(seed)
+        expert = None
+        if policy == "expert":
+            expert = self.expert(env.physics) if goal is None else self.goals.expert(env.physics, goal)  # type: ignore[union-attr,misc]
         rng = np.random.default_rng([seed, 1])
         perturb = (
             perturbation
@@ -401,7 +471,10 @@ class ControlTask:
                     executed = action + perturb.noise * noise_rng.standard_normal(self.action_size)
                 executed = np.clip(executed, -1.0, 1.0).astype(np.float32)
             timestep = env.step(executed)
-            rewards.append(float(timestep.reward or 0.0))
+            if goal is not None:
+                rewards.append(float(self.goals.reached(env.physics, goal)))  # type: ignore[union-attr]
+            else:
+                rewards.append(float(timestep.reward or 0.0))
             if timestep.last():
                 break
         return Episode(
@@ -458,3 +531,15 @@ CONTROL_TASKS = [
     ControlTask("arm3-reach", "arm3", "reach", {"position": 3, "to_target": 2, "velocity": 3}, 3, Arm3ReachExpert,
                 "reach the goal with the three link arm", 50.0, description="planar 3-link arm (our MJCF): joint angles, fingertip-to-target vector, joint velocities; joint torques"),
 ]  # fmt: skip
+
+#: Goal-reaching variants of point mass and reacher (same bodies and specs; never in a default
+#: suite): the goal is a random position, not the task's target.
+GOAL_TASKS = [
+    ControlTask("dmc-point_mass-goals", "point_mass", "easy", {"position": 2, "velocity": 2}, 2, PointMassExpert,
+                "move the point mass to the goal", 50.0, max_steps=250, description=CONTROL_TASKS[0].description,
+                goals=GoalSpec("pointmass", 0.015, -0.2, 0.2, expert=GoalPointMassExpert)),
+    ControlTask("dmc-reacher-goals", "reacher", "easy", {"position": 2, "to_target": 2, "velocity": 2}, 2, ReachExpert,
+                "move the fingertip to the goal", 50.0, max_steps=150, description=CONTROL_TASKS[1].description,
+                goals=GoalSpec("finger", 0.06, 0.05, 0.2, polar=True, expert=GoalReachExpert)),
+]  # fmt: skip
+GOAL_TASK_NAMES = tuple(t.name for t in GOAL_TASKS)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from gato_like.data_pipelines.babyai import BABYAI_TASKS
 from gato_like.data_pipelines.captions import CaptionTask
-from gato_like.data_pipelines.control import CONTROL_TASKS, Actor, Perturbation
+from gato_like.data_pipelines.control import CONTROL_TASKS, GOAL_TASKS, Actor, Perturbation
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.tokenizers.spec import EmbodimentSpec
 
@@ -36,7 +36,9 @@ class Task(Protocol):
     ) -> Episode: ...
 
 
-TASKS: dict[str, Task] = {task.name: task for task in [*CONTROL_TASKS, *BABYAI_TASKS, CaptionTask()]}
+TASKS: dict[str, Task] = {
+    task.name: task for task in [*CONTROL_TASKS, *GOAL_TASKS, *BABYAI_TASKS, CaptionTask()]
+}
 
 #: The held-out embodiment for few-shot adaptation: never in a pretraining suite.
 HELDOUT_TASKS = ("arm3-reach",)
@@ -62,6 +64,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     ),
     "babyai": ("babyai-GoToRedBall", "babyai-GoToLocal", "babyai-PickupLoc"),
     "heldout": HELDOUT_TASKS,
+    "goals": tuple(t.name for t in GOAL_TASKS),
     "smoke": ("dmc-point_mass-easy", "babyai-GoToRedBall", "captions"),
 }
 

@@ -115,6 +115,33 @@ def test_suites_keep_the_heldout_embodiment_out() -> None:
         resolve_tasks("defualt")
 
 
+@pytest.mark.parametrize("name", ["dmc-point_mass-goals", "dmc-reacher-goals"])
+def test_goal_reaching_variants_reward_the_goal_not_the_target(name: str) -> None:
+    """Each seed draws its own goal position; the expert ends within the task's radius of it, the
+    reward is 1 exactly while the body is that close, and the plain task's expert (driving to the
+    target instead) does not reach it."""
+    task = get_task(name)
+    plain = get_task(name.replace("-goals", "-easy"))
+    assert task.spec.to_dict() == plain.spec.to_dict()  # same body: the base's spec applies
+    goals = np.stack([task.goal(seed) for seed in range(4)])
+    assert len(np.unique(goals.round(6), axis=0)) == 4
+    np.testing.assert_array_equal(task.goal(2), goals[2])
+    assert task.goals is not None
+    for seed in range(2):
+        episode = task.rollout(seed, "expert", render=False)
+        assert episode.success and episode.rewards[-1] == 1.0
+        env = task._environment(seed)
+        body = env.physics.named.data.geom_xpos[task.goals.body][:2]
+        assert np.linalg.norm(body - task.goal(seed)) <= task.goals.radius  # the env is left at the end
+        to_target = plain.rollout(seed, "expert", render=False, max_steps=task.max_steps)
+        assert to_target.episode_return > 0  # the plain expert reaches the target ...
+        plain_final = plain._environment(seed).physics.named.data.geom_xpos[task.goals.body][:2]
+        assert np.linalg.norm(plain_final - task.goal(seed)) > task.goals.radius  # ... not this goal
+    with pytest.raises(ValueError, match="has no goals"):
+        plain.goal(0)
+    assert set(SUITES["goals"]) == {"dmc-point_mass-goals", "dmc-reacher-goals"}
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_expert_beats_random(name: str) -> None:
     task = TASKS[name]
