@@ -262,6 +262,7 @@ def finetune(
     patience: int = 4,
     holdout: int | None = None,
     lora_rank: int = 8,
+    goal_every: int = 4,
     seed: int = 0,
     max_minutes: float | None = None,
 ) -> None:
@@ -271,7 +272,7 @@ def finetune(
         from_: the base checkpoint directory (--from CKPT).
         data: demos folder made by `gato-like data convert` (or `data generate`).
         out: run directory: checkpoint/ (the adapted model, base format), logs/, losses.png, finetune.json.
-        mode: lora (adapters on attention and MLP + norms), head (output layer, final norm, head adapters) or full.
+        mode: lora (adapters on attention and MLP + norms + the heads' adapters), head (output layer, final norm, head adapters) or full.
         task: which task of the folder (default: its only one).
         spec: the embodiment spec the demos must follow (default: the folder's own); checked against every demo.
         lr: peak learning rate (default per mode: lora/head 2e-3, full 5e-4).
@@ -281,6 +282,7 @@ def finetune(
         patience: validations without improvement before stopping early.
         holdout: demos held out for early stopping (default: 10 %, at least 1).
         lora_rank: rank of the LoRA adapters.
+        goal_every: train the goal head on hindsight goals every this many steps (1 for goal-reaching demos; 0: never).
         seed: seed of the split, the data order and the adapters.
         max_minutes: wall-time cap (the best weights so far are exported).
     """
@@ -296,6 +298,7 @@ def finetune(
         patience=patience,
         holdout=holdout,
         lora_rank=lora_rank,
+        goal_every=goal_every,
         seed=seed,
         max_minutes=max_minutes,
     )

@@ -63,7 +63,7 @@ def test_lora_starts_as_the_base_and_merges_exactly() -> None:
     ("mode", "trained", "frozen"),
     [
         ("head", {"tokens.weight", "ln_f.weight", "dynamics_adapter.0.weight"}, {"blocks.0.qkv.weight", "local.weight"}),
-        ("lora", {"blocks.0.qkv.lora_a", "blocks.1.fc_out.lora_b", "blocks.0.ln_1.weight"}, {"blocks.0.qkv.base.weight", "tokens.weight"}),
+        ("lora", {"blocks.0.qkv.lora_a", "blocks.1.fc_out.lora_b", "blocks.0.ln_1.weight", "goal_adapter.0.weight", "dynamics_adapter.2.bias", "goal_segment"}, {"blocks.0.qkv.base.weight", "tokens.weight"}),
         ("full", {"blocks.0.qkv.weight", "tokens.weight", "patches.stem.weight"}, set()),
     ],
 )  # fmt: skip

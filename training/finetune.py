@@ -9,7 +9,8 @@
           └─► held-out demo(s) ──► validation policy loss every ``val_every`` steps ──► early stopping
     best weights (LoRA merged) ──► OUT/checkpoint: base specs + the new one, meta records base, demos, mode
 
-Modes: ``lora`` (rank-r adapters on attention and MLP, plus the layer norms; the default),
+Modes: ``lora`` (rank-r adapters on attention and MLP, plus the layer norms and the dynamics and
+goal heads' adapters; the default),
 ``head`` (the output layer, tied with the token embedding, the final norm and the head adapters)
 and ``full`` (every weight). The exported checkpoint has the base model's format, so
 ``Policy.from_checkpoint``, ``gato-like eval`` and ``gato-like serve`` take it as it is.
@@ -88,6 +89,9 @@ class FinetuneConfig:
     prompt_probability: float = 0.25
     """Share of training sequences prompted with another demo (as in pretraining)."""
     weight_decay: float = 0.0
+    goal_every: int = 4
+    """Every this many steps, add the goal head's loss on hindsight goals of the demos (0: never;
+    1: every step, for goal-reaching demos)."""
     seed: int = 0
     max_minutes: float | None = None
     """Wall-time cap; the best weights so far are exported."""
@@ -327,6 +331,10 @@ def select_trainable(model: torch.nn.Module, mode: Mode, rank: int, alpha: float
                 elif isinstance(module, torch.nn.LayerNorm):
                     for p in module.parameters():
                         p.requires_grad_(True)
+            for name in ("dynamics_adapter", "goal_adapter"):  # the heads' own small adapters
+                for p in getattr(model, name).parameters():
+                    p.requires_grad_(True)
+            model.goal_segment.requires_grad_(True)
         else:  # head: output layer (tied with the token embedding), final norm, head adapters
             for name in ("tokens", "ln_f", "dynamics_adapter", "goal_adapter"):
                 for p in getattr(model, name).parameters():
@@ -391,7 +399,9 @@ def finetune(
     lr = cfg.lr or DEFAULT_LR[cfg.mode]
     total = sum(p.numel() for p in model.parameters())
     trainable = select_trainable(model, cfg.mode, cfg.lora_rank, cfg.lora_alpha)
-    optim = OptimConfig(lr=lr, warmup_steps=min(20, max_steps // 10), max_steps=max_steps, goal_every=4)
+    optim = OptimConfig(
+        lr=lr, warmup_steps=min(20, max_steps // 10), max_steps=max_steps, goal_every=cfg.goal_every
+    )
     module = FinetuneModule(model, optim, cfg.mode, cfg.weight_decay)
     keep = KeepBest()
     stop = L.pytorch.callbacks.EarlyStopping(
@@ -451,6 +461,7 @@ def finetune(
             "lr": lr,
             "max_steps": max_steps,
             "warmup_steps": optim.warmup_steps,
+            "goal_every": cfg.goal_every,
             "clip": 1.0,
         },
         "finetune": {
