@@ -8,7 +8,8 @@ vs the same architecture trained from scratch on the same demos, over seeds.
 For every (demos N, seed): N expert episodes of ``arm3-reach`` drawn from ``--heldout`` by the seed
 are saved as plain ``.npz`` files and brought in with ``gato-like data convert`` (the user's path),
 then ``gato-like finetune`` adapts ``--base`` (``--mode``, default lora) and, separately, a randomly
-initialized model of the same config (``full``: every weight from scratch). Both are rolled out by
+initialized model of the same config (``full``: every weight from scratch); ``mlp`` fits the plain
+behaviour-cloning reference of ``benchmarks/mlp_reference.py`` on the same demos. Both are rolled out by
 ``gato-like eval`` on episode seeds no demo used, prompted with a demo, and scored with the
 ``--heldout`` dataset's normalizers (expert and uniform-random returns at the same episode length):
 ``(R - R_random) / (R_expert - R_random)``.
@@ -76,8 +77,41 @@ def _scratch_checkpoint(base: Path, out: Path, seed: int) -> Path:
     return save_checkpoint(out, model, loaded.text, loaded.specs, loaded.tasks, meta)
 
 
+def _mlp_cell(job: dict[str, Any], demos: Path, normalizers: dict[str, Any]) -> dict[str, Any]:
+    """The plain reference on the same demos: benchmarks/mlp_reference.py's per-task MLP, trained
+    for ``--mlp_seconds`` and rolled out on the same evaluation seeds as the transformer."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mlp_reference import fit
+
+    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.training.evaluate import eval_seed
+
+    started = time.perf_counter()
+    _, _, actor, steps = fit(TASK, str(demos), job["mlp_seconds"], job["seed"])
+    task = get_task(TASK)
+    returns = [
+        task.rollout(eval_seed(TASK, job["seed"], i), actor, render=False, max_steps=job["max_steps_episode"]).episode_return
+        for i in range(job["episodes"])
+    ]  # fmt: skip
+    expert, rand = normalizers["expert"]["mean"], normalizers["random"]["mean"]
+    mean = float(np.mean(returns))
+    return {
+        **{k: job[k] for k in ("init", "demos", "seed")},
+        "mode": "mlp",
+        "mean_return": round(mean, 2),
+        "score": round((mean - rand) / (expert - rand), 4),
+        "success_rate": float(np.mean([r > 0 for r in returns])),
+        "held_out_policy_loss": None,
+        "steps": steps,
+        "train_seconds": job["mlp_seconds"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One (init, demos, seed) cell: convert, fine-tune, evaluate."""
+    """One (init, demos, seed) cell: convert, fine-tune (or fit the MLP reference), evaluate."""
     import torch
 
     torch.set_num_threads(job["threads"])
@@ -88,6 +122,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     out = Path(job["out"])
     heldout = Path(job["heldout"])
     demos = _demos_folder(heldout, job["demos"], job["seed"], out)
+    if job["init"] == "mlp":
+        return _mlp_cell(job, demos, read_index(heldout)["tasks"][TASK]["returns"])
     base = Path(job["base"])
     if job["init"] == "scratch":
         base = _scratch_checkpoint(base, out / "scratch-init", job["seed"])
@@ -96,6 +132,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     config = FinetuneConfig(
         mode=mode, seed=job["seed"], max_steps=job["max_steps"], val_every=job["val_every"]
     )
+    if job.get("lr"):
+        config.lr = job["lr"]
     checkpoint = finetune(base, demos, out / "run", config, task=TASK, progress=False)
     train_seconds = time.perf_counter() - started
     summary = evaluate(
@@ -122,22 +160,24 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]], counts: list[int]) -> str:
     lines = [
-        "| demos | pretrained: score (mean ± std) | success | held-out loss | scratch: score (mean ± std) | success | held-out loss |",
-        "|---|---|---|---|---|---|---|",
+        "| demos | pretrained: score (mean ± std) | success | held-out loss | scratch: score (mean ± std) | success | held-out loss | MLP reference: score |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in counts:
         cells = [str(n)]
-        for init in ("pretrained", "scratch"):
+        for init in ("pretrained", "scratch", "mlp"):
             rows = [r for r in results if r["demos"] == n and r["init"] == init]
+            width = 1 if init == "mlp" else 3
             if not rows:
-                cells += ["-", "-", "-"]
+                cells += ["-"] * width
                 continue
             scores = np.array([r["score"] for r in rows])
-            cells += [
-                f"{scores.mean():.2f} ± {scores.std():.2f} ({len(rows)} seeds)",
-                f"{np.mean([r['success_rate'] for r in rows]):.0%}",
-                f"{np.mean([r['held_out_policy_loss'] for r in rows]):.3f}",
-            ]
+            cells.append(f"{scores.mean():.2f} ± {scores.std():.2f} ({len(rows)} seeds)")
+            if init != "mlp":
+                cells += [
+                    f"{np.mean([r['success_rate'] for r in rows]):.0%}",
+                    f"{np.mean([r['held_out_policy_loss'] for r in rows]):.3f}",
+                ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -152,10 +192,12 @@ def plot(results: list[dict[str, Any]], counts: list[int], path: Path) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, axis, label in (("score", axes[0], "expert-normalized score"), ("held_out_policy_loss", axes[1], "held-out policy loss (nats/token)")):  # fmt: skip
-        for init, color in (("pretrained", "#4c72b0"), ("scratch", "#dd8452")):
+        for init, color in (("pretrained", "#4c72b0"), ("scratch", "#dd8452"), ("mlp", "#55a868")):
             xs, means, stds = [], [], []
             for n in counts:
-                values = [r[key] for r in results if r["demos"] == n and r["init"] == init]
+                values = [
+                    r[key] for r in results if r["demos"] == n and r["init"] == init and r[key] is not None
+                ]
                 if values:
                     xs.append(n)
                     means.append(float(np.mean(values)))
@@ -187,7 +229,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/fewshot"))
     parser.add_argument("--demos", default="5,10,25,50")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--inits", default="pretrained,scratch")
+    parser.add_argument(
+        "--inits",
+        default="pretrained,scratch,mlp",
+        help="pretrained, scratch and/or mlp (the plain reference)",
+    )
+    parser.add_argument("--mlp_seconds", type=float, default=20.0, help="training time of the MLP reference")
+    parser.add_argument("--lr", type=float, default=None, help="fine-tuning peak lr (default: finetune's)")
     parser.add_argument("--mode", default="lora", help="fine-tuning mode of the pretrained model")
     parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes per run")
     parser.add_argument(
@@ -212,6 +260,7 @@ def main() -> None:
             "out": str(args.out / f"{init}-{n}-seed{seed}"), "mode": args.mode, "episodes": args.episodes,
             "max_steps_episode": args.max_steps_episode, "max_steps": args.max_steps, "val_every": args.val_every,
             "prompt": bool(args.prompt), "threads": max(1, (os.cpu_count() or 2) // args.parallel),
+            "mlp_seconds": args.mlp_seconds, "lr": args.lr,
         }
         for n in counts
         for seed in (int(s) for s in args.seeds.split(","))

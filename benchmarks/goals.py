@@ -1,15 +1,17 @@
 """The goal-conditioned head, measured: reaching success with a goal state (or goal image) against
 the same policy without a goal.
 
-    .venv/bin/python benchmarks/goals.py --ckpt runs/base/checkpoint \\
-        --tasks dmc-point_mass-easy,dmc-reacher-easy --goals 50 --max_steps 150 --out runs/goals.json
+    .venv/bin/python benchmarks/goals.py --ckpt runs/goal_pm/checkpoint \\
+        --tasks dmc-point_mass-goals --goals 50 --out runs/goals.json
 
 For each of ``--goals`` fresh episode seeds per task, the scripted expert is rolled out first and
-its final observation (the body resting on the target) is the goal: ``state`` gives the goal
-head the proprioceptive keys, ``image`` the camera frame (only for checkpoints whose spec has
-one). The goal-conditioned policy (``Policy.reset(task, goal=...)``: the goal segment before the
-history, the goal head) and the unconditioned policy are then rolled out from the same seed.
-Success is the task's own: the body inside the target at the last step.
+its final observation is the goal: ``state`` gives the goal head the proprioceptive keys,
+``image`` the camera frame (only for checkpoints whose spec has one). The goal-conditioned
+policy (``Policy.reset(task, goal=...)``: the goal segment before the history, the goal head) and
+the unconditioned policy are then rolled out from the same seed. Success is the task's own at
+the last step. On the goal-reaching tasks (``dmc-point_mass-goals``, ``dmc-reacher-goals``: a
+random goal position per seed, not the task's target) only the goal tells the policy where to go;
+on the plain tasks the goal is the target the policy already knows.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 import numpy as np
 
 
-def measure(ckpt: Path, tasks: list[str], goals: int, max_steps: int, kinds: list[str]) -> dict[str, Any]:
+def measure(
+    ckpt: Path, tasks: list[str], goals: int, max_steps: int | None, kinds: list[str]
+) -> dict[str, Any]:
     from gato_like.data_pipelines.tasks import get_task
     from gato_like.policy import Policy
 
@@ -35,6 +39,7 @@ def measure(ckpt: Path, tasks: list[str], goals: int, max_steps: int, kinds: lis
         wants_pixels = "pixels" in spec.observations
         keys = frozenset(spec.observations)
         proprio = [k for k, o in spec.observations.items() if o.kind == "proprio"]
+        steps = max_steps or task.max_steps
         rows: dict[str, list[bool]] = {"none": [], "expert": []}
         for kind in kinds:
             if kind == "image" and not wants_pixels:
@@ -43,7 +48,7 @@ def measure(ckpt: Path, tasks: list[str], goals: int, max_steps: int, kinds: lis
             rows[kind] = []
         for i in range(goals):
             seed = 3_000_000 + zlib.crc32(name.encode()) % 1000 * 1000 + i
-            expert = task.rollout(seed, "expert", render=wants_pixels or "image" in rows, max_steps=max_steps)
+            expert = task.rollout(seed, "expert", render=wants_pixels or "image" in rows, max_steps=steps)
             rows["expert"].append(expert.success)
             final = {k: v[-1] for k, v in expert.observations.items()}
 
@@ -61,7 +66,7 @@ def measure(ckpt: Path, tasks: list[str], goals: int, max_steps: int, kinds: lis
                 elif kind == "image":
                     goal = {k: final[k] for k in spec.observations}
                 policy.reset(name, goal=goal)
-                episode = task.rollout(seed, act, render=wants_pixels, max_steps=max_steps)
+                episode = task.rollout(seed, act, render=wants_pixels, max_steps=steps)
                 rows[kind].append(episode.success)
             print(name, i, {k: v[-1] for k, v in rows.items()}, flush=True)
         results[name] = {
@@ -73,9 +78,9 @@ def measure(ckpt: Path, tasks: list[str], goals: int, max_steps: int, kinds: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, required=True)
-    parser.add_argument("--tasks", default="dmc-point_mass-easy,dmc-reacher-easy")
+    parser.add_argument("--tasks", default="dmc-point_mass-goals,dmc-reacher-goals")
     parser.add_argument("--goals", type=int, default=50)
-    parser.add_argument("--max_steps", type=int, default=150)
+    parser.add_argument("--max_steps", type=int, default=None, help="episode length (default: the task's)")
     parser.add_argument("--kinds", default="state,image", help="goal kinds: state, image")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
