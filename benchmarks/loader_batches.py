@@ -28,13 +28,7 @@ def per_window(self: WindowSampler, episode: Any, bounds: Any, rng: Any, pool: A
                candidates: bool = True) -> tuple[list[dict[str, Any]], list[TokenSequence]]:  # fmt: skip
     """The same draws, each window, goal and prompt candidate tokenized on its own."""
     plans, spans, chosen = self.plan(episode, bounds, rng, pool, count, candidates)
-    builder = self.builders[episode.task]
-    tokenized = [
-        builder.build(
-            {k: v[a:b] for k, v in episode.observations.items()}, episode.actions[a:b], checked=True
-        )
-        for a, b in spans
-    ]
+    tokenized = [self._build(episode, np.arange(a, b)) for a, b in spans]
     return self.assemble(episode, plans, tokenized, chosen)
 
 

@@ -46,7 +46,7 @@ def batch_for(config: Config, size: int) -> dict[str, torch.Tensor]:
     types = torch.full_like(ids, int(TokenType.CONTINUOUS))
     types[:, 23::24] = int(TokenType.ACTION)  # a cartpole-like layout: one action every 24 tokens
     return {
-        "ids": ids, "types": types, "local_positions": torch.arange(ids.shape[1]).remainder(24).expand_as(ids),
+        "ids": ids, "dynamics_ids": ids, "types": types, "local_positions": torch.arange(ids.shape[1]).remainder(24).expand_as(ids),
         "timesteps": (torch.arange(ids.shape[1]) // 24).expand_as(ids), "attention_mask": torch.ones_like(ids, dtype=torch.bool),
         "loss_mask": types == int(TokenType.ACTION),
     }  # fmt: skip

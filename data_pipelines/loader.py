@@ -18,6 +18,7 @@ urllib, and the shard URLs are the index's paths under that root.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -356,6 +357,13 @@ class WindowSampler:
         out = []
         for prompt, has_goal in plans:
             window = next(pieces)
+            if prompt is not None and window.dynamics_ids is not None:
+                # after another episode's prompt, the window's first observation has no previous
+                # timestep in the context: its change (and value) cannot be predicted; not a target
+                first = (window.timesteps == 0) & (window.types < TokenType.SEPARATOR)
+                window = dataclasses.replace(
+                    window, dynamics_ids=np.where(first, NO_TARGET, window.dynamics_ids)
+                )
             sequence = TokenSequence.concatenate([prompt, window]) if prompt is not None else window
             sample = sequence_sample(sequence, len(prompt) if prompt is not None else 0, task, episode.key)
             if has_goal:  # the goal timestep's observation tokens (no separator, no action)
@@ -389,14 +397,22 @@ class WindowSampler:
         return out
 
 
+#: A ``dynamics_ids`` entry that is no target of the dynamics head (the model masks it out).
+NO_TARGET = -1
+
+
 def sequence_sample(sequence: TokenSequence, prompt_length: int, task_id: int, key: str) -> dict[str, Any]:
     """One training sample (what :func:`collate` takes) from a token sequence whose first
-    ``prompt_length`` tokens are a prompt (never targets)."""
+    ``prompt_length`` tokens are a prompt (never targets). Without change targets
+    (``sequence.dynamics_ids`` None) the proprio tokens are no dynamics targets."""
     prompt_mask = np.zeros(len(sequence), dtype=bool)
     prompt_mask[:prompt_length] = True
+    dynamics_ids = sequence.dynamics_ids
+    if dynamics_ids is None:
+        dynamics_ids = np.where(sequence.types == TokenType.CONTINUOUS, NO_TARGET, sequence.ids)
     return {
         "ids": sequence.ids,
-        "dynamics_ids": sequence.ids if sequence.dynamics_ids is None else sequence.dynamics_ids,
+        "dynamics_ids": dynamics_ids,
         "types": sequence.types,
         "local_positions": sequence.local_positions,
         "timesteps": sequence.timesteps,

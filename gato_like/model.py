@@ -351,8 +351,9 @@ class GatoModel(nn.Module):
         the target positions); with ``logits=True`` also ``policy_logits``/``dynamics_logits``
         (B, L, V). With ``goal=True`` the batch's goal observation is prepended (L' = goal tokens
         + L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
-        The dynamics head's targets are ``dynamics_ids`` (B, L) when ``config.dynamics_target`` is
-        ``delta`` (a batch without them is scored on its discrete observations only), else ``ids``.
+        The dynamics head's targets are ``dynamics_ids`` (B, L; -1 where there is none) when
+        ``config.dynamics_target`` is ``delta`` (a batch without them is scored on its discrete
+        observations only), else ``ids``.
         """
         x = self.embed(batch["ids"], batch["types"], batch["local_positions"], batch.get("patches"),
                        batch.get("patch_positions"), batch.get("patch_mask"))  # fmt: skip
@@ -397,6 +398,7 @@ class GatoModel(nn.Module):
         if self.config.dynamics_target == "delta":
             if "dynamics_ids" in batch:
                 dynamics_ids = batch["dynamics_ids"]
+                dynamics_mask = dynamics_mask & (dynamics_ids >= 0)  # -1: no target (loader.NO_TARGET)
             else:  # a hand-made batch (e.g. for logits only): no change targets, discrete ones only
                 dynamics_mask = dynamics_mask & (batch["types"] != int(TokenType.CONTINUOUS))
         out["dynamics_loss"] = self._next_token_loss(h, "dynamics", dynamics_ids, dynamics_mask, predicts)

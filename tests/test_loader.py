@@ -198,6 +198,17 @@ def test_one_pass_tokenization_equals_tokenizing_each_window(smoke_dataset: Path
                 np.testing.assert_array_equal(
                     sample["timesteps"][n:] - sample["timesteps"][n], window.timesteps
                 )
+                # the dynamics head's change targets: each proprio value minus the episode's step
+                # before (the window's first step too); none after another episode's prompt
+                a, b = spans[2 * i]
+                before = np.maximum(np.arange(a, b) - 1, 0)
+                previous = {k: episode.observations[k][before] for k in builder.tensor_keys}
+                observations = {k: v[a:b] for k, v in episode.observations.items()}
+                changes = builder.build(observations, episode.actions[a:b], previous=previous).dynamics_ids
+                if prompt is not None:
+                    first = (window.timesteps == 0) & (window.types < TokenType.SEPARATOR)
+                    changes = np.where(first, -1, changes)
+                np.testing.assert_array_equal(sample["dynamics_ids"][n:], changes)
                 np.testing.assert_array_equal(
                     sample["patches"][len(sample["patches"]) - len(window.patches) :], window.patches
                 )

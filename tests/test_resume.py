@@ -90,6 +90,16 @@ def test_killed_run_resumes_exactly(smoke_dataset: Path, tmp_path: Path) -> None
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert json.loads((run / "checkpoint" / "meta.json").read_text())["step"] == STEPS
 
+    # the run's weights were trained with its own config: a changed model field is refused by name
+    from gato_like.training.train import train
+
+    changed = {**ARGS, "overrides": {"dropout": 0.1, "dynamics_target": "absolute"}}
+    with pytest.raises(
+        ValueError,
+        match=r"dynamics_target: 'delta' there, 'absolute' now; resume with --model.dynamics_target delta",
+    ):
+        train(smoke_dataset, run, **changed, resume=True)
+
 
 def test_resume_without_state_says_what_is_missing(smoke_dataset: Path, tmp_path: Path) -> None:
     from gato_like.training.train import train

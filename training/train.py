@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from gato_like.checkpoint import save_checkpoint, tokenizer_sha256
-from gato_like.config import Config
+from gato_like.config import CONFIG_FILE, Config
 from gato_like.data_pipelines.loader import check_domain_weights
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.data import GatoData
@@ -369,6 +369,19 @@ def train(
         raise FileNotFoundError(
             f"--resume: no trainer state at {last} (expected a run started with --out {out})"
         )
+    if resume and (out / "checkpoint" / CONFIG_FILE).is_file():
+        # the weights were trained with the run's own config: a changed preset default (e.g.
+        # dynamics_target) or override would silently switch the objective halfway
+        before = Config.from_checkpoint(out / "checkpoint").to_dict()
+        now = config.to_dict()
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            flags = " ".join(f"--model.{k} {before.get(k)}" for k in changed)
+            raise ValueError(
+                f"--resume: the model config differs from the run's ({out / 'checkpoint' / CONFIG_FILE}) in "
+                + ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
+                + f"; resume with {flags}"
+            )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.global_rank == 0 and (out / "logs" / "metrics.csv").is_file():
         plot_losses(out / "logs" / "metrics.csv", out / "losses.png")
