@@ -150,7 +150,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "mean_return": result["mean_return"],
         "score": round((result["mean_return"] - rand) / (expert - rand), 4),
         "success_rate": result["success_rate"],
-        "held_out_policy_loss": info["best_held_out_policy_loss"],
+        "held_out_policy_loss": info.get("best_held_out_policy_loss"),
         "steps": info["steps_run"],
         "best_step": info["best_step"],
         "train_seconds": round(train_seconds, 1),

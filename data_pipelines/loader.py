@@ -366,22 +366,15 @@ class WindowSampler:
                 )
             sequence = TokenSequence.concatenate([prompt, window]) if prompt is not None else window
             sample = sequence_sample(sequence, len(prompt) if prompt is not None else 0, task, episode.key)
-            if has_goal:  # the goal timestep's observation tokens (no separator, no action)
-                goal = next(pieces)
-                keep = goal.types < TokenType.SEPARATOR  # text, image, continuous, discrete
-                sample |= {
-                    "goal_ids": goal.ids[keep],
-                    "goal_types": goal.types[keep],
-                    "goal_local_positions": goal.local_positions[keep],
-                    "goal_patches": goal.patches,
-                    "goal_patch_positions": goal.patch_positions,
-                }
+            if has_goal:
+                sample |= goal_fields(next(pieces))
             out.append(sample)
         return out, list(pieces)[:chosen]
 
-    def tiles(self, episode: Episode) -> list[dict[str, Any]]:
+    def tiles(self, episode: Episode, goal_last: bool = False) -> list[dict[str, Any]]:
         """The whole episode as consecutive windows of whole timesteps of at most the context, no
-        prompt and no goal (e.g. validation over held-out episodes)."""
+        prompt (e.g. validation over held-out episodes); no goal, or with ``goal_last`` the
+        episode's last observation as every window's goal (goal-reaching demos)."""
         bounds = self.bounds(episode)
         out, start, steps = [], 0, len(bounds) - 1
         while start < steps:
@@ -394,7 +387,22 @@ class WindowSampler:
                 )
             )
             start = stop
+        if goal_last:
+            goal = goal_fields(self._tokens(episode, steps - 1, steps))
+            out = [sample | goal for sample in out]
         return out
+
+
+def goal_fields(goal: TokenSequence) -> dict[str, Any]:
+    """A sample's ``goal_*`` fields: the observation tokens of one timestep (no separator, no action)."""
+    keep = goal.types < TokenType.SEPARATOR  # text, image, continuous, discrete
+    return {
+        "goal_ids": goal.ids[keep],
+        "goal_types": goal.types[keep],
+        "goal_local_positions": goal.local_positions[keep],
+        "goal_patches": goal.patches,
+        "goal_patch_positions": goal.patch_positions,
+    }
 
 
 #: A ``dynamics_ids`` entry that is no target of the dynamics head (the model masks it out).

@@ -263,6 +263,7 @@ def finetune(
     holdout: int | None = None,
     lora_rank: int = 8,
     goal_every: int = 4,
+    monitor: str = "policy",
     seed: int = 0,
     max_minutes: float | None = None,
 ) -> None:
@@ -283,6 +284,7 @@ def finetune(
         holdout: demos held out for early stopping (default: 10 %, at least 1).
         lora_rank: rank of the LoRA adapters.
         goal_every: train the goal head on hindsight goals every this many steps (1 for goal-reaching demos; 0: never).
+        monitor: what early stopping follows on the held-out demos: policy (its loss) or goal (the goal head's loss, each demo's last observation as its goal: goal-reaching demos).
         seed: seed of the split, the data order and the adapters.
         max_minutes: wall-time cap (the best weights so far are exported).
     """
@@ -299,14 +301,17 @@ def finetune(
         holdout=holdout,
         lora_rank=lora_rank,
         goal_every=goal_every,
+        monitor=monitor,  # type: ignore[arg-type]  # checked by finetune
         seed=seed,
         max_minutes=max_minutes,
     )
     checkpoint = run(from_, data, out, config, task, spec, command=shlex.join(["gato-like", *sys.argv[1:]]))
     summary = json.loads((Path(out) / "finetune.json").read_text())
+    monitor = summary["monitor"]
+    best = summary[f"best_held_out_{monitor}_loss"]
     print(
         f"fine-tuned {summary['mode']} on {summary['demos']} demos of {summary['task']} "
-        f"({summary['held_out']} held out): best held-out policy loss {summary['best_held_out_policy_loss']} "
+        f"({summary['held_out']} held out): best held-out {monitor} loss {best} "
         f"at step {summary['best_step']} of {summary['steps_run']}"
         f"{' (stopped early)' if summary['early_stopped'] else ''}\ncheckpoint: {checkpoint}\n"
         f"evaluate: gato-like eval --ckpt {checkpoint} --tasks {summary['task']} --prompt {data}"

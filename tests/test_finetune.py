@@ -229,3 +229,29 @@ def test_finetune_cli_then_eval_with_a_demo_prompt(
     )
     card = (run / "eval" / "model_card.md").read_text()
     assert "## Fine-tuning" in card and str(base) in card and "| mode | lora |" in card
+
+
+def test_goal_demos_train_and_select_by_the_goal_head(tmp_path: Path) -> None:
+    """Goal-reaching demos: the goal head trains every step and the kept weights follow its loss
+    on the held-out demos, each demo's last observation as the goal."""
+    from gato_like.data_pipelines.generate import generate
+
+    base = _base(tmp_path / "base")
+    data = tmp_path / "goals"
+    generate(data, tasks=["dmc-point_mass-goals"], episodes=4, max_steps=30, normalizer_episodes=1,
+             workers=1, progress=False, pixels=False)  # fmt: skip
+    with pytest.raises(FinetuneError, match="monitor: expected 'policy' or 'goal'"):
+        finetune(base, data, tmp_path / "bad", FinetuneConfig(monitor="value"), progress=False)  # type: ignore[arg-type]
+    with pytest.raises(FinetuneError, match="goal_every 0 never trains"):
+        finetune(base, data, tmp_path / "bad", FinetuneConfig(monitor="goal", goal_every=0), progress=False)
+    config = FinetuneConfig(goal_every=1, monitor="goal", max_steps=16, val_every=4, patience=10, batch_size=4, lr=3e-3)  # fmt: skip
+    checkpoint = finetune(base, data, tmp_path / "run", config, progress=False)
+    info = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    losses = [loss for _, loss in info["validation"]]
+    assert info["monitor"] == "goal" and len(losses) == 4 and all(np.isfinite(losses))
+    assert info["best_held_out_goal_loss"] == min(losses) < losses[0]
+    assert "best_held_out_policy_loss" not in info
+    policy = Policy.from_checkpoint(checkpoint)
+    episode = get_task("dmc-point_mass-goals").rollout(5, "expert", render=False, max_steps=3)
+    policy.reset("dmc-point_mass-goals", goal={k: v[-1] for k, v in episode.observations.items()})
+    assert policy.act({k: v[0] for k, v in episode.observations.items()}).shape == (2,)

@@ -44,7 +44,7 @@ from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, WindowS
 from gato_like.data_pipelines.shards import DatasetError
 from gato_like.lora import LoRALinear, apply_lora, merge_lora
 from gato_like.model import GatoModel
-from gato_like.tokenizers import EmbodimentSpec, TokenSequence
+from gato_like.tokenizers import EmbodimentSpec, TokenSequence, TokenType
 from gato_like.tokenizers.spec import SpecError, SpecMismatchError
 from gato_like.training.module import GatoLightning, OptimConfig, lr_factor
 
@@ -92,6 +92,9 @@ class FinetuneConfig:
     goal_every: int = 4
     """Every this many steps, add the goal head's loss on hindsight goals of the demos (0: never;
     1: every step, for goal-reaching demos)."""
+    monitor: Literal["policy", "goal"] = "policy"
+    """What early stopping and the kept weights follow on the held-out demos: the policy loss, or
+    (goal-reaching demos) the goal head's loss with each demo's last observation as its goal."""
     seed: int = 0
     max_minutes: float | None = None
     """Wall-time cap; the best weights so far are exported."""
@@ -247,7 +250,7 @@ class DemoStream(torch.utils.data.IterableDataset):
 
 
 class DemoData(L.LightningDataModule):
-    def __init__(self, demos: Demos, text: Any, context_length: int, batch_size: int, prompt_probability: float, seed: int) -> None:  # fmt: skip
+    def __init__(self, demos: Demos, text: Any, context_length: int, batch_size: int, prompt_probability: float, seed: int, goal_last: bool = False) -> None:  # fmt: skip
         super().__init__()
         index = {"tasks": {demos.task: demos.index_entry}}
         source = DatasetSource(str(demos.root), index, {demos.task: demos.spec})
@@ -255,7 +258,7 @@ class DemoData(L.LightningDataModule):
         self.sampler = WindowSampler(source, config, text)
         self.demos, self.batch_size, self.seed = demos, batch_size, seed
         self.pad_id = self.sampler.builders[demos.task].layout.pad_id
-        self.validation = [s for e in demos.held_out for s in self.sampler.tiles(e)]
+        self.validation = [s for e in demos.held_out for s in self.sampler.tiles(e, goal_last)]
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples, self.pad_id)
@@ -284,24 +287,31 @@ class DemoData(L.LightningDataModule):
 
 
 class FinetuneModule(GatoLightning):
-    """Trains the parameters ``mode`` selects; validates the policy loss over the held-out demos."""
+    """Trains the parameters ``mode`` selects; validates the ``monitor`` head's loss (policy or
+    goal) over the held-out demos."""
 
-    def __init__(self, model: GatoModel, optim: OptimConfig, mode: Mode, weight_decay: float) -> None:
+    def __init__(self, model: GatoModel, optim: OptimConfig, mode: Mode, weight_decay: float, monitor: str = "policy") -> None:  # fmt: skip
         model.train()  # loaded checkpoints come in eval mode
         super().__init__(model.config, optim, [], model=model)
-        self.mode, self.weight_decay = mode, weight_decay
+        self.mode, self.weight_decay, self.monitor = mode, weight_decay, monitor
 
     def on_validation_epoch_start(self) -> None:
         self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_index: int) -> None:
-        out = self.model(batch)
-        targets = (batch["loss_mask"][:, 1:]).sum().double()
-        self._val += torch.stack([out["policy_loss"].double() * targets, targets])
+        if self.monitor == "goal":
+            out = self.model(batch, goal=True)
+            targets = (
+                ((batch["types"] == int(TokenType.ACTION)) & batch["attention_mask"])[:, 1:].sum().double()
+            )
+        else:
+            out = self.model(batch)
+            targets = (batch["loss_mask"][:, 1:]).sum().double()
+        self._val += torch.stack([out[f"{self.monitor}_loss"].double() * targets, targets])
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val, reduce_op="sum")
-        self.log("val/policy_loss", (total[0] / total[1].clamp(min=1)).float(), prog_bar=True)
+        self.log(f"val/{self.monitor}_loss", (total[0] / total[1].clamp(min=1)).float(), prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -343,16 +353,17 @@ def select_trainable(model: torch.nn.Module, mode: Mode, rank: int, alpha: float
 
 
 class KeepBest(L.Callback):
-    """Keeps a copy of the weights at the best held-out loss (on the CPU), for the export."""
+    """Keeps a copy of the weights at the best held-out loss ``key`` (on the CPU), for the export."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: str = "val/policy_loss") -> None:
+        self.key = key
         self.best = math.inf
         self.step = 0
         self.state: dict[str, torch.Tensor] | None = None
         self.history: list[tuple[int, float]] = []
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        value = trainer.callback_metrics.get("val/policy_loss")
+        value = trainer.callback_metrics.get(self.key)
         if value is None or trainer.sanity_checking:
             return
         loss = float(value)
@@ -391,7 +402,11 @@ def finetune(
     model = loaded.model
     base_config = model.config
     L.seed_everything(cfg.seed, workers=True)
-    data = DemoData(data_demos, loaded.text, base_config.context_length, cfg.batch_size, cfg.prompt_probability, cfg.seed)  # fmt: skip
+    if cfg.monitor not in ("policy", "goal"):
+        raise FinetuneError([f"monitor: expected 'policy' or 'goal', got {cfg.monitor!r}"])
+    if cfg.monitor == "goal" and cfg.goal_every < 1:
+        raise FinetuneError(["monitor 'goal' follows the goal head, which goal_every 0 never trains"])
+    data = DemoData(data_demos, loaded.text, base_config.context_length, cfg.batch_size, cfg.prompt_probability, cfg.seed, goal_last=cfg.monitor == "goal")  # fmt: skip
     tokens_per_pass = data.tokens_per_pass()
     batches_per_pass = max(1, math.ceil(tokens_per_pass / (cfg.batch_size * base_config.context_length)))
     max_steps = cfg.max_steps or int(np.clip(30 * batches_per_pass, 100, 1500))
@@ -402,11 +417,10 @@ def finetune(
     optim = OptimConfig(
         lr=lr, warmup_steps=min(20, max_steps // 10), max_steps=max_steps, goal_every=cfg.goal_every
     )
-    module = FinetuneModule(model, optim, cfg.mode, cfg.weight_decay)
-    keep = KeepBest()
-    stop = L.pytorch.callbacks.EarlyStopping(
-        "val/policy_loss", patience=cfg.patience, mode="min", check_finite=True
-    )
+    module = FinetuneModule(model, optim, cfg.mode, cfg.weight_decay, cfg.monitor)
+    monitored = f"val/{cfg.monitor}_loss"
+    keep = KeepBest(monitored)
+    stop = L.pytorch.callbacks.EarlyStopping(monitored, patience=cfg.patience, mode="min", check_finite=True)
     from datetime import timedelta
 
     from gato_like.training.train import default_precision, plot_losses
@@ -480,7 +494,10 @@ def finetune(
             "trainable_parameters": trainable,
             "steps_run": trainer.global_step,
             "best_step": keep.step,
-            "best_held_out_policy_loss": None if not math.isfinite(keep.best) else round(keep.best, 5),
+            "monitor": cfg.monitor,
+            f"best_held_out_{cfg.monitor}_loss": None
+            if not math.isfinite(keep.best)
+            else round(keep.best, 5),
             "validation": keep.history,
             "early_stopped": stop.wait_count >= cfg.patience,
             "config": {k: v for k, v in asdict(cfg).items()},
@@ -492,7 +509,7 @@ def finetune(
         plot_losses(
             out / "logs" / "metrics.csv",
             out / "losses.png",
-            ("train/policy_loss", "train/dynamics_loss", "val/policy_loss"),
+            ("train/policy_loss", "train/dynamics_loss", monitored),
         )
     (out / "finetune.json").write_text(json.dumps(meta["finetune"], indent=2) + "\n")
     return checkpoint
