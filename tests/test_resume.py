@@ -93,10 +93,10 @@ def test_killed_run_resumes_exactly(smoke_dataset: Path, tmp_path: Path) -> None
     # the run's weights were trained with its own config: a changed model field is refused by name
     from gato_like.training.train import train
 
-    changed = {**ARGS, "overrides": {"dropout": 0.1, "dynamics_target": "absolute"}}
+    changed = {**ARGS, "overrides": {"dropout": 0.1, "dynamics_target": "delta"}}
     with pytest.raises(
         ValueError,
-        match=r"dynamics_target: 'delta' there, 'absolute' now; resume with --model.dynamics_target delta",
+        match=r"dynamics_target: 'absolute' there, 'delta' now; resume with --model.dynamics_target absolute",
     ):
         train(smoke_dataset, run, **changed, resume=True)
 
