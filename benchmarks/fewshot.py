@@ -86,7 +86,7 @@ def _mlp_cell(job: dict[str, Any], demos: Path, normalizers: dict[str, Any]) -> 
     from mlp_reference import fit
 
     from gato_like.data_pipelines.tasks import get_task
-    from gato_like.training.evaluate import eval_seed
+    from gato_like.training.evaluate import eval_seed, normalized_score
 
     started = time.perf_counter()
     _, _, actor, steps = fit(TASK, str(demos), job["mlp_seconds"], job["seed"])
@@ -95,13 +95,13 @@ def _mlp_cell(job: dict[str, Any], demos: Path, normalizers: dict[str, Any]) -> 
         task.rollout(eval_seed(TASK, job["seed"], i), actor, render=False, max_steps=job["max_steps_episode"]).episode_return
         for i in range(job["episodes"])
     ]  # fmt: skip
-    expert, rand = normalizers["expert"]["mean"], normalizers["random"]["mean"]
     mean = float(np.mean(returns))
+    score = normalized_score(mean, normalizers["expert"], normalizers["random"])
     return {
         **{k: job[k] for k in ("init", "demos", "seed")},
         "mode": "mlp",
         "mean_return": round(mean, 2),
-        "score": round((mean - rand) / (expert - rand), 4),
+        "score": None if score is None else round(score, 4),
         "success_rate": float(np.mean([r > 0 for r in returns])),
         "held_out_policy_loss": None,
         "steps": steps,
@@ -130,10 +130,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     mode = job["mode"] if job["init"] == "pretrained" else "full"
     started = time.perf_counter()
     config = FinetuneConfig(
-        mode=mode, seed=job["seed"], max_steps=job["max_steps"], val_every=job["val_every"]
+        mode=mode, seed=job["seed"], max_steps=job["max_steps"], val_every=job["val_every"], lr=job["lr"]
     )
-    if job.get("lr"):
-        config.lr = job["lr"]
     checkpoint = finetune(base, demos, out / "run", config, task=TASK, progress=False)
     train_seconds = time.perf_counter() - started
     summary = evaluate(

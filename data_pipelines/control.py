@@ -252,10 +252,13 @@ class PointMassExpert:
     def __init__(self, physics: Any) -> None:
         del physics
 
+    def target(self, physics: Any) -> np.ndarray:
+        """Where to drive the point mass (x, y): the task's target."""
+        return physics.named.data.geom_xpos["target"][:2]
+
     def __call__(self, physics: Any) -> np.ndarray:
         position = physics.named.data.geom_xpos["pointmass"][:2]
-        target = physics.named.data.geom_xpos["target"][:2]
-        return np.clip(50.0 * (target - position) - 5.0 * physics.data.qvel, -1.0, 1.0)
+        return np.clip(50.0 * (self.target(physics) - position) - 5.0 * physics.data.qvel, -1.0, 1.0)
 
 
 class ReachExpert:
@@ -272,11 +275,15 @@ class ReachExpert:
     def __init__(self, physics: Any) -> None:
         del physics
 
+    def target(self, physics: Any) -> np.ndarray:
+        """Where to drive the fingertip (x, y): the task's target."""
+        return physics.named.data.geom_xpos["target"][:2]
+
     def __call__(self, physics: Any) -> np.ndarray:
         import mujoco
 
         model, data = physics.model.ptr, physics.data.ptr
-        error = (physics.named.data.geom_xpos["target"] - physics.named.data.geom_xpos["finger"])[:2]
+        error = self.target(physics) - physics.named.data.geom_xpos["finger"][:2]
         jacobian = np.zeros((3, model.nv))
         mujoco.mj_jacGeom(model, data, jacobian, None, model.geom("finger").id)
         j = jacobian[:2]
@@ -300,9 +307,8 @@ class GoalPointMassExpert(PointMassExpert):
         super().__init__(physics)
         self.goal = np.asarray(goal, np.float64)
 
-    def __call__(self, physics: Any) -> np.ndarray:
-        position = physics.named.data.geom_xpos["pointmass"][:2]
-        return np.clip(50.0 * (self.goal - position) - 5.0 * physics.data.qvel, -1.0, 1.0)
+    def target(self, physics: Any) -> np.ndarray:
+        return self.goal
 
 
 class GoalReachExpert(ReachExpert):
@@ -312,16 +318,8 @@ class GoalReachExpert(ReachExpert):
         super().__init__(physics)
         self.goal = np.asarray(goal, np.float64)
 
-    def __call__(self, physics: Any) -> np.ndarray:
-        import mujoco
-
-        model, data = physics.model.ptr, physics.data.ptr
-        error = self.goal - physics.named.data.geom_xpos["finger"][:2]
-        jacobian = np.zeros((3, model.nv))
-        mujoco.mj_jacGeom(model, data, jacobian, None, model.geom("finger").id)
-        j = jacobian[:2]
-        dq = j.T @ np.linalg.solve(j @ j.T + self.DAMPING * np.eye(2), error)
-        return np.clip(self.KP * dq - self.KD * physics.data.qvel, -1.0, 1.0)
+    def target(self, physics: Any) -> np.ndarray:
+        return self.goal
 
 
 @dataclass(frozen=True)

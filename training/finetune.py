@@ -43,8 +43,8 @@ from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
 from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, WindowSampler, collate
 from gato_like.data_pipelines.shards import DatasetError
 from gato_like.lora import LoRALinear, apply_lora, merge_lora
-from gato_like.model import GatoModel
-from gato_like.tokenizers import EmbodimentSpec, TokenSequence, TokenType
+from gato_like.model import GatoModel, _action_targets
+from gato_like.tokenizers import EmbodimentSpec, TokenSequence
 from gato_like.tokenizers.spec import SpecError, SpecMismatchError
 from gato_like.training.module import GatoLightning, OptimConfig, lr_factor
 
@@ -301,9 +301,7 @@ class FinetuneModule(GatoLightning):
     def validation_step(self, batch: dict[str, Any], batch_index: int) -> None:
         if self.monitor == "goal":
             out = self.model(batch, goal=True)
-            targets = (
-                ((batch["types"] == int(TokenType.ACTION)) & batch["attention_mask"])[:, 1:].sum().double()
-            )
+            targets = _action_targets(batch)[:, 1:].sum().double()  # the goal loss's targets
         else:
             out = self.model(batch)
             targets = (batch["loss_mask"][:, 1:]).sum().double()
