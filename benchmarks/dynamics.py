@@ -6,7 +6,8 @@ last state.
 
 For every task of ``--data`` (episodes the checkpoint never trained on: generate them with another
 ``--seed``), ``--starts`` start points t are drawn across the episodes. ``Policy.rollout`` gets the
-observation at t and the recorded actions t..t+k-1 and predicts the proprioception at t+1..t+k
+observation at t and the actions executed at t..t+k-1 (a perturbed rollout records them apart from
+its expert labels; older datasets have the labels only) and predicts the proprioception at t+1..t+k
 with the dynamics head alone (open loop: its own predictions are fed back). The baseline copies
 the observation at t. Error: root mean square over every proprioceptive value at step k, in the
 observation's own units; the ratio is model / baseline (below 1 beats copying).
@@ -43,7 +44,10 @@ def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int 
             t = rng.randrange(0, episode.length - longest)
             observation = {k: v[t] for k, v in episode.observations.items() if k in spec.observations}
             policy.reset(task)
-            predicted = policy.rollout(observation, episode.actions[t : t + longest], decode=decode)
+            # the actions that produced the recorded states: the executed ones where a perturbed
+            # rollout recorded them apart from its labels
+            taken = episode.actions if episode.executed_actions is None else episode.executed_actions
+            predicted = policy.rollout(observation, taken[t : t + longest], decode=decode)
             for k in horizons:
                 truth = np.concatenate([episode.observations[key][t + k].ravel() for key in keys])
                 guess = np.concatenate([predicted[k - 1][key].ravel() for key in keys])

@@ -9,9 +9,13 @@ its final observation is the goal: ``state`` gives the goal head the propriocept
 ``image`` the camera frame (only for checkpoints whose spec has one). The goal-conditioned
 policy (``Policy.reset(task, goal=...)``: the goal segment before the history, the goal head) and
 the unconditioned policy are then rolled out from the same seed. Success is the task's own at
-the last step. On the goal-reaching tasks (``dmc-point_mass-goals``, ``dmc-reacher-goals``: a
-random goal position per seed, not the task's target) only the goal tells the policy where to go;
-on the plain tasks the goal is the target the policy already knows.
+the last step. With ``--mlp_data`` (goal-reaching demos, e.g. ``data generate --suite goals``), a
+plain reference is rolled out beside them: a 2-layer MLP on (observation, hindsight goal) floats,
+trained for ``--mlp_seconds`` on those demos, so a reader sees what the data allows.
+
+On the goal-reaching tasks (``dmc-point_mass-goals``, ``dmc-reacher-goals``: a random goal
+position per seed, not the task's target) only the goal tells the policy where to go; on the
+plain tasks the goal is the target the policy already knows.
 """
 
 from __future__ import annotations
@@ -25,8 +29,73 @@ from typing import Any
 import numpy as np
 
 
+def goal_mlp(root: str, task: str, seconds: float, seed: int = 0) -> Any:
+    """A goal-conditioned behaviour-cloning reference: ``actor(goal) -> (observation -> action)``.
+
+    Inputs are the observation's and the goal's float features (``mlp_reference.Features``);
+    each training step's goal is the observation of a uniformly drawn later step of its episode
+    (hindsight relabelling, as the loader does); continuous actions only (MSE on [-1, 1], tanh)."""
+    import sys
+    import time
+
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mlp_reference import Features
+
+    from gato_like.data_pipelines.loader import DatasetSource
+    from gato_like.data_pipelines.shards import iter_task
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    spec = DatasetSource.open(root, [task]).specs[task]
+    if spec.action.kind == "discrete":
+        raise ValueError(f"{task}: the goal-conditioned MLP reference takes continuous actions only")
+    features = Features(spec)
+    xs, ys = [], []
+    for episode in iter_task(root, task):
+        obs = [features({k: v[t] for k, v in episode.observations.items()}) for t in range(episode.length)]
+        for t in range(episode.length):
+            xs.append(np.concatenate([obs[t], obs[rng.integers(t, episode.length)]]))
+            ys.append(np.asarray(episode.actions[t], np.float32).reshape(-1))
+    x = torch.from_numpy(np.stack(xs))
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    low = torch.as_tensor(spec.action.low, dtype=torch.float32).reshape(-1)
+    high = torch.as_tensor(spec.action.high, dtype=torch.float32).reshape(-1)
+    y = (2 * (torch.from_numpy(np.stack(ys)) - low) / (high - low) - 1).clamp(-1, 1)
+    net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, y.shape[1]))  # fmt: skip
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    xn, started = (x - mean) / std, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        index = torch.randint(0, len(xn), (256,))
+        loss = ((torch.tanh(net(xn[index])) - y[index]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def actor(goal: dict[str, Any]) -> Any:
+        g = features(goal)
+
+        def act(observation: dict[str, Any]) -> np.ndarray:
+            v = torch.from_numpy(np.concatenate([features(observation), g]))
+            with torch.no_grad():
+                out = torch.tanh(net(((v - mean) / std)[None].float())[0])
+            return (low + (out + 1) / 2 * (high - low)).numpy().reshape(spec.action.shape)
+
+        return act
+
+    return actor
+
+
 def measure(
-    ckpt: Path, tasks: list[str], goals: int, max_steps: int | None, kinds: list[str]
+    ckpt: Path,
+    tasks: list[str],
+    goals: int,
+    max_steps: int | None,
+    kinds: list[str],
+    mlp_data: str | None = None,
+    mlp_seconds: float = 30.0,
 ) -> dict[str, Any]:
     from gato_like.data_pipelines.tasks import get_task
     from gato_like.policy import Policy
@@ -41,6 +110,9 @@ def measure(
         proprio = [k for k, o in spec.observations.items() if o.kind == "proprio"]
         steps = max_steps or task.max_steps
         rows: dict[str, list[bool]] = {"none": [], "expert": []}
+        reference = goal_mlp(mlp_data, name, mlp_seconds) if mlp_data else None
+        if reference is not None:
+            rows["mlp"] = []
         for kind in kinds:
             if kind == "image" and not wants_pixels:
                 print(f"{name}: the checkpoint's spec has no image; goal-image skipped", flush=True)
@@ -55,8 +127,12 @@ def measure(
             def act(observation: dict[str, Any], keys: frozenset[str] = keys) -> Any:
                 return policy.act({k: v for k, v in observation.items() if k in keys})
 
+            if reference is not None:
+                rows["mlp"].append(
+                    task.rollout(seed, reference(final), render=False, max_steps=steps).success
+                )
             for kind in rows:
-                if kind == "expert":
+                if kind in ("expert", "mlp"):
                     continue
                 goal = None
                 if kind == "state":
@@ -82,16 +158,18 @@ def main() -> None:
     parser.add_argument("--goals", type=int, default=50)
     parser.add_argument("--max_steps", type=int, default=None, help="episode length (default: the task's)")
     parser.add_argument("--kinds", default="state,image", help="goal kinds: state, image")
+    parser.add_argument("--mlp_data", default=None, help="goal-reaching demos for the MLP reference")
+    parser.add_argument("--mlp_seconds", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    summary = measure(args.ckpt, args.tasks.split(","), args.goals, args.max_steps, args.kinds.split(","))
+    summary = measure(args.ckpt, args.tasks.split(","), args.goals, args.max_steps, args.kinds.split(","), args.mlp_data, args.mlp_seconds)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print("| task | goal | success | goals |\n|---|---|---|---|")
     for task, rows in summary["tasks"].items():
         for kind, r in rows.items():
-            label = {"none": "no goal (policy head)", "state": "goal state", "image": "goal image", "expert": "scripted expert"}[kind]  # fmt: skip
+            label = {"none": "no goal (policy head)", "state": "goal state", "image": "goal image", "expert": "scripted expert", "mlp": "goal-conditioned MLP reference"}[kind]  # fmt: skip
             print(f"| {task} | {label} | {r['success_rate']:.0%} | {r['goals']} |")
 
 

@@ -76,7 +76,7 @@ class BabyAITask:
         noise_rng = np.random.default_rng([seed, 3])
         mission = obs["mission"]
         observations: dict[str, list[Any]] = {"mission": [], "image": [], "direction": []}
-        actions, rewards = [], []
+        actions, rewards, executed_actions = [], [], []
         terminated = False
         frames: list[np.ndarray] = []
         last_executed: int | None = None
@@ -99,6 +99,7 @@ class BabyAITask:
                 # bot gives up on (e.g. an opened box: DisappearedBoxError)
                 executed = int(noise_rng.integers(0, 3))
             last_executed = executed
+            executed_actions.append([executed])
             obs, reward, terminated, truncated, _ = env.step(executed)
             rewards.append(float(reward))
             if terminated or truncated:
@@ -119,6 +120,7 @@ class BabyAITask:
             source=f"{policy if isinstance(policy, str) else 'learned'} policy in minigrid ({self.level})",
             seed=seed,
             extra={"frames": np.stack(frames)} if frames else {},
+            executed_actions=np.asarray(executed_actions, dtype=np.int64) if perturb_prob else None,
         )
 
 

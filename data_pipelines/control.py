@@ -443,7 +443,7 @@ class ControlTask:
         observations: dict[str, list[np.ndarray]] = {
             k: [] for k in [*self.proprio, *(["pixels"] if render else [])]
         }
-        actions, rewards = [], []
+        actions, rewards, executed_actions = [], [], []
         for _ in range(steps):
             for key in self.proprio:
                 observations[key].append(np.asarray(timestep.observation[key], dtype=np.float32).reshape(-1))
@@ -468,6 +468,7 @@ class ControlTask:
                 else:
                     executed = action + perturb.noise * noise_rng.standard_normal(self.action_size)
                 executed = np.clip(executed, -1.0, 1.0).astype(np.float32)
+            executed_actions.append(executed)
             timestep = env.step(executed)
             if goal is not None:
                 rewards.append(float(self.goals.reached(env.physics, goal)))  # type: ignore[union-attr]
@@ -486,6 +487,7 @@ class ControlTask:
             source=f"{policy if isinstance(policy, str) else 'learned'} policy in {'dm_control' if self.domain != 'arm3' else 'mujoco'} ({self.domain}/{self.task})"
             + (f", DART noise {perturb.noise} random {perturb.random_prob}" if perturb else ""),
             seed=seed,
+            executed_actions=np.stack(executed_actions) if perturb is not None else None,
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.tokenizers.spec import EmbodimentSpec
+from gato_like.tokenizers.spec import EmbodimentSpec, SpecMismatchError
 
 FORMAT_VERSION = 1
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -39,6 +39,10 @@ class Episode:
         observations: per key ``(T, *shape)`` (text: ``(T,)`` str).
         actions: ``(T, *action.shape)``.
         rewards: float32 ``(T,)``: reward received after each action.
+        executed_actions: ``(T, *action.shape)`` or None: the actions the environment executed,
+            where they differ from the recorded labels (a perturbed expert rollout records the
+            expert's clean action in ``actions``); the dynamics head reads these as its inputs.
+            Stored as the optional ``executed_actions`` array of the ``.npz``.
     """
 
     task: str
@@ -53,6 +57,7 @@ class Episode:
     extra: dict[str, Any] = field(default_factory=dict)
     key: str = ""
     """The sample key in its shard (set when read back)."""
+    executed_actions: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -81,6 +86,10 @@ class Episode:
         spec.check_episode(self.observations, self.actions)
         if self.rewards.shape != (self.length,):
             raise ValueError(f"rewards: expected shape ({self.length},), got {self.rewards.shape}")
+        if self.executed_actions is not None:
+            problems = spec.action.violations(self.executed_actions, (self.length,), key="executed_actions")
+            if problems:
+                raise SpecMismatchError(spec.name, problems)
 
     # -- bytes -----------------------------------------------------------------------------------
 
@@ -89,6 +98,8 @@ class Episode:
         arrays = {f"obs.{k}": _storable(v) for k, v in sorted(self.observations.items())}
         arrays["actions"] = np.asarray(self.actions)
         arrays["rewards"] = np.asarray(self.rewards, dtype=np.float32)
+        if self.executed_actions is not None:
+            arrays["executed_actions"] = np.asarray(self.executed_actions)
         return {
             "__key__": key,
             "json": json.dumps(self.metadata(), sort_keys=True).encode(),
@@ -130,6 +141,7 @@ class Episode:
             seed=meta.get("seed"),
             extra=meta.get("extra", {}),
             key=str(key),
+            executed_actions=arrays.get("executed_actions"),
         )
 
 

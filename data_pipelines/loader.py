@@ -241,12 +241,16 @@ class WindowSampler:
 
     def _build(self, episode: Episode, index: np.ndarray) -> TokenSequence:
         """Tokens of the episode's timesteps ``index`` (checked when the episode was decoded), with
-        the dynamics head's change targets (each proprio value minus the timestep before's)."""
+        the dynamics head's change targets (each proprio value minus the timestep before's) and,
+        where the episode recorded them, its executed actions (the dynamics head's inputs)."""
         builder = self.builders[episode.task]
         observations = {k: v[index] for k, v in episode.observations.items()}
         before = np.maximum(index - 1, 0)
         previous = {k: episode.observations[k][before] for k in builder.tensor_keys}
-        return builder.build(observations, episode.actions[index], checked=True, previous=previous)
+        executed = None if episode.executed_actions is None else episode.executed_actions[index]
+        return builder.build(
+            observations, episode.actions[index], checked=True, previous=previous, executed=executed
+        )
 
     def windows_per_episode(self, bounds: np.ndarray) -> int:
         """How many windows to cut from one decoded episode: about its tokens over the context."""
@@ -421,6 +425,7 @@ def sequence_sample(sequence: TokenSequence, prompt_length: int, task_id: int, k
     return {
         "ids": sequence.ids,
         "dynamics_ids": dynamics_ids,
+        "executed_ids": sequence.ids if sequence.executed_ids is None else sequence.executed_ids,
         "types": sequence.types,
         "local_positions": sequence.local_positions,
         "timesteps": sequence.timesteps,
@@ -592,7 +597,8 @@ def _mix(
 def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Pad a list of sequences into a batch of torch tensors. B = batch, L = longest, P = most patches.
 
-    Returns ``ids``/``dynamics_ids``/``types``/``local_positions``/``timesteps`` (B, L) int64,
+    Returns ``ids``/``dynamics_ids``/``executed_ids``/``types``/``local_positions``/``timesteps``
+    (B, L) int64,
     ``attention_mask``,
     ``episode`` (B sample keys),
     ``loss_mask``, ``prompt_mask`` (B, L) bool, ``patches`` (B, P, 3, 16, 16) float32,
@@ -615,6 +621,7 @@ def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch: dict[str, Any] = {
         "ids": pad("ids", pad_id, np.int64),
         "dynamics_ids": pad("dynamics_ids", pad_id, np.int64),
+        "executed_ids": pad("executed_ids" if "executed_ids" in samples[0] else "ids", pad_id, np.int64),
         "types": pad("types", int(TokenType.PAD), np.int64),
         "local_positions": pad("local_positions", 0, np.int64),
         "timesteps": pad("timesteps", 0, np.int64),

@@ -73,6 +73,18 @@ class Config:
     Mu-law bins are fine near zero and coarse far from it (0.0002 wide at 0, 0.1 at 5), so an
     absolute bin of a velocity near 5 is coarser than a control step's change; see
     docs/heads.md. Discrete observations are predicted as they are either way."""
+    dynamics_inputs: Literal["masked", "executed"] = "masked"
+    """What the dynamics head reads at the action positions. ``masked``: it shares the policy's
+    pass, so with ``action_input_dropout`` it never sees the action whose outcome it predicts
+    (checkpoints without this field were trained so). ``executed``: its loss comes from a second
+    pass over the first ``dynamics_rows`` share of the batch's rows in which every action token is
+    an input holding the action the environment executed (``executed_ids``: a perturbed rollout
+    executes a noisy or random action and records the expert's as the label), as a dynamics model
+    conditions on the action taken; ``Policy.rollout`` feeds its actions the same way."""
+    dynamics_rows: float = 1.0
+    """Share of a batch's rows (the first ones; windows come in random order) in the dynamics
+    head's own pass with ``dynamics_inputs="executed"``; each row costs another forward and
+    backward through the trunk."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
     value_embedding: Literal["off", "add", "replace"] = "add"
@@ -118,6 +130,10 @@ class Config:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.backbone not in ("decoder", "perceiver"):
             problems.append(f"backbone: expected 'decoder' or 'perceiver', got {self.backbone!r}")
+        if self.dynamics_inputs not in ("masked", "executed"):
+            problems.append(f"dynamics_inputs: expected 'masked' or 'executed', got {self.dynamics_inputs!r}")
+        if not (0.0 < self.dynamics_rows <= 1.0):
+            problems.append(f"dynamics_rows: expected a share in (0, 1], got {self.dynamics_rows!r}")
         if self.dynamics_target not in ("absolute", "delta"):
             problems.append(f"dynamics_target: expected 'absolute' or 'delta', got {self.dynamics_target!r}")
         if self.image_encoder not in ("resnet", "timm"):
@@ -186,6 +202,7 @@ class Config:
     def from_file(cls, path: str | Path) -> Config:
         data = json.loads(Path(path).read_text())
         data.setdefault("dynamics_target", "absolute")  # written before the field existed
+        data.setdefault("dynamics_inputs", "masked")  # likewise
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

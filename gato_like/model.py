@@ -310,8 +310,11 @@ class GatoModel(nn.Module):
         patches: Tensor | None = None,
         patch_positions: Tensor | None = None,
         patch_mask: Tensor | None = None,
+        show_actions: bool = False,
     ) -> Tensor:
         """Token embeddings ``(B, L, D)``; image positions take their patch's embedding.
+        ``show_actions``: action tokens are inputs even where the config masks them (the
+        dynamics head's pass with ``dynamics_inputs="executed"``).
 
         Args:
             ids, types, local_positions: ``(B, L)``.
@@ -328,7 +331,7 @@ class GatoModel(nn.Module):
                 x = torch.where(continuous[..., None], value + self.local(local), x)
             else:
                 x = x + value * continuous[..., None]
-        if self.masked_action is not None and self.config.action_input_dropout >= 1.0:
+        if not show_actions and self.masked_action is not None and self.config.action_input_dropout >= 1.0:
             # actions are never inputs (training and acting alike): every one is the mask embedding
             x = torch.where(
                 (types == int(TokenType.ACTION))[..., None], self.masked_action + self.local(local), x
@@ -353,7 +356,10 @@ class GatoModel(nn.Module):
         + L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
         The dynamics head's targets are ``dynamics_ids`` (B, L; -1 where there is none) when
         ``config.dynamics_target`` is ``delta`` (a batch without them is scored on its discrete
-        observations only), else ``ids``.
+        observations only), else ``ids``. With ``config.dynamics_inputs="executed"`` the dynamics
+        head has its own pass over the first ``dynamics_rows`` share of the rows (all of them with
+        ``logits=True``), reading ``executed_ids`` (B, L; ``ids`` if absent) with every action
+        token an input.
         """
         x = self.embed(batch["ids"], batch["types"], batch["local_positions"], batch.get("patches"),
                        batch.get("patch_positions"), batch.get("patch_mask"))  # fmt: skip
@@ -387,13 +393,41 @@ class GatoModel(nn.Module):
             if logits:
                 out["goal_logits"] = self.head_logits(episode, "goal")
             return out
+        out["policy_loss"] = self._next_token_loss(h, "policy", batch["ids"], batch["loss_mask"], predicts)
+        if self.config.dynamics_inputs == "executed":  # its own pass, the executed actions as inputs
+            rows = len(h) if logits else max(1, math.ceil(len(h) * self.config.dynamics_rows))
+            part = {
+                k: v[:rows] if torch.is_tensor(v) and v.shape[:1] == h.shape[:1] else v
+                for k, v in batch.items()
+            }
+            inputs = part.get("executed_ids", part["ids"])
+            xd = self.embed(inputs, part["types"], part["local_positions"], part.get("patches"),
+                            part.get("patch_positions"), part.get("patch_mask"), show_actions=True)  # fmt: skip
+            xd, predicts_d = self.trunk(xd, part["types"], part["timesteps"], part["attention_mask"])
+            hd = self.ln_f(xd)
+            out["dynamics_loss"] = self._dynamics_loss(hd, part, predicts_d)
+        else:
+            hd = h
+            out["dynamics_loss"] = self._dynamics_loss(h, batch, predicts)
+        out["loss"] = (
+            self.config.policy_weight * out["policy_loss"]
+            + self.config.dynamics_weight * out["dynamics_loss"]
+        )
+        if logits:
+            out["policy_logits"] = self.head_logits(h, "policy")
+            out["dynamics_logits"] = self.head_logits(hd, "dynamics")
+        return out
+
+    def _dynamics_loss(self, h: Tensor, batch: dict[str, Any], predicts: Tensor) -> Tensor:
+        """The dynamics head's loss from hidden states ``(B, L, D)`` of ``batch``'s rows: the next
+        timestep's observation tokens (``dynamics_ids`` with ``dynamics_target="delta"``; a batch
+        without them is scored on its discrete observations only), never in a prompt."""
         dynamics_mask = (
             ((batch["types"] == int(TokenType.CONTINUOUS)) | (batch["types"] == int(TokenType.DISCRETE)))
             & (batch["timesteps"] > 0)
             & batch["attention_mask"]
             & ~batch.get("prompt_mask", torch.zeros_like(batch["attention_mask"]))
         )
-        out["policy_loss"] = self._next_token_loss(h, "policy", batch["ids"], batch["loss_mask"], predicts)
         dynamics_ids = batch["ids"]
         if self.config.dynamics_target == "delta":
             if "dynamics_ids" in batch:
@@ -401,15 +435,7 @@ class GatoModel(nn.Module):
                 dynamics_mask = dynamics_mask & (dynamics_ids >= 0)  # -1: no target (loader.NO_TARGET)
             else:  # a hand-made batch (e.g. for logits only): no change targets, discrete ones only
                 dynamics_mask = dynamics_mask & (batch["types"] != int(TokenType.CONTINUOUS))
-        out["dynamics_loss"] = self._next_token_loss(h, "dynamics", dynamics_ids, dynamics_mask, predicts)
-        out["loss"] = (
-            self.config.policy_weight * out["policy_loss"]
-            + self.config.dynamics_weight * out["dynamics_loss"]
-        )
-        if logits:
-            out["policy_logits"] = self.head_logits(h, "policy")
-            out["dynamics_logits"] = self.head_logits(h, "dynamics")
-        return out
+        return self._next_token_loss(h, "dynamics", dynamics_ids, dynamics_mask, predicts)
 
     def trunk(self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone over embedded tokens ``(B, L, D)``: hidden states ``(B, L, D)`` aligned with the

@@ -158,6 +158,8 @@ class Policy:
         """Open-loop dynamics: predicted observations after each of ``actions`` (k, *action.shape),
         starting from the current history and ``observation``; the policy's own state is untouched.
 
+        With ``Config.dynamics_inputs="executed"`` the head reads ``actions`` as inputs (as it
+        was trained to: the actions executed), else as the policy's masked inputs.
         With ``Config.dynamics_target="delta"`` the head predicts each proprio value's change: the
         prediction is the previous value plus the decoded change (kept in float; its bin is fed
         back). ``decode``: a continuous value is the median bin of the head's distribution over the 1024
@@ -167,6 +169,8 @@ class Policy:
 
         Proprioceptive and discrete keys are predicted by the dynamics head; text and images are
         carried over from ``observation`` (the model does not generate pixels). Decoder backbone only.
+        With ``Config.history_steps`` the context keeps the newest that many timesteps at every
+        step (prompt and goal stay), as in training and in :meth:`act`.
 
         Returns:
             k dicts ``{key: array}`` of the predicted proprio/discrete observations.
@@ -205,14 +209,26 @@ class Policy:
             [np.asarray(observation[k], np.float64).reshape(-1) for k in builder.tensor_keys
              if spec.observations[k].kind == "proprio"] or [np.zeros(0)]
         )  # fmt: skip
+        history = self.model.config.history_steps
+        env = self.envs[0]
+        done = list(env.steps)  # whole timesteps (1, n, D) before the current one
+        current = self._embed(template)  # the current timestep's observation and separator
         try:
-            self._feed([self._embed(template)])
+            if not history:
+                self._feed([current])
             predictions = []
             for action in actions:
+                if history:  # as trained and as act() keeps it: the newest history_steps timesteps
+                    kept = done[len(done) - (history - 2) :] if history > 2 else []
+                    self.cache.lengths[0], env.length = 0, 0
+                    self._feed([torch.cat([env.prefix, *kept, current], dim=1)])
                 action_ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None]
                 local = torch.arange(len(template), len(template) + builder.action_size)[None]
                 tokens = self.model.embed(
-                    action_ids, torch.full_like(action_ids, int(TokenType.ACTION)), local
+                    action_ids,
+                    torch.full_like(action_ids, int(TokenType.ACTION)),
+                    local,
+                    show_actions=self.model.config.dynamics_inputs == "executed",
                 )
                 logits = self._feed([tokens], head="dynamics")
                 ids = template.ids.copy()
@@ -235,6 +251,8 @@ class Policy:
                     logits = self._feed([self._embed(_part(template, ids, position, end))], head="dynamics")
                     position = end
                 self._feed([self._embed(_part(template, ids, last, last + 1))])
+                done.append(torch.cat([current, tokens], dim=1))
+                current = self._embed(_part(template, ids, 0, last + 1))
                 predictions.append(self._decode_observation(ids, template, values if delta else None))
             return predictions
         finally:

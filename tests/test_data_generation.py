@@ -171,8 +171,19 @@ def test_episode_sample_round_trip_and_named_errors() -> None:
 
     with pytest.raises(EpisodeFormatError, match=r"shard x.tar: sample 'k0': missing 'npz' member"):
         Episode.from_sample({"__key__": "k0", "json": sample["json"]}, where="shard x.tar")
+    assert back.executed_actions is None  # an unperturbed rollout executes its labels
     with pytest.raises(EpisodeFormatError, match=r"sample 'k0': .npz is corrupt"):
         Episode.from_sample({"__key__": "k0", "json": sample["json"], "npz": b"garbage"}, where="shard x.tar")
+
+
+def test_executed_actions_that_do_not_fit_the_spec_are_named() -> None:
+    from gato_like.tokenizers import SpecMismatchError
+
+    task = get_task("dmc-point_mass-easy")
+    episode = task.rollout(1, "expert", render=True, max_steps=5)
+    episode.executed_actions = np.zeros((5, 3), np.float32)  # point mass has 2 actuators
+    with pytest.raises(SpecMismatchError, match=r"executed_actions.*wrong shape.*\(5, 2\)"):
+        episode.check(task.spec)
 
 
 def test_generate_without_pixels_writes_proprioception_only(tmp_path: Path) -> None:
@@ -208,9 +219,23 @@ def test_dart_perturbation_records_the_clean_expert_action() -> None:
         env.physics.data.qpos[:] = [x, np.arctan2(sin_theta, cos_theta)]
         env.physics.data.qvel[:] = perturbed.observations["velocity"][t]
         np.testing.assert_allclose(expert(env.physics), perturbed.actions[t], atol=1e-3)
+    # the executed actions are recorded beside the labels: replaying them reproduces the episode
+    assert clean.executed_actions is None and perturbed.executed_actions is not None
+    assert perturbed.executed_actions.shape == perturbed.actions.shape
+    assert np.abs(perturbed.executed_actions - perturbed.actions).mean() > 0.05
+    env = task._environment(7)
+    timestep = env.reset()
+    for t in range(59):
+        np.testing.assert_allclose(
+            timestep.observation["position"], perturbed.observations["position"][t], atol=1e-5
+        )
+        timestep = env.step(perturbed.executed_actions[t])
+    back = Episode.from_sample(perturbed.to_sample("k"))
+    np.testing.assert_array_equal(back.executed_actions, perturbed.executed_actions)
     babyai = get_task("babyai-GoToLocal")
     noisy = babyai.rollout(5, "expert", perturbation=Perturbation(random_prob=0.3))
     assert noisy.success  # the bot replans after random actions and still finishes
+    assert noisy.executed_actions is not None and (noisy.executed_actions != noisy.actions).any()
 
 
 def test_perturbation_settings_are_recorded_and_checked(tmp_path: Path) -> None:

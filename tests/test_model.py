@@ -224,3 +224,28 @@ def test_a_padded_goal_ends_where_its_episode_starts() -> None:
         together = model(collate(samples, pad), goal=True, logits=True)["goal_logits"]
         alone = model(collate(samples[:1], pad), goal=True, logits=True)["goal_logits"]
     torch.testing.assert_close(together[0], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_dynamics_head_reads_the_executed_actions_in_its_own_pass() -> None:
+    """With ``dynamics_inputs="executed"`` the dynamics loss changes with the executed actions and
+    the policy loss does not; with ``masked`` (and every action masked) neither does."""
+    torch.manual_seed(0)
+    _, batch = _episode_tokens("dmc-cartpole-balance", 6)
+    action = batch["types"] == int(TokenType.ACTION)
+    other = batch["ids"].clone()
+    other[action] = torch.where(batch["ids"][action] > 1024 + 512, 1024 + 10, 1024 + 1000)
+    for inputs in ("executed", "masked"):
+        model = GatoModel(Config.from_name("debug", dynamics_inputs=inputs, action_input_dropout=1.0)).eval()
+        with torch.no_grad():
+            a = model(batch | {"executed_ids": batch["ids"]})
+            b = model(batch | {"executed_ids": other})
+        assert torch.equal(a["policy_loss"], b["policy_loss"])
+        assert (a["dynamics_loss"] != b["dynamics_loss"]) == (inputs == "executed"), inputs
+    # a share of the rows: the dynamics pass sees the first rows only
+    two = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in batch.items()}
+    two["executed_ids"] = torch.cat([batch["ids"], other])
+    model = GatoModel(Config.from_name("debug", dynamics_inputs="executed", dynamics_rows=0.5)).eval()
+    with torch.no_grad():
+        half = model(two)["dynamics_loss"]
+        first = model(batch | {"executed_ids": batch["ids"]})["dynamics_loss"]
+    torch.testing.assert_close(half, first)

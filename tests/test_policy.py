@@ -193,6 +193,59 @@ def test_delta_dynamics_add_the_decoded_changes_to_the_observation(checkpoint, m
         np.testing.assert_allclose(step["velocity"], [change, change], rtol=1e-6)
 
 
+def test_rollout_reads_its_actions_when_the_dynamics_head_was_trained_on_them(tmp_path, monkeypatch) -> None:
+    """A policy that masks every action input still rolls its dynamics head out on the given
+    actions with ``dynamics_inputs="executed"``; with ``masked`` the actions cannot matter."""
+    episode = get_task("dmc-reacher-easy").rollout(2, "expert", max_steps=3)
+    observation = {k: v[0] for k, v in episode.observations.items()}
+    seen: list[torch.Tensor] = []
+
+    def record(logits: torch.Tensor, kind: int, decode: str) -> int:
+        seen.append(logits.clone())
+        return 600
+
+    monkeypatch.setattr(Policy, "_predicted_bin", staticmethod(record))
+    for inputs in ("executed", "masked"):
+        torch.manual_seed(0)
+        model = GatoModel(Config.from_name("debug", action_input_dropout=1.0, dynamics_inputs=inputs))
+        torch.nn.init.normal_(model.masked_action)  # (trained weights: not the zero vector)
+        policy = Policy.from_checkpoint(_save(tmp_path / inputs, model))
+        policy.reset("dmc-reacher-easy")
+        seen.clear()
+        policy.rollout(observation, np.ones((2, 2), np.float32))
+        push = torch.stack(seen)
+        seen.clear()
+        policy.rollout(observation, -np.ones((2, 2), np.float32))
+        pull = torch.stack(seen)
+        assert torch.equal(push, pull) == (inputs == "masked"), inputs
+
+
+def test_rollout_keeps_the_newest_history_steps_timesteps(tmp_path, monkeypatch) -> None:
+    """With ``history_steps=2`` each open-loop step sees only the timestep before it, as the
+    training windows do: step 2 of a rollout equals a fresh rollout from step 1's prediction."""
+    episode = get_task("dmc-reacher-easy").rollout(2, "expert", max_steps=3)
+    observation = {k: v[0] for k, v in episode.observations.items()}
+    seen: list[torch.Tensor] = []
+
+    def record(logits: torch.Tensor, kind: int, decode: str) -> int:
+        seen.append(logits.clone())
+        return 600
+
+    monkeypatch.setattr(Policy, "_predicted_bin", staticmethod(record))
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", history_steps=2))
+    policy = Policy.from_checkpoint(_save(tmp_path / "h2", model))
+    policy.reset("dmc-reacher-easy")
+    policy.act(observation)  # a history before the rollout: outside the window too
+    first, _ = policy.rollout(observation, episode.actions[:2])
+    per_step = len(seen) // 2
+    second_logits = torch.stack(seen[per_step:])
+    policy.reset("dmc-reacher-easy")
+    seen.clear()
+    policy.rollout(first | {"pixels": observation["pixels"]}, episode.actions[1:2])
+    torch.testing.assert_close(torch.stack(seen), second_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_rollout_first_token_matches_a_full_forward(checkpoint) -> None:
     task = get_task("babyai-GoToLocal")
     episode = task.rollout(3, "expert", max_steps=2)

@@ -90,6 +90,19 @@ def test_exact_tokens_of_a_hand_made_episode() -> None:
     assert second.dynamics_ids is not None and second.dynamics_ids.tolist() == delta1
     joined = TokenSequence.concatenate([builder.build(obs, actions), second])  # a prompt without targets
     assert joined.dynamics_ids is not None and joined.dynamics_ids.tolist() == step0 + step1 + delta1
+    # the dynamics head's inputs: the executed actions at the action positions, every other id as is
+    assert seq.executed_ids is None
+    executed = np.array([[-2.0, 10.0], [0.0, 7.5]], np.float32)  # another action than each label
+    run = builder.build(obs, actions, executed=executed)
+    exec0 = [*step0[:-2], 1024 + 0, 1024 + 1023]
+    exec1 = [*step1[:-2], 1024 + 512, 1024 + 768]
+    assert run.ids.tolist() == step0 + step1 and run.executed_ids is not None
+    assert run.executed_ids.tolist() == exec0 + exec1
+    assert run.window(1, 2).executed_ids.tolist() == exec1  # type: ignore[union-attr]
+    joined = TokenSequence.concatenate([builder.build(obs, actions), run.window(1, 2)])
+    assert joined.executed_ids is not None and joined.executed_ids.tolist() == step0 + step1 + exec1
+    with pytest.raises(ValueError, match="expected 2 executed actions, got 1"):
+        builder.build(obs, actions, executed=executed[:1])
 
 
 @st.composite

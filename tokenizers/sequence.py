@@ -52,6 +52,9 @@ class TokenSequence:
             position when it predicts changes (``Config.dynamics_target="delta"``): ``ids``, except
             that a proprio token holds the token of its value minus the previous timestep's. Only
             built when :meth:`SequenceBuilder.build` is given the previous timestep.
+        executed_ids: int64 ``(L,)`` or None: what the dynamics head reads as its inputs:
+            ``ids``, except that action tokens hold the actions the environment executed (which
+            a perturbed rollout records apart from its labels). None: the labels were executed.
     """
 
     ids: np.ndarray
@@ -62,6 +65,7 @@ class TokenSequence:
     patches: np.ndarray
     patch_positions: np.ndarray
     dynamics_ids: np.ndarray | None = None
+    executed_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -100,6 +104,7 @@ class TokenSequence:
                     patches=self.patches[p_lo:p_hi],
                     patch_positions=self.patch_positions[p_lo:p_hi],
                     dynamics_ids=None if self.dynamics_ids is None else self.dynamics_ids[lo:hi],
+                    executed_ids=None if self.executed_ids is None else self.executed_ids[lo:hi],
                 )
             )
         return out
@@ -123,6 +128,9 @@ class TokenSequence:
             dynamics_ids=None
             if all(p.dynamics_ids is None for p in parts)
             else np.concatenate([p.ids if p.dynamics_ids is None else p.dynamics_ids for p in parts]),
+            executed_ids=None
+            if all(p.executed_ids is None for p in parts)
+            else np.concatenate([p.ids if p.executed_ids is None else p.executed_ids for p in parts]),
         )
 
 
@@ -233,6 +241,7 @@ class SequenceBuilder:
         actions: np.ndarray | None = None,
         checked: bool = False,
         previous: Mapping[str, np.ndarray] | None = None,
+        executed: np.ndarray | None = None,
     ) -> TokenSequence:
         """Tokenize an episode.
 
@@ -246,6 +255,8 @@ class SequenceBuilder:
             previous: per proprio key ``(T, *shape)``, the observation one timestep before each
                 of ``observations`` (an episode's first timestep: itself). Fills the sequence's
                 ``dynamics_ids``: each proprio token's change since that timestep, tokenized.
+            executed: ``(len(actions), *action.shape)``, the actions the environment executed
+                where they differ from ``actions`` (the labels). Fills ``executed_ids``.
 
         Raises:
             SpecMismatchError: naming every key that does not match the spec (unless ``checked``).
@@ -291,6 +302,13 @@ class SequenceBuilder:
         id_blocks.append(action_ids)
         type_blocks.append(np.full(action_ids.shape, TokenType.ACTION, dtype=np.int8))
         fixed_ids = np.concatenate(id_blocks, axis=1)
+        fixed_executed = None
+        if executed is not None:
+            if len(executed) != num_actions:
+                raise ValueError(f"build: expected {num_actions} executed actions, got {len(executed)}")
+            fixed_executed = fixed_ids.copy()
+            if num_actions:
+                fixed_executed[:num_actions, -self.action_size :] = self.encode_actions(np.asarray(executed))
         fixed_types = np.concatenate(type_blocks, axis=1)
         fixed_deltas = (
             np.concatenate([*delta_blocks, *id_blocks[len(delta_blocks) :]], axis=1)
@@ -304,10 +322,12 @@ class SequenceBuilder:
             else np.zeros(0, dtype=np.int64)
             for t in range(steps)
         ]
-        ids_per_step, types_per_step, deltas_per_step = [], [], []
+        ids_per_step, types_per_step, deltas_per_step, executed_per_step = [], [], [], []
         for t in range(steps):
             width = fixed_ids.shape[1] - (self.action_size if t >= num_actions else 0)
             ids_per_step.append(np.concatenate([text_ids[t], fixed_ids[t, :width]]))
+            if fixed_executed is not None:
+                executed_per_step.append(np.concatenate([text_ids[t], fixed_executed[t, :width]]))
             if fixed_deltas is not None:
                 deltas_per_step.append(np.concatenate([text_ids[t], fixed_deltas[t, :width]]))
             types_per_step.append(
@@ -333,8 +353,9 @@ class SequenceBuilder:
             patches = np.zeros((0, PATCH_CHANNELS, p, p), dtype=np.float32)
             positions = np.zeros((0, 4), dtype=np.int64)
         dynamics_ids = np.concatenate(deltas_per_step) if fixed_deltas is not None else None
+        executed_ids = np.concatenate(executed_per_step) if fixed_executed is not None else None
         return TokenSequence(
-            ids, types, timesteps, local_positions, loss_mask, patches, positions, dynamics_ids
+            ids, types, timesteps, local_positions, loss_mask, patches, positions, dynamics_ids, executed_ids
         )
 
     def build_step(self, observation: Mapping[str, Any]) -> TokenSequence:
