@@ -93,10 +93,19 @@ class Config:
     rarely seen bins are not unknown tokens: ``add`` it to the per-bin row, ``replace`` the row
     by it on the input side (the rows stay the tied output layer), or ``off`` (Gato). Token ids
     are unchanged."""
+    value_frequencies: Literal["linear", "geometric"] = "linear"
+    """Frequencies of the value embedding's Fourier features: ``linear`` (1..16, the default; older
+    checkpoints have it) resolves bins ~32 apart, about 4 cm at 0.1 m; ``geometric`` (1..512 in
+    equal ratios) resolves neighbouring bins, so two values a few bins apart (a position and its
+    goal) embed apart."""
     target_sigma_bins: float = 8.0
     """Departure from Gato: continuous targets (actions, and proprio for the dynamics head) are a
     Gaussian over neighbouring bins with this standard deviation in bins (HL-Gauss, Imani & White
     2018) instead of one-hot; 0 gives Gato's one-hot cross-entropy."""
+    dynamics_sigma_bins: float | None = None
+    """HL-Gauss standard deviation (bins) of the dynamics head's continuous targets; None: as
+    ``target_sigma_bins``. A control step's change is a few bins from zero after mu-law (point
+    mass: ~6), so the actions' 8 bins blur the very signal of a change target."""
     text_weight: float = 0.1
     """Departure from Gato: weight of a text target relative to an action target in the policy
     loss (captions and repeated missions otherwise outnumber the actions); 1 is Gato's plain mean."""
@@ -130,6 +139,10 @@ class Config:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.backbone not in ("decoder", "perceiver"):
             problems.append(f"backbone: expected 'decoder' or 'perceiver', got {self.backbone!r}")
+        if self.value_frequencies not in ("linear", "geometric"):
+            problems.append(
+                f"value_frequencies: expected 'linear' or 'geometric', got {self.value_frequencies!r}"
+            )
         if self.dynamics_inputs not in ("masked", "executed"):
             problems.append(f"dynamics_inputs: expected 'masked' or 'executed', got {self.dynamics_inputs!r}")
         if not (0.0 < self.dynamics_rows <= 1.0):
@@ -138,6 +151,8 @@ class Config:
             problems.append(f"dynamics_target: expected 'absolute' or 'delta', got {self.dynamics_target!r}")
         if self.image_encoder not in ("resnet", "timm"):
             problems.append(f"image_encoder: expected 'resnet' or 'timm', got {self.image_encoder!r}")
+        if self.dynamics_sigma_bins is not None and not (self.dynamics_sigma_bins >= 0.0):
+            problems.append(f"dynamics_sigma_bins: expected >= 0 or None, got {self.dynamics_sigma_bins}")
         if not (self.target_sigma_bins >= 0.0):
             problems.append(f"target_sigma_bins: expected >= 0, got {self.target_sigma_bins}")
         if self.value_embedding is True or self.value_embedding is False:  # older configs: a flag
@@ -203,6 +218,7 @@ class Config:
         data = json.loads(Path(path).read_text())
         data.setdefault("dynamics_target", "absolute")  # written before the field existed
         data.setdefault("dynamics_inputs", "masked")  # likewise
+        data.setdefault("value_frequencies", "linear")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -249,3 +249,36 @@ def test_dynamics_head_reads_the_executed_actions_in_its_own_pass() -> None:
         half = model(two)["dynamics_loss"]
         first = model(batch | {"executed_ids": batch["ids"]})["dynamics_loss"]
     torch.testing.assert_close(half, first)
+
+
+def test_geometric_value_frequencies_tell_neighbouring_bins_apart() -> None:
+    """Linear frequencies (1..16) barely move between neighbouring bins; geometric ones (1..512)
+    move by about a half turn, so a position and a goal a few bins apart embed apart."""
+    from torch import nn
+
+    from gato_like.model import ValueEmbedding
+
+    bins = torch.tensor([600, 601])
+    for spacing, low, high in (("linear", 0.0, 0.1), ("geometric", 1.0, 2.01)):
+        embedding = ValueEmbedding(8, 1024, spacing=spacing)
+        embedding.proj = nn.Identity()  # the Fourier features themselves
+        features = embedding(bins)
+        assert low < float((features[0] - features[1]).abs().max()) < high, spacing
+    with pytest.raises(ValueError, match="value_frequencies: expected 'linear' or 'geometric'"):
+        Config.from_name("debug", value_frequencies="log")
+
+
+def test_dynamics_sigma_applies_to_the_dynamics_head_only() -> None:
+    torch.manual_seed(0)
+    _, batch = _episode_tokens("dmc-cartpole-balance", 6)
+    base = GatoModel(Config.from_name("debug", dynamics_target="delta")).eval()
+    own = GatoModel(Config.from_name("debug", dynamics_target="delta", dynamics_sigma_bins=0.0)).eval()
+    onehot = GatoModel(Config.from_name("debug", dynamics_target="delta", target_sigma_bins=0.0)).eval()
+    own.load_state_dict(base.state_dict())
+    onehot.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        a, b, c = base(batch), own(batch), onehot(batch)
+    assert torch.equal(a["policy_loss"], b["policy_loss"]) and not torch.equal(
+        a["dynamics_loss"], b["dynamics_loss"]
+    )
+    torch.testing.assert_close(b["dynamics_loss"], c["dynamics_loss"])
