@@ -11,6 +11,10 @@ its expert labels; older datasets have the labels only) and predicts the proprio
 with the dynamics head alone (open loop: its own predictions are fed back). The baseline copies
 the observation at t. Error: root mean square over every proprioceptive value at step k, in the
 observation's own units; the ratio is model / baseline (below 1 beats copying).
+
+With ``--mlp_data`` (the episodes the checkpoint trained on), a plain reference is rolled out from
+the same starts: a 2-layer MLP from (proprioception, executed action) floats to the change of the
+proprioception, trained for ``--mlp_seconds``, so a reader sees what the data allows.
 """
 
 from __future__ import annotations
@@ -24,7 +28,45 @@ from typing import Any
 import numpy as np
 
 
-def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int = 0, tasks: list[str] | None = None, decode: str = "median") -> dict[str, Any]:  # fmt: skip
+def mlp_dynamics(root: Path, task: str, keys: list[str], seconds: float, seed: int = 0) -> Any:
+    """A plain dynamics reference: ``step(state (F,), action (A,)) -> next state (F,)``, the
+    proprio ``keys`` concatenated; an MLP on normalized inputs predicts the normalized change."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from gato_like.data_pipelines.shards import iter_task
+
+    torch.manual_seed(seed)
+    xs, ys = [], []
+    for episode in iter_task(root, task):
+        state = np.concatenate([episode.observations[k].reshape(episode.length, -1) for k in keys], 1)
+        taken = episode.actions if episode.executed_actions is None else episode.executed_actions
+        action = np.asarray(taken, np.float32).reshape(episode.length, -1)
+        xs.append(np.concatenate([state[:-1], action[:-1]], 1))
+        ys.append(state[1:] - state[:-1])
+    x, y = torch.from_numpy(np.concatenate(xs)).float(), torch.from_numpy(np.concatenate(ys)).float()
+    x_mean, x_std, y_std = x.mean(0), x.std(0) + 1e-6, y.std(0) + 1e-6
+    net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, y.shape[1]))  # fmt: skip
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    xn, yn, started = (x - x_mean) / x_std, y / y_std, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        index = torch.randint(0, len(xn), (256,))
+        loss = ((net(xn[index]) - yn[index]) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def step(state: np.ndarray, action: np.ndarray) -> np.ndarray:
+        v = torch.from_numpy(np.concatenate([state, np.asarray(action, np.float32).reshape(-1)])).float()
+        with torch.no_grad():
+            return state + (net(((v - x_mean) / x_std)[None])[0] * y_std).numpy()
+
+    return step
+
+
+def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int = 0, tasks: list[str] | None = None, decode: str = "median", mlp_data: Path | None = None, mlp_seconds: float = 30.0) -> dict[str, Any]:  # fmt: skip
     from gato_like.data_pipelines.shards import iter_task, read_index
     from gato_like.policy import Policy
 
@@ -37,6 +79,8 @@ def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int 
         keys = [k for k, o in sorted(spec.observations.items()) if o.kind == "proprio"]
         episodes = list(iter_task(data, task))
         rng = random.Random(seed)
+        reference = mlp_dynamics(mlp_data, task, keys, mlp_seconds, seed) if mlp_data else None
+        mlp_sq = {k: [] for k in horizons}  # type: dict[int, list[float]]
         model_sq = {k: [] for k in horizons}  # type: dict[int, list[float]]
         copy_sq = {k: [] for k in horizons}  # type: dict[int, list[float]]
         for _ in range(starts):
@@ -48,8 +92,15 @@ def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int 
             # rollout recorded them apart from its labels
             taken = episode.actions if episode.executed_actions is None else episode.executed_actions
             predicted = policy.rollout(observation, taken[t : t + longest], decode=decode)
+            if reference is not None:
+                state, states = np.concatenate([episode.observations[key][t].ravel() for key in keys]), []
+                for action in taken[t : t + longest]:
+                    state = reference(state, action)
+                    states.append(state)
             for k in horizons:
                 truth = np.concatenate([episode.observations[key][t + k].ravel() for key in keys])
+                if reference is not None:
+                    mlp_sq[k].append(float(np.mean((states[k - 1] - truth) ** 2)))
                 guess = np.concatenate([predicted[k - 1][key].ravel() for key in keys])
                 last = np.concatenate([episode.observations[key][t].ravel() for key in keys])
                 model_sq[k].append(float(np.mean((guess - truth) ** 2)))
@@ -60,17 +111,22 @@ def measure(ckpt: Path, data: Path, horizons: list[int], starts: int, seed: int 
                 "copy_last_rmse": round(float(np.sqrt(np.mean(copy_sq[k]))), 5),
                 "ratio": round(float(np.sqrt(np.mean(model_sq[k]) / max(np.mean(copy_sq[k]), 1e-12))), 3),
             }
+            | (
+                {"mlp_ratio": round(float(np.sqrt(np.mean(mlp_sq[k]) / max(np.mean(copy_sq[k]), 1e-12))), 3)}
+                if reference is not None
+                else {}
+            )
             for k in horizons
         }
         print(task, json.dumps(results[task]), flush=True)
-    return {"checkpoint": str(ckpt), "data": str(data), "starts": starts, "decode": decode, "tasks": results}
+    return {"checkpoint": str(ckpt), "data": str(data), "starts": starts, "decode": decode, "mlp_data": str(mlp_data) if mlp_data else None, "tasks": results}  # fmt: skip
 
 
 def table(summary: dict[str, Any], horizons: list[int]) -> str:
     head = " | ".join(f"{k}-step RMSE model / copy-last (ratio)" for k in horizons)
     lines = [f"| task | {head} |", "|---|" + "---|" * len(horizons)]
     for task, r in summary["tasks"].items():
-        cells = [f"{r[str(k)]['model_rmse']:.4f} / {r[str(k)]['copy_last_rmse']:.4f} ({r[str(k)]['ratio']:.2f}×)" for k in horizons]  # fmt: skip
+        cells = [f"{r[str(k)]['model_rmse']:.4f} / {r[str(k)]['copy_last_rmse']:.4f} ({r[str(k)]['ratio']:.2f}×)" + (f"; MLP {r[str(k)]['mlp_ratio']:.2f}×" if "mlp_ratio" in r[str(k)] else "") for k in horizons]  # fmt: skip
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -84,11 +140,13 @@ def main() -> None:
     parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: all of --data)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode", default="median", help="median, mean or argmax (Policy.rollout)")
+    parser.add_argument("--mlp_data", type=Path, default=None, help="training episodes for the MLP reference")
+    parser.add_argument("--mlp_seconds", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args()
     horizons = [int(k) for k in args.horizons.split(",")]
     tasks = args.tasks.split(",") if args.tasks else None
-    summary = measure(args.ckpt, args.data, horizons, args.starts, args.seed, tasks, args.decode)
+    summary = measure(args.ckpt, args.data, horizons, args.starts, args.seed, tasks, args.decode, args.mlp_data, args.mlp_seconds)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

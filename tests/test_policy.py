@@ -193,11 +193,8 @@ def test_delta_dynamics_add_the_decoded_changes_to_the_observation(checkpoint, m
         np.testing.assert_allclose(step["velocity"], [change, change], rtol=1e-6)
 
 
-def test_rollout_reads_its_actions_when_the_dynamics_head_was_trained_on_them(tmp_path, monkeypatch) -> None:
-    """A policy that masks every action input still rolls its dynamics head out on the given
-    actions with ``dynamics_inputs="executed"``; with ``masked`` the actions cannot matter."""
-    episode = get_task("dmc-reacher-easy").rollout(2, "expert", max_steps=3)
-    observation = {k: v[0] for k, v in episode.observations.items()}
+def _record_dynamics_logits(monkeypatch) -> list[torch.Tensor]:
+    """Every logits vector ``rollout`` decodes, in order; each decodes to bin 600."""
     seen: list[torch.Tensor] = []
 
     def record(logits: torch.Tensor, kind: int, decode: str) -> int:
@@ -205,6 +202,15 @@ def test_rollout_reads_its_actions_when_the_dynamics_head_was_trained_on_them(tm
         return 600
 
     monkeypatch.setattr(Policy, "_predicted_bin", staticmethod(record))
+    return seen
+
+
+def test_rollout_reads_its_actions_when_the_dynamics_head_was_trained_on_them(tmp_path, monkeypatch) -> None:
+    """A policy that masks every action input still rolls its dynamics head out on the given
+    actions with ``dynamics_inputs="executed"``; with ``masked`` the actions cannot matter."""
+    episode = get_task("dmc-reacher-easy").rollout(2, "expert", max_steps=3)
+    observation = {k: v[0] for k, v in episode.observations.items()}
+    seen = _record_dynamics_logits(monkeypatch)
     for inputs in ("executed", "masked"):
         torch.manual_seed(0)
         model = GatoModel(Config.from_name("debug", action_input_dropout=1.0, dynamics_inputs=inputs))
@@ -225,13 +231,7 @@ def test_rollout_keeps_the_newest_history_steps_timesteps(tmp_path, monkeypatch)
     training windows do: step 2 of a rollout equals a fresh rollout from step 1's prediction."""
     episode = get_task("dmc-reacher-easy").rollout(2, "expert", max_steps=3)
     observation = {k: v[0] for k, v in episode.observations.items()}
-    seen: list[torch.Tensor] = []
-
-    def record(logits: torch.Tensor, kind: int, decode: str) -> int:
-        seen.append(logits.clone())
-        return 600
-
-    monkeypatch.setattr(Policy, "_predicted_bin", staticmethod(record))
+    seen = _record_dynamics_logits(monkeypatch)
     torch.manual_seed(0)
     model = GatoModel(Config.from_name("debug", history_steps=2))
     policy = Policy.from_checkpoint(_save(tmp_path / "h2", model))
