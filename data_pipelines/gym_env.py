@@ -57,6 +57,8 @@ class GymTask:
             return self._factory(render_mode=render_mode)
         import gymnasium as gym
 
+        assert self._env_id is not None  # an id whenever there is no factory
+
         try:
             return gym.make(self._env_id, render_mode=render_mode, **self._make_kwargs)
         except gym.error.Error as error:  # unknown id, missing extra (e.g. gymnasium[mujoco]), ...

@@ -301,7 +301,7 @@ def finetune(
         holdout=holdout,
         lora_rank=lora_rank,
         goal_every=goal_every,
-        monitor=monitor,  # type: ignore[arg-type]  # checked by finetune
+        monitor=monitor,  # checked by finetune
         seed=seed,
         max_minutes=max_minutes,
     )

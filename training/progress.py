@@ -86,7 +86,7 @@ def _time_remaining(trainer: L.Trainer) -> float | None:
     """Seconds left of the trainer's wall-time budget (``max_time``), if it has one."""
     from lightning.pytorch.callbacks import Timer
 
-    for callback in trainer.callbacks:  # Lightning implements max_time with its Timer callback
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Lightning's max_time is its Timer callback
         if isinstance(callback, Timer):
             left = callback.time_remaining("train")
             return None if left is None else max(float(left), 0.0)
