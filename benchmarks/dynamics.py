@@ -31,10 +31,13 @@ import numpy as np
 def mlp_dynamics(root: Path, task: str, keys: list[str], seconds: float, seed: int = 0) -> Any:
     """A plain dynamics reference: ``step(state (F,), action (A,)) -> next state (F,)``, the
     proprio ``keys`` concatenated; an MLP on normalized inputs predicts the normalized change."""
-    import time
+    import sys
 
     import torch
     from torch import nn
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mlp_reference import train_mlp
 
     from gato_like.data_pipelines.shards import iter_task
 
@@ -48,15 +51,7 @@ def mlp_dynamics(root: Path, task: str, keys: list[str], seconds: float, seed: i
         ys.append(state[1:] - state[:-1])
     x, y = torch.from_numpy(np.concatenate(xs)).float(), torch.from_numpy(np.concatenate(ys)).float()
     x_mean, x_std, y_std = x.mean(0), x.std(0) + 1e-6, y.std(0) + 1e-6
-    net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, y.shape[1]))  # fmt: skip
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
-    xn, yn, started = (x - x_mean) / x_std, y / y_std, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        index = torch.randint(0, len(xn), (256,))
-        loss = ((net(xn[index]) - yn[index]) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    net, _ = train_mlp((x - x_mean) / x_std, y / y_std, y.shape[1], seconds, nn.functional.mse_loss)
 
     def step(state: np.ndarray, action: np.ndarray) -> np.ndarray:
         v = torch.from_numpy(np.concatenate([state, np.asarray(action, np.float32).reshape(-1)])).float()

@@ -36,13 +36,11 @@ def goal_mlp(root: str, task: str, seconds: float, seed: int = 0) -> Any:
     each training step's goal is the observation of a uniformly drawn later step of its episode
     (hindsight relabelling, as the loader does); continuous actions only (MSE on [-1, 1], tanh)."""
     import sys
-    import time
 
     import torch
-    from torch import nn
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from mlp_reference import Features
+    from mlp_reference import Features, train_mlp
 
     from gato_like.data_pipelines.loader import DatasetSource
     from gato_like.data_pipelines.shards import iter_task
@@ -64,15 +62,7 @@ def goal_mlp(root: str, task: str, seconds: float, seed: int = 0) -> Any:
     low = torch.as_tensor(spec.action.low, dtype=torch.float32).reshape(-1)
     high = torch.as_tensor(spec.action.high, dtype=torch.float32).reshape(-1)
     y = (2 * (torch.from_numpy(np.stack(ys)) - low) / (high - low) - 1).clamp(-1, 1)
-    net = nn.Sequential(nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, y.shape[1]))  # fmt: skip
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
-    xn, started = (x - mean) / std, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        index = torch.randint(0, len(xn), (256,))
-        loss = ((torch.tanh(net(xn[index])) - y[index]) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    net, _ = train_mlp((x - mean) / std, y, y.shape[1], seconds, lambda pred, target: ((torch.tanh(pred) - target) ** 2).mean())  # fmt: skip
 
     def actor(goal: dict[str, Any]) -> Any:
         g = features(goal)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,31 @@ class Features:
         return np.concatenate(parts)
 
 
+def train_mlp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out_dim: int,
+    seconds: float,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[nn.Module, int]:
+    """The references' network: a 2-layer MLP (256 units) from ``x`` (N, F) to ``out_dim``
+    outputs, Adam (1e-3) on batches of 256 rows of ``loss(prediction, y[rows])`` for ``seconds``.
+    Returns the network in eval mode and the steps taken."""
+    net = nn.Sequential(
+        nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, out_dim)
+    )
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    started, steps = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        index = torch.randint(0, len(x), (256,))
+        value = loss(net(x[index]), y[index])
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        steps += 1
+    return net.eval(), steps
+
+
 def fit(
     task: str, root: str, seconds: float, seed: int, max_episodes: int | None = None
 ) -> tuple[nn.Module, Features, Any, int]:
@@ -79,25 +105,15 @@ def fit(
     else:
         low, high = torch.as_tensor(action.low).reshape(-1), torch.as_tensor(action.high).reshape(-1)
         y = (2 * (y.float() - low) / (high - low) - 1).clamp(-1, 1)
-    net = nn.Sequential(
-        nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, out_dim)
+    net, steps = train_mlp(
+        (x - mean) / std,
+        y,
+        out_dim,
+        seconds,
+        nn.functional.cross_entropy
+        if discrete
+        else (lambda pred, target: ((torch.tanh(pred) - target) ** 2).mean()),
     )
-    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
-    started, steps = time.perf_counter(), 0
-    xn = (x - mean) / std
-    while time.perf_counter() - started < seconds:
-        index = torch.randint(0, len(xn), (256,))
-        pred = net(xn[index])
-        loss = (
-            nn.functional.cross_entropy(pred, y[index])
-            if discrete
-            else ((torch.tanh(pred) - y[index]) ** 2).mean()
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        steps += 1
-    net.eval()
 
     def actor(observation: dict[str, Any]) -> np.ndarray:
         with torch.no_grad():

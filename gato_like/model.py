@@ -528,9 +528,8 @@ class GatoModel(nn.Module):
         if not bool(mask.any()):
             return h.sum() * 0.0
         logits = self.head_logits(h[:, :-1][mask], head).float()  # (N, V)
-        if head == "dynamics":
-            sigma = self.config.dynamics_sigma_bins
-            return self.token_losses(logits, ids[:, 1:][mask], 1.0, self.config.target_sigma_bins if sigma is None else sigma)  # fmt: skip
+        if head == "dynamics":  # its own HL-Gauss width (None: the actions')
+            return self.token_losses(logits, ids[:, 1:][mask], 1.0, self.config.dynamics_sigma_bins)
         return self.token_losses(logits, ids[:, 1:][mask], self.config.text_weight)
 
     def token_losses(

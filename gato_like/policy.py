@@ -210,8 +210,7 @@ class Policy:
              if spec.observations[k].kind == "proprio"] or [np.zeros(0)]
         )  # fmt: skip
         history = self.model.config.history_steps
-        env = self.envs[0]
-        done = list(env.steps)  # whole timesteps (1, n, D) before the current one
+        done = list(self.envs[0].steps)  # whole timesteps (1, n, D) before the current one
         current = self._embed(template)  # the current timestep's observation and separator
         try:
             if not history:
@@ -219,9 +218,7 @@ class Policy:
             predictions = []
             for action in actions:
                 if history:  # as trained and as act() keeps it: the newest history_steps timesteps
-                    kept = done[len(done) - (history - 2) :] if history > 2 else []
-                    self.cache.lengths[0], env.length = 0, 0
-                    self._feed([torch.cat([env.prefix, *kept, current], dim=1)])
+                    self._refill(0, [*(done[len(done) - (history - 2) :] if history > 2 else []), current])
                 action_ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None]
                 local = torch.arange(len(template), len(template) + builder.action_size)[None]
                 tokens = self.model.embed(
@@ -251,8 +248,9 @@ class Policy:
                     logits = self._feed([self._embed(_part(template, ids, position, end))], head="dynamics")
                     position = end
                 self._feed([self._embed(_part(template, ids, last, last + 1))])
-                done.append(torch.cat([current, tokens], dim=1))
-                current = self._embed(_part(template, ids, 0, last + 1))
+                if history:
+                    done.append(torch.cat([current, tokens], dim=1))
+                    current = self._embed(_part(template, ids, 0, last + 1))
                 predictions.append(self._decode_observation(ids, template, values if delta else None))
             return predictions
         finally:
@@ -373,6 +371,17 @@ class Policy:
             self.envs[i].length += n
         return self.model.step(x, valid, self.cache, head=head or self.head)
 
+    def _refill(self, row: int, steps: list[Tensor]) -> None:
+        """Empty cache row ``row`` and feed it its prefix followed by ``steps`` ((1, n, D) each)."""
+        assert self.cache is not None
+        env = self.envs[row]
+        self.cache.lengths[row] = 0
+        env.length = 0
+        window = torch.cat([env.prefix, *steps], dim=1)
+        if window.shape[1]:
+            chunks = [window if i == row else window[:, :0] for i in range(len(self.envs))]
+            self._feed(chunks, rows=[row])
+
     def _roll(self, row: int, need: int) -> None:
         """Keep the prefix and the newest whole timesteps (at most half the context); re-encode them."""
         assert self.cache is not None
@@ -387,12 +396,7 @@ class Policy:
                 break
             kept.insert(0, step)
         env.steps = kept
-        self.cache.lengths[row] = 0
-        env.length = 0
-        window = torch.cat([env.prefix, *kept], dim=1)
-        if window.shape[1]:
-            chunks = [window if i == row else window[:, :0] for i in range(len(self.envs))]
-            self._feed(chunks, rows=[row])
+        self._refill(row, kept)
         if env.length + need > config.context_length:
             raise ValueError(
                 f"one timestep ({need} tokens) does not fit the context ({config.context_length})"

@@ -302,13 +302,8 @@ class SequenceBuilder:
         id_blocks.append(action_ids)
         type_blocks.append(np.full(action_ids.shape, TokenType.ACTION, dtype=np.int8))
         fixed_ids = np.concatenate(id_blocks, axis=1)
-        fixed_executed = None
-        if executed is not None:
-            if len(executed) != num_actions:
-                raise ValueError(f"build: expected {num_actions} executed actions, got {len(executed)}")
-            fixed_executed = fixed_ids.copy()
-            if num_actions:
-                fixed_executed[:num_actions, -self.action_size :] = self.encode_actions(np.asarray(executed))
+        if executed is not None and len(executed) != num_actions:
+            raise ValueError(f"build: expected {num_actions} executed actions, got {len(executed)}")
         fixed_types = np.concatenate(type_blocks, axis=1)
         fixed_deltas = (
             np.concatenate([*delta_blocks, *id_blocks[len(delta_blocks) :]], axis=1)
@@ -322,12 +317,10 @@ class SequenceBuilder:
             else np.zeros(0, dtype=np.int64)
             for t in range(steps)
         ]
-        ids_per_step, types_per_step, deltas_per_step, executed_per_step = [], [], [], []
+        ids_per_step, types_per_step, deltas_per_step = [], [], []
         for t in range(steps):
             width = fixed_ids.shape[1] - (self.action_size if t >= num_actions else 0)
             ids_per_step.append(np.concatenate([text_ids[t], fixed_ids[t, :width]]))
-            if fixed_executed is not None:
-                executed_per_step.append(np.concatenate([text_ids[t], fixed_executed[t, :width]]))
             if fixed_deltas is not None:
                 deltas_per_step.append(np.concatenate([text_ids[t], fixed_deltas[t, :width]]))
             types_per_step.append(
@@ -353,7 +346,10 @@ class SequenceBuilder:
             patches = np.zeros((0, PATCH_CHANNELS, p, p), dtype=np.float32)
             positions = np.zeros((0, 4), dtype=np.int64)
         dynamics_ids = np.concatenate(deltas_per_step) if fixed_deltas is not None else None
-        executed_ids = np.concatenate(executed_per_step) if fixed_executed is not None else None
+        executed_ids = None
+        if executed is not None:  # the action positions, in order, hold the executed actions
+            executed_ids = ids.copy()
+            executed_ids[types == TokenType.ACTION] = self.encode_actions(np.asarray(executed)).reshape(-1)
         return TokenSequence(
             ids, types, timesteps, local_positions, loss_mask, patches, positions, dynamics_ids, executed_ids
         )
