@@ -10,7 +10,6 @@ error names the key, the expected and the received value.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,42 +17,46 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gato_like.acting import ActingCore, Row, episode_seed, pick_action, pick_bin, sample_bin
 from gato_like.checkpoint import Checkpoint, load_checkpoint
-from gato_like.model import KVCache
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenSequence, TokenType
+from gato_like.tokenizers.vocab import bin_centres, bin_of
 
-
-@dataclass
-class _Env:
-    prefix: Tensor  # (1, p, D) prompt and goal embeddings, kept on roll-over
-    steps: list[Tensor] = field(default_factory=list)  # (1, n_t, D) per finished timestep
-    length: int = 0  # tokens in this row of the cache
+__all__ = [
+    "Policy",
+    "episode_seed",
+    "pick_action",
+    "pick_bin",
+    "sample_bin",
+]  # the last four: gato_like.acting's
 
 
 class Policy:
-    """Acts for one or many environments of one embodiment with a trained model.
+    """Acts for one or many environments of one embodiment with a trained model: a single-user
+    layer over :class:`gato_like.acting.ActingCore` (one cache row per environment).
 
     Args:
         checkpoint: a loaded checkpoint.
         device: where the model runs.
-        temperature: 0 picks the most likely action token; > 0 samples.
+        temperature: 0 picks the action token as the config decodes (greedy); > 0 samples.
         seed: seed of the sampler.
     """
 
     def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", temperature: float = 0.0, seed: int = 0) -> None:  # fmt: skip
+        if not temperature >= 0:
+            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
         self.checkpoint = checkpoint
-        self.model = checkpoint.model.to(device).eval()
-        self.device = torch.device(device)
+        self.core = ActingCore(checkpoint.model, checkpoint.text, device)
+        self.model = self.core.model
+        self.device = self.core.device
         self.temperature = float(temperature)
         self.seed = seed
         self.episodes = 0
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        """Sampled actions' generator, seeded at every :meth:`reset` from ``seed`` and the count
-        of resets so far (:func:`episode_seed`): reproducible, and each episode its own draws."""
+        """Resets so far; the ``e``-th reset seeds environment 0's sampler with
+        ``episode_seed(seed, e)`` (a server session's first episode is a new policy's first)."""
         self.spec: EmbodimentSpec | None = None
         self.builder: SequenceBuilder | None = None
-        self.envs: list[_Env] = []
-        self.cache: KVCache | None = None
+        self.envs: list[Row] = []
         self.head = "policy"
         self.last_logits: list[Tensor] = []
         """The logits ``(N, V)`` each action token of the last :meth:`act_batch` was chosen from."""
@@ -89,17 +92,24 @@ class Policy:
             if len(self.checkpoint.specs) != 1:
                 raise ValueError(f"reset: name a task or embodiment (known: {sorted(self.checkpoint.specs)})")
             name = next(iter(self.checkpoint.specs))
-        self.spec = self.checkpoint.spec_for(name)
-        self.generator.manual_seed(episode_seed(self.seed, self.episodes))
+        if num_envs < 1:
+            raise ValueError(f"reset: num_envs: expected at least 1, got {num_envs}")
+        spec = self.checkpoint.spec_for(name)
+        builder = self.core.builder(spec)
+        self.core.encode_prefix(builder, prompt, goal)  # a bad prompt or goal raises before any change
+        for row in list(self.core.rows):
+            self.core.release(row)
+        self.envs = [self.core.allocate() for _ in range(num_envs)]
+        seed = episode_seed(self.seed, self.episodes)
+        seeds = [seed + i * 7_919 for i in range(num_envs)]  # environment 0: the session's seed
+        errors = self.core.reset([(row, spec, prompt, goal) for row in self.envs], seeds, self.temperature)
+        for error in errors:
+            if error is not None:
+                raise error
         self.episodes += 1
-        self.builder = SequenceBuilder(self.spec, self.checkpoint.text)
-        prefix = self.encode_prefix(self.builder, prompt, goal)
+        self.spec, self.builder = spec, builder
         self.head = "goal" if goal is not None else "policy"
-        self.envs = [_Env(prefix) for _ in range(num_envs)]
-        self.cache = KVCache.empty(self.model.config, num_envs, self.device, prefix.dtype)
-        if prefix.shape[1]:
-            self._feed([prefix] * num_envs)
-        return self.spec
+        return spec
 
     def act(self, observation: Mapping[str, Any]) -> np.ndarray:
         """The action for one environment's observation ``{key: array}`` (shape ``action.shape``)."""
@@ -112,44 +122,21 @@ class Policy:
     @torch.no_grad()
     def act_batch(self, observations: Sequence[Mapping[str, Any]]) -> list[np.ndarray]:
         """Actions for every environment, in one forward pass per action token."""
-        if self.builder is None or self.cache is None or self.spec is None:
+        if self.builder is None:
             raise RuntimeError("act: call reset() first")
         if len(observations) != len(self.envs):
             raise ValueError(
                 f"act_batch: expected {len(self.envs)} observations (one per env), got {len(observations)}"
             )
-        builder, config = self.builder, self.model.config
-        tokens_in = [builder.build_step(o) for o in observations]
-        steps = [self._embed(t) for t in tokens_in]  # each (1, n_i, D): backbone inputs
-        need = [s.shape[1] + builder.action_size for s in steps]
-        history = getattr(config, "history_steps", 0)
-        for i, env in enumerate(self.envs):
-            if env.length + need[i] > config.context_length or (history and len(env.steps) >= history):
-                self._roll(i, need[i])
-        logits = self._feed(steps)
-        low, high = self._action_range()
-        chosen: list[list[int]] = [[] for _ in self.envs]
-        # the first action's local position is the observation's token count (separator included),
-        # not its backbone input count (the Perceiver folds observation tokens into latents)
-        local = torch.tensor([len(t) for t in tokens_in], device=self.device)
-        self.last_logits = []
-        for j in range(builder.action_size):
-            self.last_logits.append(logits)
-            ids = self._pick(logits, low, high)  # (N,)
-            for i, value in enumerate(ids.tolist()):
-                chosen[i].append(value)
-            tokens = self.model.embed(
-                ids[:, None],
-                torch.full_like(ids[:, None], int(TokenType.ACTION)),
-                (local + j)[:, None],
-            )
-            logits = self._feed([tokens[i : i + 1] for i in range(len(self.envs))])
-            for i in range(len(self.envs)):
-                steps[i] = torch.cat([steps[i], tokens[i : i + 1]], dim=1)
-        for env, step in zip(self.envs, steps, strict=True):
-            env.steps.append(step)
-        actions = builder.decode_actions(np.asarray(chosen, dtype=np.int64))
-        return [actions[i] for i in range(len(self.envs))]
+        for observation in observations:  # every observation checked before any row changes
+            self.builder.build_step(observation)
+        results = self.core.act(list(zip(self.envs, observations, strict=True)))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        per_row = [self.core.last_logits[row.index] for row in self.envs]
+        self.last_logits = [torch.cat(tokens) for tokens in zip(*per_row, strict=True)]
+        return [np.asarray(r) for r in results]
 
     @torch.no_grad()
     def rollout(
@@ -175,7 +162,7 @@ class Policy:
         Returns:
             k dicts ``{key: array}`` of the predicted proprio/discrete observations.
         """
-        if self.builder is None or self.cache is None or self.spec is None:
+        if self.builder is None or not self.envs or self.spec is None:
             raise RuntimeError("rollout: call reset() first")
         if self.model.config.backbone != "decoder":
             raise NotImplementedError(
@@ -192,10 +179,8 @@ class Policy:
         per_step = len(template) + builder.action_size
         if per_step * (len(actions) + 1) > self.model.config.context_length - self.envs[0].length:
             raise ValueError(f"rollout: {len(actions)} steps do not fit in the remaining context; use fewer")
-        saved = (self.cache, self.envs[0].length)
-        self.cache = KVCache(
-            [k.clone() for k in saved[0].k], [v.clone() for v in saved[0].v], saved[0].lengths.clone()
-        )
+        row = self.envs[0]
+        saved = self.core.save(row)
         layout = builder.layout
         generated = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)
         ranges = {
@@ -210,15 +195,17 @@ class Policy:
              if spec.observations[k].kind == "proprio"] or [np.zeros(0)]
         )  # fmt: skip
         history = self.model.config.history_steps
-        done = list(self.envs[0].steps)  # whole timesteps (1, n, D) before the current one
-        current = self._embed(template)  # the current timestep's observation and separator
+        done = list(row.steps)  # whole timesteps (1, n, D) before the current one
+        current = self.core.embed(template)  # the current timestep's observation and separator
         try:
             if not history:
-                self._feed([current])
+                self._feed(current)
             predictions = []
             for action in actions:
                 if history:  # as trained and as act() keeps it: the newest history_steps timesteps
-                    self._refill(0, [*(done[len(done) - (history - 2) :] if history > 2 else []), current])
+                    self.core.refill(
+                        row, [*(done[len(done) - (history - 2) :] if history > 2 else []), current]
+                    )
                 action_ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None]
                 local = torch.arange(len(template), len(template) + builder.action_size)[None]
                 tokens = self.model.embed(
@@ -227,7 +214,7 @@ class Policy:
                     local,
                     show_actions=self.model.config.dynamics_inputs == "executed",
                 )
-                logits = self._feed([tokens], head="dynamics")
+                logits = self._feed(tokens, head="dynamics")
                 ids = template.ids.copy()
                 position, last = 0, len(template) - 1  # the last template token is the separator
                 while position < last:
@@ -245,16 +232,16 @@ class Policy:
                     else:  # a run of carried-over text or image tokens
                         while end < last and not generated[end]:
                             end += 1
-                    logits = self._feed([self._embed(_part(template, ids, position, end))], head="dynamics")
+                    logits = self._feed(self.core.embed(_part(template, ids, position, end)), head="dynamics")
                     position = end
-                self._feed([self._embed(_part(template, ids, last, last + 1))])
+                self._feed(self.core.embed(_part(template, ids, last, last + 1)))
                 if history:
                     done.append(torch.cat([current, tokens], dim=1))
-                    current = self._embed(_part(template, ids, 0, last + 1))
+                    current = self.core.embed(_part(template, ids, 0, last + 1))
                 predictions.append(self._decode_observation(ids, template, values if delta else None))
             return predictions
         finally:
-            self.cache, self.envs[0].length = saved
+            self.core.restore(row, saved)
 
     def predict(
         self, observation: Mapping[str, Any], action: np.ndarray, decode: str = "median"
@@ -273,49 +260,24 @@ class Policy:
         if decode == "median":
             cumulative = torch.softmax(logits.double(), -1).cumsum(-1)
             return min(int((cumulative < 0.5).sum()), bins - 1)
-        centres = -1.0 + (2.0 * torch.arange(bins, dtype=torch.float64, device=logits.device) + 1.0) / bins
+        centres = torch.from_numpy(bin_centres(bins)).to(logits.device)
         mean = float((torch.softmax(logits.double(), -1) * centres).sum())
-        return min(int((mean + 1.0) / 2.0 * bins), bins - 1)
+        return int(bin_of(np.asarray([mean]), bins)[0])
 
-    # -- building blocks (also used by the serving engine) ---------------------------------------
+    # -- building blocks -----------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode_prefix(
         self,
         builder: SequenceBuilder,
         prompt: tuple[Mapping[str, Any], np.ndarray] | None = None,
         goal: Mapping[str, Any] | None = None,
     ) -> Tensor:
-        """Backbone inputs ``(1, p, D)`` of a goal (without separators, as the goal segment) followed
-        by a prompt demonstration; ``p`` is 0 without either. Raises ``ValueError`` when ``p`` is more
-        than half the context."""
-        parts = []
-        if goal is not None:
-            tokens = builder.build_step(goal)
-            keep = tokens.types != TokenType.SEPARATOR
-            goal_tokens = TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
-                                        tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
-                                        tokens.patch_positions)  # fmt: skip
-            parts.append(self._embed(goal_tokens, goal=True))
-        if prompt is not None:
-            observations, actions = prompt
-            parts.append(self._embed(builder.build(observations, actions)))
-        prefix = (
-            torch.cat(parts, dim=1)
-            if parts
-            else torch.zeros(1, 0, self.model.config.n_embd, device=self.device)
-        )
-        if prefix.shape[1] > self.model.config.context_length // 2:
-            raise ValueError(
-                f"reset: prompt and goal take {prefix.shape[1]} tokens; at most half the context "
-                f"({self.model.config.context_length // 2}) is allowed"
-            )
-        return prefix
+        """Backbone inputs ``(1, p, D)`` of a goal and a prompt (:meth:`ActingCore.encode_prefix`)."""
+        return self.core.encode_prefix(builder, prompt, goal)
 
-    @torch.no_grad()
     def embed_tokens(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
         """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
-        return self._embed(tokens, goal)
+        return self.core.embed(tokens, goal)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -346,115 +308,11 @@ class Policy:
             at += n
         return out
 
-    def _embed(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
-        """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
-
-        def t(a: np.ndarray) -> Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)[None]
-
-        types = t(tokens.types).long()
-        x = self.model.embed(t(tokens.ids), types, t(tokens.local_positions).long(), t(tokens.patches), t(tokens.patch_positions), None)  # fmt: skip
-        if goal:
-            x = x + self.model.goal_segment
-        return self.model.backbone_inputs(x, types, t(tokens.timesteps).long())
-
-    def _feed(self, chunks: list[Tensor], rows: list[int] | None = None, head: str | None = None) -> Tensor:
-        """Append ``chunks[i]`` (1, n_i, D) to env i's cache row (only ``rows`` if given); (N, V) logits."""
-        assert self.cache is not None
-        rows = list(range(len(self.envs))) if rows is None else rows
-        width = max((chunks[i].shape[1] for i in rows), default=0)
-        x = torch.zeros(len(self.envs), max(width, 1), self.model.config.n_embd, device=self.device, dtype=chunks[rows[0]].dtype)  # fmt: skip
-        valid = torch.zeros(len(self.envs), max(width, 1), dtype=torch.bool, device=self.device)
-        for i in rows:
-            n = chunks[i].shape[1]
-            x[i, :n], valid[i, :n] = chunks[i][0], True
-            self.envs[i].length += n
-        return self.model.step(x, valid, self.cache, head=head or self.head)
-
-    def _refill(self, row: int, steps: list[Tensor]) -> None:
-        """Empty cache row ``row`` and feed it its prefix followed by ``steps`` ((1, n, D) each)."""
-        assert self.cache is not None
-        env = self.envs[row]
-        self.cache.lengths[row] = 0
-        env.length = 0
-        window = torch.cat([env.prefix, *steps], dim=1)
-        if window.shape[1]:
-            chunks = [window if i == row else window[:, :0] for i in range(len(self.envs))]
-            self._feed(chunks, rows=[row])
-
-    def _roll(self, row: int, need: int) -> None:
-        """Keep the prefix and the newest whole timesteps (at most half the context); re-encode them."""
-        assert self.cache is not None
-        env, config = self.envs[row], self.model.config
-        budget = config.context_length // 2 - env.prefix.shape[1]
-        kept: list[Tensor] = []
-        history = getattr(config, "history_steps", 0)
-        for step in reversed(env.steps):
-            if sum(s.shape[1] for s in kept) + step.shape[1] > budget or (
-                history and len(kept) >= history - 1
-            ):
-                break
-            kept.insert(0, step)
-        env.steps = kept
-        self._refill(row, kept)
-        if env.length + need > config.context_length:
-            raise ValueError(
-                f"one timestep ({need} tokens) does not fit the context ({config.context_length})"
-            )
-
-    def _action_range(self) -> tuple[int, int]:
-        assert self.builder is not None and self.spec is not None
-        layout = self.builder.layout
-        if self.spec.action.kind == "continuous":
-            return layout.continuous_offset, layout.continuous_offset + layout.continuous_bins
-        assert self.spec.action.num_choices is not None
-        return layout.discrete_offset, layout.discrete_offset + self.spec.action.num_choices
-
-    def _pick(self, logits: Tensor, low: int, high: int) -> Tensor:
-        allowed = logits[:, low:high].float()
-        if self.temperature > 0:  # the caller's temperature samples every action
-            return sample_bin(allowed, self.temperature, self.generator) + low
-        assert self.spec is not None
-        return pick_action(allowed, self.model.config, self.spec.action.kind, self.generator) + low
-
-
-def episode_seed(seed: int, episode: int) -> int:
-    """The sampler's seed for the ``episode``-th reset of a policy (or server session) seeded ``seed``."""
-    return seed * 1_000_003 + episode
-
-
-def pick_action(logits: Tensor, config: Any, kind: str, generator: torch.Generator) -> Tensor:
-    """The action token ``(N,)`` (offset within its range) from logits over that range ``(N, n)``,
-    as the config decodes: continuous bins by ``action_decoding``, discrete choices by
-    ``discrete_decoding`` (sampled at temperature 1 with ``generator``, or argmax)."""
-    if kind == "continuous":
-        return pick_bin(logits, getattr(config, "action_decoding", "argmax"))
-    if getattr(config, "discrete_decoding", "argmax") == "sample":
-        return sample_bin(logits, 1.0, generator)
-    return logits.argmax(-1)
-
-
-def sample_bin(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:
-    """A sample ``(N,)`` from ``softmax(logits / temperature)`` over ``(N, n)``, drawn on the CPU
-    with ``generator`` (so it is the same on any device)."""
-    probs = torch.softmax(logits.float() / temperature, -1).cpu()
-    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
-
-
-def pick_bin(logits: Tensor, decoding: str) -> Tensor:
-    """The bin ``(N,)`` chosen from logits over ordered bins ``(N, bins)``: ``argmax``, or the bin
-    holding the distribution's ``mean`` (bin centres in [-1, 1]) or ``median``."""
-    bins = logits.shape[-1]
-    if decoding == "argmax":
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.double(), -1)
-    if decoding == "median":
-        return ((probs.cumsum(-1) < 0.5).sum(-1)).clamp(max=bins - 1)
-    if decoding != "mean":
-        raise ValueError(f"decoding: expected 'argmax', 'mean' or 'median', got {decoding!r}")
-    centres = -1.0 + (2.0 * torch.arange(bins, dtype=torch.float64, device=logits.device) + 1.0) / bins
-    mean = (probs * centres).sum(-1)
-    return ((mean + 1.0) / 2.0 * bins).long().clamp(0, bins - 1)
+    def _feed(self, chunk: Tensor, head: str | None = None) -> Tensor:
+        """Append ``chunk`` (1, n, D) to environment 0's cache row; its logits ``(1, V)``."""
+        row = self.envs[0]
+        lo, logits = self.core.feed({row.index: chunk}, head or self.head)
+        return logits[row.index - lo : row.index - lo + 1]
 
 
 def _part(template: TokenSequence, ids: np.ndarray, start: int, end: int) -> TokenSequence:

@@ -399,7 +399,7 @@ def test_overload_deadline_session_cap_and_idle_expiry(checkpoint: Path) -> None
             expired = engine.expire_idle(time.monotonic() + 61)
             assert len(expired) == 3 and not engine.sessions
             await engine._call(lambda: None)  # the worker has freed the rows
-            assert engine.pool.slots == []
+            assert engine.pool.rows == []
             engine.open_session(object())  # room again
         finally:
             await engine.stop()

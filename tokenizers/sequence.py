@@ -164,6 +164,11 @@ class SequenceBuilder:
         """Action tokens per timestep."""
         return self.spec.action.size
 
+    def action_id_range(self) -> tuple[int, int]:
+        """The ids ``[low, high)`` an action token of this embodiment may take: every continuous
+        bin, or the discrete ids of ``0 .. num_choices - 1``."""
+        return self.layout.action_range(self.spec.action.kind, self.spec.action.num_choices)
+
     def fixed_observation_size(self) -> int:
         """Observation tokens per timestep, text excluded (text length varies with the string)."""
         size = 0

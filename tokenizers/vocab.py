@@ -100,3 +100,26 @@ class VocabLayout:
             "pad": (self.pad_id, self.pad_id + 1),
             "image_patch": (self.image_patch_id, self.image_patch_id + 1),
         }
+
+    def action_range(self, kind: str, num_choices: int | None = None) -> tuple[int, int]:
+        """Ids ``[low, high)`` of an action token: every continuous bin (``kind="continuous"``),
+        or the discrete ids of choices ``0 .. num_choices - 1``."""
+        if kind == "continuous":
+            return self.continuous_offset, self.continuous_offset + self.continuous_bins
+        if kind != "discrete" or num_choices is None or not 0 < num_choices <= self.discrete_values:
+            raise ValueError(
+                f"action_range: expected kind 'continuous', or 'discrete' with 1..{self.discrete_values} "
+                f"choices; got kind {kind!r} with {num_choices!r} choices"
+            )
+        return self.discrete_offset, self.discrete_offset + num_choices
+
+
+def bin_centres(bins: int = CONTINUOUS_BINS) -> np.ndarray:
+    """Centres ``(bins,)`` of the uniform bins on [-1, 1] (companded space): ``-1 + (2 b + 1) / bins``."""
+    return -1.0 + (2.0 * np.arange(bins, dtype=np.float64) + 1.0) / bins
+
+
+def bin_of(values: np.ndarray, bins: int = CONTINUOUS_BINS) -> np.ndarray:
+    """The uniform bin of values in [-1, 1] (companded space), ``min(floor((y + 1) / 2 bins), bins - 1)``."""
+    index = np.floor((np.clip(np.asarray(values, np.float64), -1.0, 1.0) + 1.0) / 2.0 * bins).astype(np.int64)
+    return np.minimum(index, bins - 1)

@@ -131,8 +131,10 @@ class _Core:
         if resumed_wanted and not reply.get("resumed"):
             self.is_reset = False  # a new session: history is gone
 
-    def reset_message(self, task: str | None, embodiment: str | None, prompt: Any, goal: Any) -> dict[str, Any]:  # fmt: skip
+    def reset_message(self, task: str | None, embodiment: str | None, prompt: Any, goal: Any, temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
         message: dict[str, Any] = {"type": "reset"}
+        if temperature:
+            message["temperature"] = float(temperature)
         task, embodiment = task or self.task, embodiment or self.embodiment
         if task is not None:
             message["task"] = task
@@ -231,9 +233,9 @@ class PolicyClient(_Core):
             self._conn = None
         self.session = None
 
-    def reset(self, task: str | None = None, embodiment: str | None = None, prompt: tuple[Mapping[str, Any], Any] | None = None, goal: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        """Start an episode; ``prompt`` is ``(observations {key: (T, ...)}, actions (T, ...))``."""
-        message = self.reset_message(task, embodiment, prompt, goal)
+    def reset(self, task: str | None = None, embodiment: str | None = None, prompt: tuple[Mapping[str, Any], Any] | None = None, goal: Mapping[str, Any] | None = None, temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
+        """Start an episode; ``prompt`` is ``(observations {key: (T, ...)}, actions (T, ...))``; ``temperature`` > 0 samples every action token."""
+        message = self.reset_message(task, embodiment, prompt, goal, temperature)
         self._reset_message = message
         reply = self._request(lambda: dict(message))
         self.is_reset, self.next_step = True, 0
@@ -347,9 +349,9 @@ class AsyncPolicyClient(_Core):
             self._conn = None
         self.session = None
 
-    async def reset(self, task: str | None = None, embodiment: str | None = None, prompt: tuple[Mapping[str, Any], Any] | None = None, goal: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        """Start an episode; ``prompt`` is ``(observations {key: (T, ...)}, actions (T, ...))``."""
-        message = self.reset_message(task, embodiment, prompt, goal)
+    async def reset(self, task: str | None = None, embodiment: str | None = None, prompt: tuple[Mapping[str, Any], Any] | None = None, goal: Mapping[str, Any] | None = None, temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
+        """Start an episode; ``prompt`` is ``(observations {key: (T, ...)}, actions (T, ...))``; ``temperature`` > 0 samples every action token."""
+        message = self.reset_message(task, embodiment, prompt, goal, temperature)
         self._reset_message = message
         reply = await self._request(lambda: dict(message))
         self.is_reset, self.next_step = True, 0

@@ -8,15 +8,14 @@
       step index checks, spec validation
       bounded queue (OVERLOADED) ──► ops ──►  take all closes/resets + up to max_batch steps
       await the op's future                   drop steps past their deadline (DEADLINE_EXCEEDED)
-                                              SlotPool.tick: tokenize, roll full windows, one
+                                              ActingCore.act: tokenize, roll full windows, one
                                               model.step for all new tokens, one per action token
       ◄── loop.call_soon_threadsafe(result) ◄─┘
 
-Each session owns one row of the pool's KV cache (``(rows, H, context + 1, hd)`` per layer) and its
-token history, exactly as :class:`gato_like.policy.Policy` keeps an environment's; rows of live
-sessions are kept contiguous (a closed session's row is filled with the last one) so a forward pass
-runs on a view of the rows it needs. Sessions of different embodiments share a forward pass; only
-sessions that act with another head (goal-conditioned) take a separate pass in the same tick.
+The engine hands out rows and tracks sessions; acting is :class:`gato_like.acting.ActingCore`'s,
+the same core :class:`gato_like.policy.Policy` acts through. Each session owns one row of the
+core's KV cache; sessions of different embodiments share a forward pass; only sessions that act
+with another head (goal-conditioned) take a separate pass in the same tick.
 """
 
 from __future__ import annotations
@@ -35,16 +34,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
+from gato_like.acting import ActingCore, Row, episode_seed
 from gato_like.checkpoint import Checkpoint
-from gato_like.model import KVCache
-from gato_like.policy import Policy, episode_seed, pick_action
 from gato_like.serving import protocol as p
 from gato_like.serving.protocol import ProtocolError
-from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenType
+from gato_like.tokenizers import EmbodimentSpec, SpecMismatchError
 
 log = logging.getLogger("gato_like.serving")
+
+MAX_TEMPERATURE = 100.0
+"""Highest sampling temperature a reset may ask for."""
 
 
 @dataclass(frozen=True)
@@ -73,252 +73,6 @@ class EngineConfig:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
 
 
-# -- worker side: KV cache rows ------------------------------------------------------------------
-
-
-@dataclass
-class _Slot:
-    """One session's row of the pool's cache and its token history (worker thread only)."""
-
-    row: int = -1
-    spec: EmbodimentSpec | None = None
-    builder: SequenceBuilder | None = None
-    head: str = "policy"
-    prefix: Tensor | None = None  # (1, p, D) prompt and goal embeddings, kept on roll-over
-    steps: list[Tensor] = field(default_factory=list)  # (1, n_t, D) per finished timestep
-    length: int = 0  # tokens in this row of the cache
-    generator: torch.Generator = field(default_factory=torch.Generator)
-    """Sampled (``discrete_decoding = "sample"``) actions: seeded at each reset by the session's
-    episode count, so its episodes are those of a new local ``Policy`` (seed 0) given the same
-    observations."""
-    episodes: int = 0
-
-
-class SlotPool:
-    """KV cache rows for many sessions and the batched acting loop of :class:`Policy`, generalized to
-    rows of different embodiments. Used by one thread only.
-
-    The cache has one spare position past the context (``capacity = context_length + 1``): a row that
-    takes no tokens in a forward pass is still written past its length, and the spare slot keeps that
-    write off a full row's last entry.
-    """
-
-    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "cpu", rows: int = 4) -> None:
-        self.checkpoint = checkpoint
-        self.helper = Policy(checkpoint, device)  # embeddings and prefixes, exactly as the runtime agent
-        self.model = self.helper.model
-        self.device = self.helper.device
-        self.config = self.model.config
-        self.slots: list[_Slot] = []
-        dtype = next(self.model.parameters()).dtype
-        shape = (max(rows, 1), self.config.n_head, self.config.context_length + 1, self.config.head_dim)
-        self.cache = KVCache(
-            [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(self.config.n_layer)],
-            [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(self.config.n_layer)],
-            torch.zeros(shape[0], dtype=torch.long, device=self.device),
-        )
-        self._builders: dict[str, SequenceBuilder] = {}
-
-    def builder(self, spec: EmbodimentSpec) -> SequenceBuilder:
-        if spec.name not in self._builders:
-            self._builders[spec.name] = SequenceBuilder(spec, self.checkpoint.text)
-        return self._builders[spec.name]
-
-    # rows
-
-    def allocate(self) -> _Slot:
-        """A new slot with an empty row (the cache grows by doubling when full)."""
-        rows = self.cache.k[0].shape[0]
-        if len(self.slots) == rows:
-            grow = rows
-            self.cache.k = [torch.cat([k, torch.zeros_like(k[:grow])]) for k in self.cache.k]
-            self.cache.v = [torch.cat([v, torch.zeros_like(v[:grow])]) for v in self.cache.v]
-            self.cache.lengths = torch.cat([self.cache.lengths, torch.zeros_like(self.cache.lengths[:grow])])
-        slot = _Slot(row=len(self.slots))
-        self.slots.append(slot)
-        self.cache.lengths[slot.row] = 0
-        return slot
-
-    def release(self, slot: _Slot) -> None:
-        """Free a slot's row; the last row moves into it so live rows stay contiguous."""
-        if slot.row < 0 or slot.row >= len(self.slots) or self.slots[slot.row] is not slot:
-            return
-        last = self.slots.pop()
-        if last is not slot:
-            for k, v in zip(self.cache.k, self.cache.v, strict=True):
-                k[slot.row] = k[last.row]
-                v[slot.row] = v[last.row]
-            self.cache.lengths[slot.row] = self.cache.lengths[last.row]
-            self.cache.lengths[last.row] = 0
-            last.row = slot.row
-            self.slots[slot.row] = last
-        else:
-            self.cache.lengths[slot.row] = 0
-        slot.row = -1
-
-    def _feed(self, chunks: Mapping[int, Tensor], head: str) -> tuple[int, Tensor]:
-        """Append ``chunks[row]`` (1, n, D) to those rows in one forward pass over the span of rows
-        they cover. Returns ``(first row of the span, logits (span, V))``."""
-        lo, hi = min(chunks), max(chunks) + 1
-        width = max(max(c.shape[1] for c in chunks.values()), 1)
-        first = next(iter(chunks.values()))
-        x = torch.zeros(hi - lo, width, self.config.n_embd, device=self.device, dtype=first.dtype)
-        valid = torch.zeros(hi - lo, width, dtype=torch.bool, device=self.device)
-        for row, chunk in chunks.items():
-            n = chunk.shape[1]
-            x[row - lo, :n], valid[row - lo, :n] = chunk[0], True
-            self.slots[row].length += n
-        view = KVCache(
-            [k[lo:hi] for k in self.cache.k], [v[lo:hi] for v in self.cache.v], self.cache.lengths[lo:hi]
-        )
-        return lo, self.model.step(x, valid, view, head=head)
-
-    # episodes and steps
-
-    @torch.no_grad()
-    def reset(self, slots: list[tuple[_Slot, EmbodimentSpec, Any, Any]]) -> list[Exception | None]:
-        """Start new episodes: ``(slot, spec, prompt (obs, actions) or None, goal or None)`` each.
-        Returns per slot None or the error that left that slot unchanged."""
-        errors: list[Exception | None] = []
-        chunks: dict[int, Tensor] = {}
-        for slot, spec, prompt, goal in slots:
-            try:
-                builder = self.builder(spec)
-                prefix = self.helper.encode_prefix(builder, prompt, goal)
-            except (ValueError, TypeError) as error:
-                errors.append(error)
-                continue
-            errors.append(None)
-            slot.spec, slot.builder, slot.prefix = spec, builder, prefix
-            slot.head = "goal" if goal is not None else "policy"
-            slot.steps, slot.length = [], 0
-            slot.generator.manual_seed(episode_seed(0, slot.episodes))
-            slot.episodes += 1
-            self.cache.lengths[slot.row] = 0
-            if prefix.shape[1]:
-                chunks[slot.row] = prefix
-        if chunks:
-            self._feed(chunks, "policy")
-        return errors
-
-    @torch.no_grad()
-    def act(self, requests: list[tuple[_Slot, Mapping[str, Any]]]) -> list[np.ndarray | Exception]:
-        """Actions for one observation per slot (each slot at most once), as
-        :meth:`Policy.act_batch` computes them: one forward pass for every slot's new observation
-        tokens, then one per action token. Slots acting with different heads take separate passes."""
-        out: list[np.ndarray | Exception] = [ValueError("not acted")] * len(requests)
-        by_head: dict[str, list[int]] = collections.defaultdict(list)
-        for i, (slot, _) in enumerate(requests):
-            by_head[slot.head].append(i)
-        for head, members in by_head.items():
-            self._act_group(head, [(i, *requests[i]) for i in members], out)
-        return out
-
-    def _act_group(
-        self, head: str, group: list[tuple[int, _Slot, Mapping[str, Any]]], out: list[np.ndarray | Exception]
-    ) -> None:
-        steps: dict[int, Tensor] = {}
-        observed: dict[int, int] = {}
-        slots: dict[int, _Slot] = {}
-        index: dict[int, int] = {}
-        for i, slot, observation in group:
-            assert slot.builder is not None
-            try:
-                built = slot.builder.build_step(observation)
-                observed[slot.row] = len(built)  # tokens of the observation (separator included)
-                steps[slot.row] = self.helper.embed_tokens(built)
-            except (ValueError, TypeError) as error:
-                out[i] = error
-                continue
-            slots[slot.row], index[slot.row] = slot, i
-        # roll full windows (prefix + newest whole timesteps, at most half the context), as Policy._roll
-        windows: dict[int, Tensor] = {}
-        for row, slot in slots.items():
-            assert slot.builder is not None and slot.prefix is not None
-            need = steps[row].shape[1] + slot.builder.action_size
-            history = getattr(self.config, "history_steps", 0)
-            if slot.length + need > self.config.context_length or (history and len(slot.steps) >= history):
-                budget = self.config.context_length // 2 - slot.prefix.shape[1]
-                kept: list[Tensor] = []
-                for step in reversed(slot.steps):
-                    if sum(s.shape[1] for s in kept) + step.shape[1] > budget or (
-                        history and len(kept) >= history - 1
-                    ):
-                        break
-                    kept.insert(0, step)
-                slot.steps, slot.length = kept, 0
-                self.cache.lengths[row] = 0
-                window = torch.cat([slot.prefix, *kept], dim=1)
-                if window.shape[1]:
-                    windows[row] = window
-        if windows:
-            self._feed(windows, head)
-        for row in list(slots):
-            slot = slots[row]
-            assert slot.builder is not None
-            need = steps[row].shape[1] + slot.builder.action_size
-            if slot.length + need > self.config.context_length:
-                out[index[row]] = ValueError(
-                    f"one timestep ({need} tokens) does not fit the context ({self.config.context_length})"
-                )
-                del slots[row], steps[row]
-        if not slots:
-            return
-        lo, logits = self._feed(steps, head)
-        rows = sorted(slots)
-        sizes = {row: slots[row].builder.action_size for row in rows}  # type: ignore[union-attr]
-        allowed = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=self.device)
-        for j, row in enumerate(rows):
-            low, high = _action_range(slots[row])
-            allowed[j, low:high] = True
-        local = torch.tensor([observed[row] for row in rows], device=self.device)
-        chosen: dict[int, list[int]] = {row: [] for row in rows}
-        select = torch.tensor([row - lo for row in rows], device=self.device)
-        for j in range(max(sizes.values())):
-            picked = logits[select].float().masked_fill(~allowed, float("-inf")).argmax(-1)  # (R,)
-            for r, row in enumerate(rows):  # the configured decoding, as Policy
-                if j >= sizes[row]:
-                    continue  # this row's action is complete: draw nothing from its generator
-                slot = slots[row]
-                low, high = _action_range(slot)
-                kind = slot.spec.action.kind  # type: ignore[union-attr]
-                if kind == "continuous" or self.config.discrete_decoding != "argmax":
-                    part = logits[select[r : r + 1], low:high].float()
-                    picked[r] = pick_action(part, self.config, kind, slot.generator)[0] + low
-            tokens = self.model.embed(
-                picked[:, None], torch.full_like(picked[:, None], int(TokenType.ACTION)), (local + j)[:, None]
-            )  # (R, 1, D)
-            feed: dict[int, Tensor] = {}
-            for r, row in enumerate(rows):
-                if j < sizes[row]:
-                    chosen[row].append(int(picked[r]))
-                    feed[row] = tokens[r : r + 1]
-                    steps[row] = torch.cat([steps[row], tokens[r : r + 1]], dim=1)
-            lo_j, logits_j = self._feed(feed, head)
-            if lo_j != lo:  # the span shrank (rows with fewer action tokens done): realign
-                full = torch.zeros(logits.shape, dtype=logits_j.dtype, device=logits_j.device)
-                full[lo_j - lo : lo_j - lo + logits_j.shape[0]] = logits_j
-                logits_j = full
-            elif logits_j.shape[0] < logits.shape[0]:
-                logits_j = torch.cat([logits_j, logits[logits_j.shape[0] :]])
-            logits = logits_j
-        for row in rows:
-            slot = slots[row]
-            assert slot.builder is not None
-            slot.steps.append(steps[row])
-            out[index[row]] = slot.builder.decode_actions(np.asarray([chosen[row]], dtype=np.int64))[0]
-
-
-def _action_range(slot: _Slot) -> tuple[int, int]:
-    """Token ids ``[low, high)`` an action of this slot's embodiment may take (Policy._action_range)."""
-    assert slot.builder is not None and slot.spec is not None
-    layout = slot.builder.layout
-    if slot.spec.action.kind == "continuous":
-        return layout.continuous_offset, layout.continuous_offset + layout.continuous_bins
-    assert slot.spec.action.num_choices is not None
-    return layout.discrete_offset, layout.discrete_offset + slot.spec.action.num_choices
-
-
 # -- loop side: sessions and the batcher ----------------------------------------------------------
 
 
@@ -327,7 +81,7 @@ class Session:
     """A client's episode state as the event loop sees it; ``slot`` belongs to the worker thread."""
 
     id: str
-    slot: _Slot
+    slot: Row
     created: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     owner: object | None = None  # the connection it is attached to, None while detached
@@ -337,6 +91,9 @@ class Session:
     last_reply: dict[str, Any] | None = None  # the action reply of step next_step - 1
     inflight: tuple[str, int, asyncio.Future[Any]] | None = None  # ("step"|"reset", index, future)
     closed: bool = False
+    episodes: int = 0
+    """Episodes reset so far; the ``e``-th samples with ``episode_seed(0, e)``, as the ``e``-th
+    episode of a new local ``Policy`` does."""
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -382,7 +139,7 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, observe: StatsHook | None = None) -> None:  # fmt: skip
         self.checkpoint = checkpoint
         self.config = config or EngineConfig()
-        self.pool = SlotPool(checkpoint, self.config.device, rows=min(self.config.max_sessions, 8))
+        self.pool = ActingCore(checkpoint.model, checkpoint.text, self.config.device, rows=min(self.config.max_sessions, 8))
         self.sessions: dict[str, Session] = {}
         self.observe = observe or (lambda name, value: None)
         self.ready = False
@@ -440,7 +197,7 @@ class Engine:
                 fatal=True,
                 retry_after_ms=int(self.config.idle_timeout_s * 1000),
             )
-        session = Session(secrets.token_hex(16), _Slot(), owner=owner)
+        session = Session(secrets.token_hex(16), Row(), owner=owner)
         self.sessions[session.id] = session
         self._submit(_Op("open", session, None, None, None))
         log.info("session_open", extra={"fields": {"session": session.id}})
@@ -486,10 +243,14 @@ class Engine:
         embodiment: str | None = None,
         prompt: Mapping[str, Any] | None = None,
         goal: Mapping[str, Any] | None = None,
+        temperature: float = 0.0,
     ) -> EmbodimentSpec:
         """Start a new episode of a task (or embodiment), optionally with a prompt
-        ``{"obs": {key: (T, ...)}, "actions": (T, ...)}`` and a goal observation."""
+        ``{"obs": {key: (T, ...)}, "actions": (T, ...)}``, a goal observation and a sampling
+        ``temperature`` (0: the model's own decoding, as a local ``Policy``)."""
         session.touch()
+        if isinstance(temperature, bool) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise ProtocolError(p.BAD_MESSAGE, "temperature out of range", "temperature", f"a number in [0, {MAX_TEMPERATURE:g}] (0: the model's own decoding)", repr(temperature))  # fmt: skip
         if session.inflight is not None:
             raise ProtocolError(p.BUSY, "a step is in flight; reset after its reply", "type", "no step in flight", f"step {session.inflight[1]} in flight")  # fmt: skip
         name = task or embodiment
@@ -521,9 +282,11 @@ class Engine:
             if not f.cancelled() and f.exception() is None:
                 session.spec, session.task = spec, name
                 session.next_step, session.last_reply = 0, None
+                session.episodes += 1
 
         future.add_done_callback(done)
-        self._submit(_Op("reset", session, (spec, prompt_pair, goal), future, self.loop))
+        payload = (spec, prompt_pair, goal, episode_seed(0, session.episodes), temperature)
+        self._submit(_Op("reset", session, payload, future, self.loop))
         try:
             await asyncio.shield(future)
         except ValueError as error:
@@ -678,12 +441,14 @@ class Engine:
                     _resolve(op, error)
         resets = [op for op in ops if op.kind == "reset"]
         if resets:
-            items = []
+            items, seeds, temperatures = [], [], []
             for op in resets:
                 assert op.session is not None
-                spec, prompt, goal = op.payload
+                spec, prompt, goal, seed, temperature = op.payload
                 items.append((op.session.slot, spec, prompt, goal))
-            for op, failure in zip(resets, self.pool.reset(items), strict=True):
+                seeds.append(seed)
+                temperatures.append(temperature)
+            for op, failure in zip(resets, self.pool.reset(items, seeds, temperatures), strict=True):
                 _resolve(op, failure if failure is not None else True)
         steps: list[_Op] = []
         for op in ops:

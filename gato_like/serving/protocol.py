@@ -308,6 +308,7 @@ CLIENT_MESSAGES: dict[str, dict[str, tuple[str, bool]]] = {
         "embodiment": (_STR, False),
         "prompt": (_PROMPT, False),
         "goal": (_OBS, False),
+        "temperature": (_NUM, False),
     },
     "step": {"step": (_INT, True), "obs": (_OBS, True), "deadline_ms": (_NUM, False)},
     "ping": {"t": (_NUM, False)},

@@ -321,7 +321,7 @@ class PolicyServer:
         try:
             if message.type == "reset":
                 f = message.fields
-                spec = await self.engine.reset(session, f.get("task"), f.get("embodiment"), f.get("prompt"), f.get("goal"))  # fmt: skip
+                spec = await self.engine.reset(session, f.get("task"), f.get("embodiment"), f.get("prompt"), f.get("goal"), f.get("temperature", 0.0))  # fmt: skip
                 reply = {"type": "ready", "embodiment": spec.name, "task": session.task, "next_step": 0}
             else:
                 reply = dict(await self.engine.step(session, message.fields["step"], message.fields["obs"], message.fields.get("deadline_ms")))  # fmt: skip

@@ -1,0 +1,459 @@
+"""The acting core: KV-cache rows for many episodes, fed and decoded in batches.
+
+Both the runtime agent (:class:`gato_like.policy.Policy`) and the policy server
+(:mod:`gato_like.serving.engine`) act through one :class:`ActingCore`; neither re-implements it.
+
+::
+
+    allocate() ─► Row (one row of the shared cache)      release(row): the last row moves into it
+    reset([(row, spec, prompt, goal)])                    the prefix (goal, prompt) is fed once
+    act([(row, observation)])                             one step for every row at once:
+        tokenize + embed every observation (one patch-encoder call for all images)
+        roll full windows (prefix + newest whole timesteps, re-encoded: a cache is never shifted)
+        one forward pass for every row's new tokens, then one per action token, per head
+        decode each row's action token in its embodiment's id range (greedy or sampled)
+
+Rows may hold any mix of embodiments; rows acting with another head (goal-conditioned) take their
+own passes in the same call. Rows of live episodes are kept contiguous, so a pass runs on a view
+of the span of rows it needs. Used by one thread at a time.
+
+The cache has one spare position past the context (``capacity = context_length + 1``): a row that
+takes no tokens in a forward pass is still written past its length, and the spare slot keeps that
+write off a full row's last entry.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gato_like.model import GatoModel, KVCache
+from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TextTokenizer, TokenSequence, TokenType
+from gato_like.tokenizers.vocab import bin_centres, bin_of
+
+Prompt = tuple[Mapping[str, Any], np.ndarray]
+
+
+@dataclass
+class Row:
+    """One episode's row of the core's cache and its token history."""
+
+    index: int = -1
+    """Row of the cache (-1: released)."""
+    spec: EmbodimentSpec | None = None
+    builder: SequenceBuilder | None = None
+    head: str = "policy"
+    """``policy``, or ``goal`` when the episode was reset with a goal."""
+    prefix: Tensor | None = None
+    """``(1, p, D)`` backbone inputs of the goal and prompt, kept on roll-over."""
+    steps: list[Tensor] = field(default_factory=list)
+    """``(1, n_t, D)`` backbone inputs of every finished timestep in the window."""
+    length: int = 0
+    """Tokens in this row of the cache."""
+    temperature: float = 0.0
+    """0: the config's decoding (greedy bins, or ``discrete_decoding``); > 0: sample every action
+    token from ``softmax(logits / temperature)``."""
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    """Sampled actions' generator (CPU), seeded at every reset."""
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The sampler's seed for the ``episode``-th reset of a policy (or server session) seeded ``seed``."""
+    return seed * 1_000_003 + episode
+
+
+class ActingCore:
+    """KV-cache rows for many episodes of one model, and the batched acting loop.
+
+    Args:
+        model: the trained model (put in eval mode).
+        text: the checkpoint's text tokenizer (every builder's vocabulary).
+        device: where the model runs.
+        rows: cache rows to allocate up front (the cache doubles when full).
+    """
+
+    def __init__(self, model: GatoModel, text: TextTokenizer, device: str | torch.device = "cpu", rows: int = 1) -> None:  # fmt: skip
+        self.model = model.to(device).eval()
+        self.text = text
+        self.device = torch.device(device)
+        self.config = model.config
+        self.dtype = next(model.parameters()).dtype
+        self.rows: list[Row] = []
+        shape = (max(rows, 1), self.config.n_head, self.config.context_length + 1, self.config.head_dim)
+        self.cache = KVCache(
+            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.config.n_layer)],
+            [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.config.n_layer)],
+            torch.zeros(shape[0], dtype=torch.long, device=self.device),
+        )
+        self._builders: dict[str, SequenceBuilder] = {}
+        self.last_logits: dict[int, list[Tensor]] = {}
+        """Per row index, the logits ``(1, V)`` each action token of the last :meth:`act` was chosen from."""
+
+    def builder(self, spec: EmbodimentSpec) -> SequenceBuilder:
+        """The sequence builder of an embodiment (one per spec name, reused)."""
+        builder = self._builders.get(spec.name)
+        if builder is None or builder.spec != spec:
+            builder = self._builders[spec.name] = SequenceBuilder(spec, self.text)
+        return builder
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def allocate(self) -> Row:
+        """A new row, empty (the cache grows by doubling when full)."""
+        capacity = self.cache.k[0].shape[0]
+        if len(self.rows) == capacity:
+            self.cache.k = [torch.cat([k, torch.zeros_like(k)]) for k in self.cache.k]
+            self.cache.v = [torch.cat([v, torch.zeros_like(v)]) for v in self.cache.v]
+            self.cache.lengths = torch.cat([self.cache.lengths, torch.zeros_like(self.cache.lengths)])
+        row = Row(index=len(self.rows))
+        self.rows.append(row)
+        self.cache.lengths[row.index] = 0
+        return row
+
+    def release(self, row: Row) -> None:
+        """Free a row; the last row moves into its place so live rows stay contiguous."""
+        if row.index < 0 or row.index >= len(self.rows) or self.rows[row.index] is not row:
+            return
+        last = self.rows.pop()
+        if last is not row:
+            for k, v in zip(self.cache.k, self.cache.v, strict=True):
+                k[row.index] = k[last.index]
+                v[row.index] = v[last.index]
+            self.cache.lengths[row.index] = self.cache.lengths[last.index]
+            self.cache.lengths[last.index] = 0
+            last.index = row.index
+            self.rows[row.index] = last
+        else:
+            self.cache.lengths[row.index] = 0
+        row.index = -1
+
+    # -- embedding -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
+        """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
+        return self.embed_many([tokens], goal)[0]
+
+    @torch.no_grad()
+    def embed_many(self, sequences: Sequence[TokenSequence], goal: bool = False) -> list[Tensor]:
+        """Backbone inputs ``(1, n_i, D)`` of several token sequences, embedded in one call (one
+        patch-encoder pass over every image patch of them all)."""
+        if not sequences:
+            return []
+        width = max(max(len(s) for s in sequences), 1)
+        patches = max(len(s.patches) for s in sequences)
+        n = len(sequences)
+        ids = np.zeros((n, width), np.int64)
+        types = np.full((n, width), int(TokenType.PAD), np.int64)
+        local = np.zeros((n, width), np.int64)
+        timesteps = np.zeros((n, width), np.int64)
+        first = sequences[0]
+        patch_array = (
+            np.zeros((n, patches, *first.patches.shape[1:]), first.patches.dtype) if patches else None
+        )
+        patch_positions = np.zeros((n, patches, *first.patch_positions.shape[1:]), first.patch_positions.dtype) if patches else None  # fmt: skip
+        patch_mask = np.zeros((n, patches), bool)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)], types[i, : len(s)] = s.ids, s.types
+            local[i, : len(s)], timesteps[i, : len(s)] = s.local_positions, s.timesteps
+            if patches and len(s.patches):
+                assert patch_array is not None and patch_positions is not None
+                patch_array[i, : len(s.patches)] = s.patches
+                patch_positions[i, : len(s.patches)] = s.patch_positions
+                patch_mask[i, : len(s.patches)] = True
+
+        def t(a: np.ndarray | None) -> Tensor | None:
+            return None if a is None else torch.from_numpy(a).to(self.device)
+
+        types_t = t(types)
+        assert types_t is not None
+        x = self.model.embed(t(ids), types_t, t(local), t(patch_array), t(patch_positions), t(patch_mask))  # type: ignore[arg-type]
+        if goal:
+            x = x + self.model.goal_segment
+        out = []
+        for i, s in enumerate(sequences):
+            row_types = types_t[i : i + 1, : len(s)]
+            out.append(self.model.backbone_inputs(x[i : i + 1, : len(s)], row_types, t(timesteps[i : i + 1, : len(s)])))  # type: ignore[arg-type]  # fmt: skip
+        return out
+
+    @torch.no_grad()
+    def encode_prefix(self, builder: SequenceBuilder, prompt: Prompt | None = None, goal: Mapping[str, Any] | None = None) -> Tensor:  # fmt: skip
+        """Backbone inputs ``(1, p, D)`` of a goal (without separators, as the goal segment) followed
+        by a prompt demonstration; ``p`` is 0 without either. Raises ``ValueError`` when ``p`` is more
+        than half the context."""
+        parts = []
+        if goal is not None:
+            tokens = builder.build_step(goal)
+            keep = tokens.types != TokenType.SEPARATOR
+            goal_tokens = TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
+                                        tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
+                                        tokens.patch_positions)  # fmt: skip
+            parts.append(self.embed(goal_tokens, goal=True))
+        if prompt is not None:
+            observations, actions = prompt
+            parts.append(self.embed(builder.build(observations, actions)))
+        prefix = (
+            torch.cat(parts, dim=1)
+            if parts
+            else torch.zeros(1, 0, self.config.n_embd, device=self.device, dtype=self.dtype)
+        )
+        if prefix.shape[1] > self.config.context_length // 2:
+            raise ValueError(
+                f"reset: prompt and goal take {prefix.shape[1]} tokens; at most half the context "
+                f"({self.config.context_length // 2}) is allowed"
+            )
+        return prefix
+
+    # -- episodes ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(
+        self,
+        items: Sequence[tuple[Row, EmbodimentSpec, Prompt | None, Mapping[str, Any] | None]],
+        seeds: Sequence[int] | None = None,
+        temperature: float | Sequence[float] = 0.0,
+    ) -> list[Exception | None]:
+        """Start new episodes: ``(row, spec, prompt or None, goal or None)`` each, the rows'
+        generators seeded with ``seeds`` (default 0). Returns per item None, or the error
+        (``ValueError``/``TypeError``) that left that row unchanged."""
+        temperatures = [float(temperature)] * len(items) if isinstance(temperature, (int, float)) else list(temperature)  # fmt: skip
+        errors: list[Exception | None] = []
+        chunks: dict[int, Tensor] = {}
+        for i, (row, spec, prompt, goal) in enumerate(items):
+            try:
+                builder = self.builder(spec)
+                prefix = self.encode_prefix(builder, prompt, goal)
+            except (ValueError, TypeError) as error:
+                errors.append(error)
+                continue
+            errors.append(None)
+            row.spec, row.builder, row.prefix = spec, builder, prefix
+            row.head = "goal" if goal is not None else "policy"
+            row.steps, row.length = [], 0
+            row.temperature = temperatures[i]
+            row.generator.manual_seed(seeds[i] if seeds is not None else 0)
+            self.cache.lengths[row.index] = 0
+            if prefix.shape[1]:
+                chunks[row.index] = prefix
+        if chunks:
+            self.feed(chunks, "policy")
+        return errors
+
+    @torch.no_grad()
+    def act(self, requests: Sequence[tuple[Row, Mapping[str, Any]]]) -> list[np.ndarray | Exception]:
+        """Actions for one observation per row (each row at most once): one forward pass for
+        every row's new observation tokens, then one per action token; rows acting with
+        different heads take separate passes. An observation that cannot be tokenized gets its
+        error (``ValueError``/``TypeError``) in its place, and its row is left unchanged."""
+        out: list[np.ndarray | Exception] = [ValueError("not acted")] * len(requests)
+        by_head: dict[str, list[int]] = collections.defaultdict(list)
+        for i, (row, _) in enumerate(requests):
+            if row.builder is None:
+                out[i] = RuntimeError("act: the row was never reset")
+                continue
+            by_head[row.head].append(i)
+        self.last_logits = {}
+        for head, members in by_head.items():
+            self._act_group(head, [(i, *requests[i]) for i in members], out)
+        return out
+
+    def _act_group(self, head: str, group: list[tuple[int, Row, Mapping[str, Any]]], out: list[np.ndarray | Exception]) -> None:  # fmt: skip
+        built: dict[int, TokenSequence] = {}
+        rows: dict[int, Row] = {}
+        index: dict[int, int] = {}
+        for i, row, observation in group:
+            assert row.builder is not None
+            try:
+                built[row.index] = row.builder.build_step(observation)
+            except (ValueError, TypeError) as error:
+                out[i] = error
+                continue
+            rows[row.index], index[row.index] = row, i
+        if not rows:
+            return
+        order = sorted(rows)
+        steps = dict(zip(order, self.embed_many([built[r] for r in order]), strict=True))
+        # roll full windows: the prefix and the newest whole timesteps (at most half the context)
+        history = self.config.history_steps
+        windows: dict[int, Tensor] = {}
+        for r in order:
+            row = rows[r]
+            assert row.builder is not None
+            need = steps[r].shape[1] + row.builder.action_size
+            if row.length + need > self.config.context_length or (history and len(row.steps) >= history):
+                window = self._keep_window(row)
+                if window.shape[1]:
+                    windows[r] = window
+        if windows:
+            self.feed(windows, head)
+        for r in list(order):
+            row = rows[r]
+            assert row.builder is not None
+            need = steps[r].shape[1] + row.builder.action_size
+            if row.length + need > self.config.context_length:
+                out[index[r]] = ValueError(
+                    f"one timestep ({need} tokens) does not fit the context ({self.config.context_length})"
+                )
+                order.remove(r)
+        if not order:
+            return
+        lo, logits = self.feed({r: steps[r] for r in order}, head)
+        select = torch.tensor([r - lo for r in order], device=self.device)
+        logits = logits[select]  # (R, V) in the order of `order`
+        sizes = [rows[r].builder.action_size for r in order]  # type: ignore[union-attr]
+        # the first action's local position is the observation's token count (separator included),
+        # not its backbone input count (the Perceiver folds observation tokens into latents)
+        local = torch.tensor([len(built[r]) for r in order], device=self.device)
+        chosen: list[list[int]] = [[] for _ in order]
+        self.last_logits = self.last_logits | {r: [] for r in order}
+        active = list(range(len(order)))
+        for j in range(max(sizes)):
+            active = [k for k in active if j < sizes[k]]
+            for k in active:
+                self.last_logits[order[k]].append(logits[k : k + 1])
+            picked = self._pick([rows[order[k]] for k in active], logits[active])  # (a,)
+            tokens = self.model.embed(
+                picked[:, None],
+                torch.full_like(picked[:, None], int(TokenType.ACTION)),
+                (local[active] + j)[:, None],
+            )  # (a, 1, D)
+            feed = {}
+            for n, k in enumerate(active):
+                chosen[k].append(int(picked[n]))
+                feed[order[k]] = tokens[n : n + 1]
+                steps[order[k]] = torch.cat([steps[order[k]], tokens[n : n + 1]], dim=1)
+            if j + 1 < max(sizes):
+                lo_j, logits_j = self.feed(feed, head)
+                logits = logits.clone()
+                logits[active] = logits_j[torch.tensor([order[k] - lo_j for k in active], device=self.device)]
+            else:  # the last action token: into the cache, no logits needed
+                self.feed(feed, head)
+        for k, r in enumerate(order):
+            row = rows[r]
+            assert row.builder is not None
+            row.steps.append(steps[r])
+            out[index[r]] = row.builder.decode_actions(np.asarray([chosen[k]], dtype=np.int64))[0]
+
+    def _pick(self, rows: list[Row], logits: Tensor) -> Tensor:
+        """The chosen action ids ``(R,)`` from logits ``(R, V)``, each row in its embodiment's id
+        range; greedy rows of one range are decoded together, sampled rows with their own generator."""
+        picked = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        groups: dict[tuple[int, int, str], list[int]] = collections.defaultdict(list)
+        for k, row in enumerate(rows):
+            assert row.builder is not None and row.spec is not None
+            low, high = row.builder.action_id_range()
+            if row.temperature > 0 or (
+                row.spec.action.kind == "discrete" and self.config.discrete_decoding == "sample"
+            ):
+                temperature = row.temperature if row.temperature > 0 else 1.0
+                picked[k] = sample_bin(logits[k : k + 1, low:high], temperature, row.generator)[0] + low
+            else:
+                groups[(low, high, row.spec.action.kind)].append(k)
+        for (low, high, kind), members in groups.items():
+            part = logits[members, low:high].float()
+            choice = pick_bin(part, self.config.action_decoding) if kind == "continuous" else part.argmax(-1)
+            picked[members] = choice + low
+        return picked
+
+    # -- the cache -----------------------------------------------------------------------------
+
+    def feed(self, chunks: Mapping[int, Tensor], head: str) -> tuple[int, Tensor]:
+        """Append ``chunks[row index]`` (1, n, D) to those rows in one forward pass over the span of
+        rows they cover. Returns ``(first row of the span, logits (span, V))``; a row of the span
+        without a chunk gets meaningless logits."""
+        lo, hi = min(chunks), max(chunks) + 1
+        width = max(max(c.shape[1] for c in chunks.values()), 1)
+        first = next(iter(chunks.values()))
+        x = torch.zeros(hi - lo, width, self.config.n_embd, device=self.device, dtype=first.dtype)
+        valid = torch.zeros(hi - lo, width, dtype=torch.bool, device=self.device)
+        for r, chunk in chunks.items():
+            n = chunk.shape[1]
+            x[r - lo, :n], valid[r - lo, :n] = chunk[0], True
+            self.rows[r].length += n
+        view = KVCache(
+            [k[lo:hi] for k in self.cache.k], [v[lo:hi] for v in self.cache.v], self.cache.lengths[lo:hi]
+        )
+        return lo, self.model.step(x, valid, view, head=head)
+
+    def refill(self, row: Row, steps: Sequence[Tensor], head: str | None = None) -> Tensor | None:
+        """Empty the row's cache and feed it its prefix followed by ``steps`` ((1, n, D) each).
+        Returns the logits ``(V,)`` after the last token (None when there is nothing to feed)."""
+        assert row.prefix is not None
+        self.cache.lengths[row.index] = 0
+        row.length = 0
+        window = torch.cat([row.prefix, *steps], dim=1)
+        if not window.shape[1]:
+            return None
+        lo, logits = self.feed({row.index: window}, head or row.head)
+        return logits[row.index - lo]
+
+    def _keep_window(self, row: Row) -> Tensor:
+        """Keep the prefix and the newest whole timesteps (at most half the context, and fewer than
+        ``history_steps``); empty the row's cache. Returns the window to re-encode ``(1, w, D)``."""
+        assert row.prefix is not None
+        budget = self.config.context_length // 2 - row.prefix.shape[1]
+        history = self.config.history_steps
+        kept: list[Tensor] = []
+        for step in reversed(row.steps):
+            if sum(s.shape[1] for s in kept) + step.shape[1] > budget or (
+                history and len(kept) >= history - 1
+            ):
+                break
+            kept.insert(0, step)
+        row.steps, row.length = kept, 0
+        self.cache.lengths[row.index] = 0
+        return torch.cat([row.prefix, *kept], dim=1)
+
+    def save(self, row: Row) -> tuple[list[Tensor], list[Tensor], int, int]:
+        """A copy of one row's cache (see :meth:`restore`)."""
+        i = row.index
+        return [k[i].clone() for k in self.cache.k], [v[i].clone() for v in self.cache.v], int(self.cache.lengths[i]), row.length  # fmt: skip
+
+    def restore(self, row: Row, saved: tuple[list[Tensor], list[Tensor], int, int]) -> None:
+        """Put back a row's cache saved by :meth:`save`."""
+        i = row.index
+        for k, kept in zip(self.cache.k, saved[0], strict=True):
+            k[i] = kept
+        for v, kept in zip(self.cache.v, saved[1], strict=True):
+            v[i] = kept
+        self.cache.lengths[i], row.length = saved[2], saved[3]
+
+
+def sample_bin(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:
+    """A sample ``(N,)`` from ``softmax(logits / temperature)`` over ``(N, n)``, drawn on the CPU
+    with ``generator`` (so it is the same on any device)."""
+    probs = torch.softmax(logits.float() / temperature, -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+
+
+def pick_bin(logits: Tensor, decoding: str) -> Tensor:
+    """The bin ``(N,)`` chosen from logits over ordered bins ``(N, bins)``: ``argmax``, or the bin
+    holding the distribution's ``mean`` (bin centres of the vocabulary's uniform bins) or ``median``."""
+    bins = logits.shape[-1]
+    if decoding == "argmax":
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double(), -1)
+    if decoding == "median":
+        return ((probs.cumsum(-1) < 0.5).sum(-1)).clamp(max=bins - 1)
+    if decoding != "mean":
+        raise ValueError(f"decoding: expected 'argmax', 'mean' or 'median', got {decoding!r}")
+    centres = torch.from_numpy(bin_centres(bins)).to(logits.device)
+    mean = (probs * centres).sum(-1)
+    return torch.from_numpy(bin_of(mean.cpu().numpy(), bins)).to(logits.device)
+
+
+def pick_action(logits: Tensor, config: Any, kind: str, generator: torch.Generator) -> Tensor:
+    """The action token ``(N,)`` (offset within its range) from logits over that range ``(N, n)``,
+    as the config decodes: continuous bins by ``action_decoding``, discrete choices by
+    ``discrete_decoding`` (sampled at temperature 1 with ``generator``, or argmax)."""
+    if kind == "continuous":
+        return pick_bin(logits, getattr(config, "action_decoding", "argmax"))
+    if getattr(config, "discrete_decoding", "argmax") == "sample":
+        return sample_bin(logits, 1.0, generator)
+    return logits.argmax(-1)

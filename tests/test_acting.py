@@ -1,0 +1,147 @@
+"""One acting core: the server's actions are the local Policy's, for every backbone and head."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gato_like.acting import ActingCore
+from gato_like.checkpoint import load_checkpoint, save_checkpoint
+from gato_like.config import Config
+from gato_like.data_pipelines.tasks import get_task
+from gato_like.model import GatoModel
+from gato_like.policy import Policy
+from gato_like.serving.client import AsyncPolicyClient, ServerError
+from gato_like.serving.engine import EngineConfig
+from gato_like.serving.protocol import example_observation
+from gato_like.serving.server import ServerConfig, background_server
+from gato_like.tokenizers import TextTokenizer
+
+TASKS = ("dmc-point_mass-easy", "babyai-GoToRedBall")  # continuous and discrete actions
+
+
+def _checkpoint(path: Path, **overrides) -> Path:
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", **overrides))
+    specs = {get_task(t).spec.name: get_task(t).spec for t in TASKS}
+    tasks = {t: {"embodiment": get_task(t).spec.name} for t in TASKS}
+    return save_checkpoint(path, model, TextTokenizer(), specs, tasks)
+
+
+def _obs(task: str, seed: int) -> dict:
+    return example_observation(get_task(task).spec.to_dict(), np.random.default_rng(seed))
+
+
+# (task, head, temperature): every head, greedy and sampled, both action kinds in one server
+PLANS = [
+    (TASKS[0], "policy", 0.0),
+    (TASKS[0], "goal", 0.0),
+    (TASKS[0], "prompt", 0.7),
+    (TASKS[1], "policy", 0.0),
+    (TASKS[1], "goal", 1.0),
+    (TASKS[1], "policy", 2.0),
+]
+
+
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver"])
+def test_server_actions_equal_local_policy_actions_for_every_head(tmp_path: Path, backbone: str) -> None:
+    """Six concurrent sessions (two embodiments, the policy and goal heads, a prompt, greedy and
+    sampled) share the server's forward passes; each gets exactly the actions a local Policy
+    computes alone on the same observations. The contexts are short, so windows roll over."""
+    context = {"decoder": 512, "perceiver": 48}[backbone]
+    path = _checkpoint(tmp_path / backbone, backbone=backbone, context_length=context)
+    steps = 7
+    observations = [[_obs(task, 100 * i + t) for t in range(steps)] for i, (task, _, _) in enumerate(PLANS)]
+    goals = [_obs(task, 999 + i) for i, (task, _, _) in enumerate(PLANS)]
+    prompt_episode = get_task(TASKS[0]).rollout(3, "expert", max_steps=2)
+    prompt = (prompt_episode.observations, prompt_episode.actions)
+
+    def reset_args(i: int) -> dict:
+        _, head, temperature = PLANS[i]
+        return {
+            "goal": goals[i] if head == "goal" else None,
+            "prompt": prompt if head == "prompt" else None,
+            "temperature": temperature,
+        }
+
+    async def robot(url: str, i: int) -> tuple[list[np.ndarray], list[int]]:
+        async with AsyncPolicyClient(url, task=PLANS[i][0]) as client:
+            await client.reset(**reset_args(i))
+            actions, batches = [], []
+            for t in range(steps):
+                reply = await client.step(observations[i][t])
+                actions.append(reply["action"])
+                batches.append(reply["timing"]["batch_size"])
+            return actions, batches
+
+    async def everyone(url: str):
+        return await asyncio.gather(*(robot(url, i) for i in range(len(PLANS))))
+
+    with background_server(load_checkpoint(path), EngineConfig(), ServerConfig(port=0)) as server:
+        served = asyncio.run(everyone(f"ws://127.0.0.1:{server.port}"))
+    assert max(b for _, batches in served for b in batches) > 1  # sessions shared forward passes
+    for i, (task, _, _) in enumerate(PLANS):
+        args = reset_args(i)
+        local = Policy.from_checkpoint(path, temperature=args.pop("temperature"))
+        local.reset(task, **args)
+        for t in range(steps):
+            np.testing.assert_array_equal(
+                served[i][0][t], local.act(observations[i][t]), err_msg=f"{PLANS[i]} step {t}"
+            )
+
+
+def test_sampling_temperature_changes_the_draws_and_is_seeded(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path / "ckpt")
+    observations = [_obs(TASKS[1], t) for t in range(12)]
+
+    def episode(temperature: float, seed: int = 0) -> list[int]:
+        policy = Policy.from_checkpoint(path, temperature=temperature, seed=seed)
+        policy.reset(TASKS[1])
+        return [int(policy.act(o)[0]) for o in observations]
+
+    greedy = episode(0.0)
+    assert episode(5.0) == episode(5.0)  # seeded
+    assert episode(5.0) != greedy and episode(5.0, seed=1) != episode(5.0)
+    with pytest.raises(ValueError, match="temperature"):
+        Policy.from_checkpoint(path, temperature=-1.0)
+
+
+def test_server_refuses_a_temperature_out_of_range(tmp_path: Path) -> None:
+    path = _checkpoint(tmp_path / "ckpt")
+
+    async def ask(url: str) -> ServerError:
+        async with AsyncPolicyClient(url, task=TASKS[0]) as client:
+            with pytest.raises(ServerError) as caught:
+                await client.reset(temperature=-0.5)
+            return caught.value
+
+    with background_server(load_checkpoint(path), EngineConfig(), ServerConfig(port=0)) as server:
+        error = asyncio.run(ask(f"ws://127.0.0.1:{server.port}"))
+    assert error.code == "BAD_MESSAGE" and error.key == "temperature" and "[0, 100]" in error.expected
+
+
+def test_rows_of_different_embodiments_act_in_one_pass_and_release_keeps_the_others(tmp_path: Path) -> None:
+    """A released row's place is taken by the last row, whose history moves with it: its next
+    action is the one it would have taken in place."""
+    checkpoint = load_checkpoint(_checkpoint(tmp_path / "ckpt"))
+    core = ActingCore(checkpoint.model, checkpoint.text, rows=1)
+    specs = [checkpoint.spec_for(t) for t in (TASKS[0], TASKS[1], TASKS[0])]
+    rows = [core.allocate() for _ in specs]  # the cache grows from 1 row
+    assert core.reset([(r, s, None, None) for r, s in zip(rows, specs, strict=True)]) == [None] * 3
+    tasks = (TASKS[0], TASKS[1], TASKS[0])
+    first = core.act([(r, _obs(t, i)) for i, (r, t) in enumerate(zip(rows, tasks, strict=True))])
+    assert [a.shape for a in first] == [s.action.shape for s in specs]
+    twin = ActingCore(checkpoint.model, checkpoint.text)
+    alone = twin.allocate()
+    twin.reset([(alone, specs[2], None, None)])
+    twin.act([(alone, _obs(TASKS[0], 2))])
+    core.release(rows[0])
+    assert rows[2].index == 0 and rows[0].index == -1
+    (moved,) = core.act([(rows[2], _obs(TASKS[0], 50))])
+    np.testing.assert_array_equal(moved, twin.act([(alone, _obs(TASKS[0], 50))])[0])
+    bad = core.act([(rows[1], {"nonsense": 1})])[0]
+    assert isinstance(bad, Exception) and "nonsense" in str(bad)
