@@ -122,3 +122,20 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert act["tasks"]["dmc-cartpole-balance"]["perturbation"]["noise"] == 0.3
     assert (tmp_path / "run" / "rollouts.json").is_file() and "mean expert-normalized score" in out
     assert "through ws://127.0.0.1:" in out
+
+
+def test_public_api_at_the_top_level_without_loading_torch_first() -> None:
+    code = (
+        "import sys, gato_like\n"
+        "assert 'torch' not in sys.modules, 'import gato_like loaded torch'\n"
+        "from gato_like import PolicyClient\n"
+        "assert 'torch' not in sys.modules, 'the client loaded torch'\n"
+        "from gato_like import Policy, Config, GatoModel, ActingCore, EmbodimentSpec, load_checkpoint\n"
+        "model = GatoModel(Config.from_name('debug'))\n"
+        "print(Policy.__module__, type(model).__name__, sorted(set(gato_like.__all__) - set(dir(gato_like))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["gato_like.policy", "GatoModel", "[]"]
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        gato_like.Nothing  # noqa: B018
