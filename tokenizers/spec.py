@@ -95,14 +95,14 @@ class SpecMismatchError(ValueError):
 
 
 def _dtype_ok(kind: str, spec_dtype: str, array: np.ndarray) -> bool:
-    """Same kind of number as the spec: any float for a float spec, any integer for an integer one;
-    images must be exactly uint8."""
+    """Same kind of number as the spec: any float for a float spec, any integer (not bool) for an
+    integer one, bool or any integer for a bool one; images must be exactly uint8."""
     if kind == "image":
         return array.dtype == np.uint8
     kind = np.dtype(spec_dtype).kind
     if kind == "f":
         return array.dtype.kind == "f"
-    return array.dtype.kind in "iub"
+    return array.dtype.kind in ("iub" if kind == "b" else "iu")
 
 
 def _dtype_expectation(kind: str, spec_dtype: str) -> str:

@@ -46,6 +46,11 @@ log = logging.getLogger("gato_like.serving")
 MAX_TEMPERATURE = 100.0
 """Highest sampling temperature a reset may ask for."""
 
+DEADLINE_MS_RANGE = (1.0, 60_000.0)
+"""The ``deadline_ms`` a step may ask for, inclusive; outside it the step is refused (BAD_MESSAGE)."""
+MIN_RETRY_AFTER_MS = 10
+"""The shortest OVERLOADED ``retry_after_ms``: sooner, a retry would only meet the same full queue."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -63,12 +68,15 @@ class EngineConfig:
     """A session with no message for this long is closed (its KV cache freed)."""
     device: str = "cpu"
     """Where the model runs."""
+    detached_grace_s: float = 10.0
+    """A session whose connection dropped is closed this long after the drop unless resumed first,
+    so dropped connections do not hold ``max_sessions`` for the whole ``idle_timeout_s``."""
 
     def __post_init__(self) -> None:
         for name in ("max_sessions", "max_batch", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("step_deadline_ms", "idle_timeout_s"):
+        for name in ("step_deadline_ms", "idle_timeout_s", "detached_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
 
@@ -85,6 +93,7 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     owner: object | None = None  # the connection it is attached to, None while detached
+    detached_at: float | None = None  # when it lost its connection (monotonic), None while attached
     spec: EmbodimentSpec | None = None
     task: str | None = None
     next_step: int = 0
@@ -139,7 +148,9 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, observe: StatsHook | None = None) -> None:  # fmt: skip
         self.checkpoint = checkpoint
         self.config = config or EngineConfig()
-        self.pool = ActingCore(checkpoint.model, checkpoint.text, self.config.device, rows=min(self.config.max_sessions, 8))
+        self.pool = ActingCore(
+            checkpoint.model, checkpoint.text, self.config.device, rows=min(self.config.max_sessions, 8)
+        )
         self.sessions: dict[str, Session] = {}
         self.observe = observe or (lambda name, value: None)
         self.ready = False
@@ -195,7 +206,7 @@ class Engine:
                 expected=f"at most {self.config.max_sessions} sessions",
                 got=str(len(self.sessions)),
                 fatal=True,
-                retry_after_ms=int(self.config.idle_timeout_s * 1000),
+                retry_after_ms=self._next_expiry_ms(),
             )
         session = Session(secrets.token_hex(16), Row(), owner=owner)
         self.sessions[session.id] = session
@@ -208,10 +219,15 @@ class Engine:
         session = self.sessions.get(session_id)
         if session is None or session.closed:
             raise ProtocolError(p.UNKNOWN_SESSION, "no live session with this id (expired or never opened)", "session", "a live session id", session_id[:64], fatal=True)  # fmt: skip
-        session.owner = owner
+        session.owner, session.detached_at = owner, None
         session.touch()
         log.info("session_resume", extra={"fields": {"session": session.id}})
         return session
+
+    def detach_session(self, session: Session) -> None:
+        """The session's connection is gone: keep it ``detached_grace_s`` for a resume."""
+        session.owner, session.detached_at = None, time.monotonic()
+        log.info("session_detach", extra={"fields": {"session": session.id, "grace_s": self.config.detached_grace_s}})  # fmt: skip
 
     def close_session(self, session: Session, reason: str = "closed") -> None:
         """Forget a session and free its cache row."""
@@ -223,16 +239,27 @@ class Engine:
         log.info("session_close", extra={"fields": {"session": session.id, "reason": reason}})
 
     def expire_idle(self, now: float | None = None) -> list[Session]:
-        """Close sessions idle longer than ``idle_timeout_s`` (none with a step in flight)."""
+        """Close sessions idle longer than ``idle_timeout_s`` and sessions detached (no connection)
+        longer than ``detached_grace_s``; none with a step in flight."""
         now = time.monotonic() if now is None else now
-        expired = [
-            s
-            for s in self.sessions.values()
-            if s.inflight is None and now - s.last_active > self.config.idle_timeout_s
-        ]
-        for session in expired:
-            self.close_session(session, "idle")
-        return expired
+        expired: list[tuple[Session, str]] = []
+        for s in self.sessions.values():
+            if s.inflight is not None:
+                continue
+            if now - s.last_active > self.config.idle_timeout_s:
+                expired.append((s, "idle"))
+            elif s.detached_at is not None and now - s.detached_at > self.config.detached_grace_s:
+                expired.append((s, "detached"))
+        for session, reason in expired:
+            self.close_session(session, reason)
+        return [session for session, _ in expired]
+
+    def _next_expiry_ms(self) -> int:
+        """Milliseconds until the first session is due to expire (SESSION_LIMIT's retry hint)."""
+        now, config = time.monotonic(), self.config
+        due = [s.last_active + config.idle_timeout_s for s in self.sessions.values()]
+        due += [s.detached_at + config.detached_grace_s for s in self.sessions.values() if s.detached_at is not None]  # fmt: skip
+        return max(1, math.ceil((min(due, default=now) - now) * 1000))
 
     # requests
 
@@ -268,12 +295,15 @@ class Engine:
         prompt_pair = None
         try:
             if prompt is not None:
-                spec.check_episode(prompt["obs"], prompt["actions"])
+                spec.check_episode(prompt["obs"], prompt["actions"])  # keys obs.<key>, actions
                 prompt_pair = (prompt["obs"], prompt["actions"])
+        except SpecMismatchError as error:
+            raise _violations_error(p.INVALID_PROMPT, "prompt", error, "prompt") from None
+        try:
             if goal is not None:
                 spec.check_step(goal)
         except SpecMismatchError as error:
-            raise _violations_error(p.INVALID_PROMPT, "prompt or goal", error, "prompt") from None
+            raise _violations_error(p.INVALID_PROMPT, "goal", error, "goal") from None
         future = self._future()
         session.inflight = ("reset", -1, future)
 
@@ -301,6 +331,11 @@ class Engine:
         """The ``action`` reply for step ``index`` (see docs/protocol.md for the index rules)."""
         received = time.monotonic()
         session.touch()
+        if index < 0:
+            raise ProtocolError(p.BAD_MESSAGE, f"step: {index} is negative; an episode's steps are numbered from 0", "step", "an integer >= 0", str(index))  # fmt: skip
+        low, high = DEADLINE_MS_RANGE
+        if deadline_ms is not None and not low <= deadline_ms <= high:
+            raise ProtocolError(p.BAD_MESSAGE, f"deadline_ms: {deadline_ms} is outside {low:g} to {high:g} ms", "deadline_ms", f"a number from {low:g} to {high:g}", str(deadline_ms))  # fmt: skip
         if session.spec is None:
             raise ProtocolError(p.NOT_RESET, "send a reset before the first step", "type", "reset", "step")
         if session.inflight is not None:
@@ -324,7 +359,7 @@ class Engine:
         with self._cond:
             if self._pending_steps >= self.config.queue_size:
                 raise ProtocolError(p.OVERLOADED, f"{self._pending_steps} steps are waiting for the model", None, f"at most {self.config.queue_size} waiting", str(self._pending_steps), retry_after_ms=self.retry_after_ms())  # fmt: skip
-        budget = self.config.step_deadline_ms if deadline_ms is None else min(max(deadline_ms, 1.0), 60_000.0)
+        budget = self.config.step_deadline_ms if deadline_ms is None else deadline_ms
         future = self._future()
         session.inflight = ("step", index, future)
         op = _Op("step", session, observation, future, self.loop, deadline=received + budget / 1000)
@@ -359,9 +394,10 @@ class Engine:
         }
 
     def retry_after_ms(self) -> int:
-        """When the queue should have room: batches ahead times the mean forward-pass time."""
+        """When the queue should have room: batches ahead (at least one) times the mean forward-pass
+        time, and never under :data:`MIN_RETRY_AFTER_MS`."""
         batches = math.ceil(max(self._pending_steps, 1) / self.config.max_batch)
-        return max(1, math.ceil(batches * self._step_seconds * 1000))
+        return max(MIN_RETRY_AFTER_MS, math.ceil(batches * self._step_seconds * 1000))
 
     @property
     def pending_steps(self) -> int:

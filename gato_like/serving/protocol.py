@@ -62,6 +62,9 @@ BUSY = "BUSY"  # a reset or another step arrived while a step is in flight
 OVERLOADED = "OVERLOADED"  # the queue is full; retry after retry_after_ms
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # the step waited past its deadline; not applied
 INTERNAL = "INTERNAL"  # a server bug; the session is closed (fatal)
+HELLO_TIMEOUT = "HELLO_TIMEOUT"  # no successful hello within the server's hello_timeout_s (fatal)
+CONNECTION_LIMIT = "CONNECTION_LIMIT"  # max_pending_connections connections await their hello (fatal)
+SLOW_CONSUMER = "SLOW_CONSUMER"  # close reason only: replies left unread past send_timeout_s
 ERROR_CODES = (
     BAD_FRAME,
     BAD_MESSAGE,
@@ -81,6 +84,9 @@ ERROR_CODES = (
     OVERLOADED,
     DEADLINE_EXCEEDED,
     INTERNAL,
+    HELLO_TIMEOUT,
+    CONNECTION_LIMIT,
+    SLOW_CONSUMER,
 )
 
 
@@ -218,6 +224,14 @@ def decode_array(value: Any, key: str, limits: Limits = DEFAULT_LIMITS) -> np.nd
     data = value["data"]
     if not isinstance(data, bytes):
         raise ProtocolError(BAD_MESSAGE, f"{key}.data: expected bin bytes", f"{key}.data", "bin", _kind(data))
+    if len(data) > limits.max_array_bytes:
+        raise ProtocolError(
+            BAD_FRAME,
+            f"{key}: array too large",
+            key,
+            f"at most {limits.max_array_bytes} bytes",
+            f"{len(data)} bytes",
+        )
     np_dtype = DTYPES[dtype]
     need = math.prod(shape) * np_dtype.itemsize
     if need > limits.max_array_bytes:
@@ -269,7 +283,7 @@ def unpack_frame(frame: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
             timestamp=0,
             ext_hook=_refuse_ext,
             max_str_len=limits.max_string_bytes,
-            max_bin_len=limits.max_array_bytes,
+            max_bin_len=limits.max_frame_bytes,  # arrays: checked by decode_array, which names the key
             max_array_len=max(limits.max_keys, MAX_NDIM, limits.max_prompt_steps),
             max_map_len=limits.max_keys,
             max_ext_len=0,

@@ -4,6 +4,9 @@ One port serves everything: WebSocket upgrades (robots), ``GET /healthz`` (the p
 ``GET /readyz`` (the model is loaded and warmed up), ``GET /metrics`` (Prometheus text format).
 A bearer token, when set, is checked at the HTTP upgrade (and for ``/metrics``) with a constant-time
 comparison; a connection without it never reaches the handler. Binds 127.0.0.1 unless told otherwise.
+Hostile or broken clients are bounded (:class:`ServerConfig`): a connection that does not read its
+replies is slowed (its frames are not read), then closed; one that does not say hello in time is
+closed, and only so many may wait for their hello at once.
 The protocol is documented in ``docs/protocol.md``.
 """
 
@@ -18,6 +21,7 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +47,13 @@ from gato_like.serving.engine import Engine, EngineConfig, Session
 from gato_like.serving.protocol import Limits, ProtocolError
 
 log = logging.getLogger("gato_like.serving")
+
+MAX_REQUESTS_PER_CONNECTION = 8
+"""Resets and steps of one connection answered at once; the handler reads none of its frames until
+one of them is done (a step is answered in turn; extra ones only get BUSY)."""
+CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1008, 1011, 1013
+"""WebSocket close codes after a fatal error (the close reason is the error code): policy violation,
+server error, a limit that may clear later (SESSION_LIMIT, CONNECTION_LIMIT)."""
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -116,6 +127,30 @@ class ServerConfig:
     """Bearer token required at the WebSocket upgrade and for /metrics (None: no authentication)."""
     limits: Limits = field(default_factory=Limits)
     """Frame and array size limits."""
+    write_limit: int = 1 << 20
+    """High-water mark (bytes) of a connection's unsent replies: above it the server reads none of
+    that connection's frames until the client has read enough of its replies (backpressure)."""
+    send_timeout_s: float = 10.0
+    """A connection whose unsent replies stay above ``write_limit`` this long is closed (1008
+    ``SLOW_CONSUMER``; cut off if it does not read the close frame within a second) and its buffers
+    are freed."""
+    max_queued_frames: int = 16
+    """Received frames buffered per connection while its handler is busy; beyond, its socket is not
+    read (at most this many frames of up to 4x ``limits.max_frame_bytes`` each)."""
+    hello_timeout_s: float = 10.0
+    """Seconds a connection has for a successful hello once upgraded, else it is closed
+    (``HELLO_TIMEOUT``, 1008); also the time it has to complete the HTTP upgrade."""
+    max_pending_connections: int = 64
+    """Connections that have not said hello yet, at most; more are refused (HTTP 503 at the upgrade,
+    or ``CONNECTION_LIMIT`` and close 1013)."""
+
+    def __post_init__(self) -> None:
+        for name in ("write_limit", "max_queued_frames", "max_pending_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("send_timeout_s", "hello_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
 
 
 class PolicyServer:
@@ -137,6 +172,9 @@ class PolicyServer:
         self._server: Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._owners: dict[str, ServerConnection] = {}  # session id -> attached connection
+        self._pending: set[ServerConnection] = set()  # connections that have not said hello yet
+        self._slow: weakref.WeakSet[ServerConnection] = weakref.WeakSet()  # being dropped: not reading
+        self._notices: set[asyncio.Task[None]] = set()  # errors sent without waiting for the client
 
     @property
     def port(self) -> int:
@@ -153,7 +191,9 @@ class PolicyServer:
             process_request=self._process_request,
             compression=None,
             max_size=4 * self.limits.max_frame_bytes,  # between 1x and 4x: an error frame; above: close 1009
-            max_queue=64,
+            max_queue=self.config.max_queued_frames,
+            write_limit=self.config.write_limit,
+            open_timeout=self.config.hello_timeout_s,
             server_header=f"gato-like/{__version__}",
         )
         log.info("listening", extra={"fields": {"host": self.config.host, "port": self.port, "auth": self.config.token is not None}})  # fmt: skip
@@ -174,11 +214,14 @@ class PolicyServer:
     # HTTP
 
     def _authorized(self, headers: Headers) -> bool:
+        """``Authorization: Bearer <token>``; the scheme is case-insensitive (RFC 7235), the token is
+        compared in constant time."""
         if self.config.token is None:
             return True
-        given = headers.get("Authorization", "")
-        expected = f"Bearer {self.config.token}"
-        return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
+        scheme, _, credentials = headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode("utf-8", "replace"), self.config.token.encode())
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
@@ -199,29 +242,86 @@ class PolicyServer:
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return response
+        cap = self.config.max_pending_connections
+        if len(self._pending) >= cap:
+            self.metrics.errors.labels(p.CONNECTION_LIMIT).inc()
+            log.warning("connection_limit", extra={"fields": {"pending": len(self._pending), "remote": _remote(connection)}})  # fmt: skip
+            response = connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"{len(self._pending)} connections are waiting to say hello (max_pending_connections {cap}); retry later\n")  # fmt: skip
+            response.headers["Retry-After"] = str(max(1, round(self.config.hello_timeout_s)))
+            return response
         return None  # a WebSocket upgrade
 
     # WebSocket
 
     async def _send(self, connection: ServerConnection, message: dict[str, Any]) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await connection.send(p.encode_frame(message))
+        """Send one frame. It waits while the connection's unsent replies are above ``write_limit``;
+        if that lasts ``send_timeout_s`` the client is not reading and is dropped."""
+        try:
+            await asyncio.wait_for(connection.send(p.encode_frame(message)), self.config.send_timeout_s)
+        except ConnectionClosed:
+            pass
+        except asyncio.TimeoutError:
+            await self._drop_slow(connection)
+
+    async def _drop_slow(self, connection: ServerConnection) -> None:
+        """Close a connection that leaves its replies unread (1008 ``SLOW_CONSUMER``), freeing them."""
+        if connection in self._slow:
+            return
+        self._slow.add(connection)
+        self.metrics.errors.labels(p.SLOW_CONSUMER).inc()
+        unsent = connection.transport.get_write_buffer_size() if connection.transport else None
+        log.warning("slow_consumer", extra={"fields": {"remote": _remote(connection), "unsent_bytes": unsent, "write_limit": self.config.write_limit, "send_timeout_s": self.config.send_timeout_s}})  # fmt: skip
+        await self._close(connection, CLOSE_POLICY, p.SLOW_CONSUMER, min(1.0, self.config.send_timeout_s))
+
+    async def _close(self, connection: ServerConnection, code: int, reason: str, wait: float | None = None) -> None:  # fmt: skip
+        """Close with ``code`` and ``reason``; a client that does not take the close frame within
+        ``wait`` seconds (default ``send_timeout_s``) is cut off, so its buffers are freed."""
+        try:
+            await asyncio.wait_for(connection.close(code, reason), self.config.send_timeout_s if wait is None else wait)  # fmt: skip
+        except asyncio.TimeoutError:
+            connection.transport.abort()
+
+    def _notify(self, connection: ServerConnection, error: ProtocolError, session: Session | None = None) -> None:  # fmt: skip
+        """Send an error the server raises on its own (and close, if fatal) without waiting on that
+        client."""
+        task = asyncio.create_task(self._send_error(connection, error, session=session))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
 
     async def _send_error(self, connection: ServerConnection, error: ProtocolError, request_id: int | None = None, step: int | None = None, session: Session | None = None) -> None:  # fmt: skip
         self.metrics.errors.labels(error.code).inc()
         log.warning("error", extra={"fields": {"code": error.code, "message": error.message, "key": error.key, "fatal": error.fatal, "session": session.id if session else None, "remote": _remote(connection)}})  # fmt: skip
         await self._send(connection, error.to_message(request_id, step))
         if error.fatal:
-            close = 1013 if error.code == p.SESSION_LIMIT else 1011 if error.code == p.INTERNAL else 1008
-            await connection.close(close, error.code)
+            later = error.code in (p.SESSION_LIMIT, p.CONNECTION_LIMIT)
+            close = CLOSE_TRY_LATER if later else CLOSE_INTERNAL if error.code == p.INTERNAL else CLOSE_POLICY
+            await self._close(connection, close, error.code)
 
     async def _handle(self, connection: ServerConnection) -> None:
         self.metrics.connections.inc()
         session: Session | None = None
         tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        hello_by = loop.time() + self.config.hello_timeout_s
         log.info("connect", extra={"fields": {"remote": _remote(connection)}})
         try:
-            async for frame in connection:
+            if len(self._pending) >= self.config.max_pending_connections:  # upgrades that raced the check
+                cap = self.config.max_pending_connections
+                await self._send_error(connection, ProtocolError(p.CONNECTION_LIMIT, f"{len(self._pending)} connections are waiting to say hello; retry later", None, f"at most {cap} connections without a hello", str(len(self._pending)), fatal=True))  # fmt: skip
+                return
+            self._pending.add(connection)
+            while True:
+                if session is None:  # before the welcome: only until hello_by
+                    try:
+                        if loop.time() >= hello_by:
+                            raise asyncio.TimeoutError
+                        frame = await asyncio.wait_for(connection.recv(), hello_by - loop.time())
+                    except asyncio.TimeoutError:
+                        wait = f"{self.config.hello_timeout_s:g} s"
+                        await self._send_error(connection, ProtocolError(p.HELLO_TIMEOUT, f"no hello within {wait} of connecting", "type", f"hello within {wait}", "no hello", fatal=True))  # fmt: skip
+                        return
+                else:
+                    frame = await connection.recv()
                 request_id: int | None = None
                 try:
                     raw = p.unpack_frame(frame, self.limits)
@@ -236,6 +336,8 @@ class PolicyServer:
                     return
                 if message.type == "hello":
                     session = await self._hello(connection, message, session)
+                    if session is not None:
+                        self._pending.discard(connection)
                     continue
                 if session is None:
                     early = ProtocolError(
@@ -249,19 +351,23 @@ class PolicyServer:
                     self.engine.close_session(session, "bye")
                     self._owners.pop(session.id, None)
                     await self._send(connection, _with_id({"type": "bye"}, message.id))
-                    await connection.close(1000, "bye")
+                    await self._close(connection, 1000, "bye")
                     return
                 else:  # reset, step: concurrently, so pings and resent steps are answered meanwhile
+                    while len(tasks) >= MAX_REQUESTS_PER_CONNECTION:  # backpressure: read no more
+                        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     task = asyncio.create_task(self._request(connection, session, message))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
         except ConnectionClosed:
             pass
         finally:
+            self._pending.discard(connection)
             self.metrics.connections.dec()
             if session is not None and self._owners.get(session.id) is connection:
                 self._owners.pop(session.id, None)
-                session.owner = None  # kept for a resume until idle_timeout_s
+                if not session.closed:
+                    self.engine.detach_session(session)  # kept for a resume for detached_grace_s
             log.info("disconnect", extra={"fields": {"remote": _remote(connection), "session": session.id if session else None}})  # fmt: skip
 
     async def _hello(self, connection: ServerConnection, message: p.Message, current: Session | None) -> Session | None:  # fmt: skip
@@ -285,7 +391,7 @@ class PolicyServer:
             return None
         self._owners[session.id] = connection
         if previous is not None and previous is not connection:
-            await self._send_error(previous, ProtocolError(p.SESSION_EXPIRED, "the session was resumed by another connection", fatal=True), session=session)  # fmt: skip
+            self._notify(previous, ProtocolError(p.SESSION_EXPIRED, "the session was resumed by another connection", fatal=True), session)  # fmt: skip
         config, engine = self.checkpoint.model.config, self.engine.config
         welcome = {
             "type": "welcome",
@@ -304,6 +410,9 @@ class PolicyServer:
                 "queue_size": engine.queue_size,
                 "step_deadline_ms": engine.step_deadline_ms,
                 "idle_timeout_s": engine.idle_timeout_s,
+                "detached_grace_s": engine.detached_grace_s,
+                "write_limit": self.config.write_limit,
+                "send_timeout_s": self.config.send_timeout_s,
             },
             "model": {
                 "preset": config.name,
@@ -342,15 +451,17 @@ class PolicyServer:
             self.metrics.step_latency.observe(time.monotonic() - received)
 
     async def _reap(self) -> None:
-        """Close idle sessions; tell their connection (if any) why."""
-        period = min(1.0, self.engine.config.idle_timeout_s / 4)
+        """Close idle sessions and detached ones past their grace period; tell their connection (if
+        any) why, without waiting on it."""
+        config = self.engine.config
+        period = min(1.0, config.idle_timeout_s / 4, config.detached_grace_s / 4)
         while True:
             await asyncio.sleep(period)
             for session in self.engine.expire_idle():
                 connection = self._owners.pop(session.id, None)
                 if connection is not None:
-                    error = ProtocolError(p.SESSION_EXPIRED, f"no message for {self.engine.config.idle_timeout_s:g} s; the session was closed", fatal=True)  # fmt: skip
-                    await self._send_error(connection, error, session=session)
+                    error = ProtocolError(p.SESSION_EXPIRED, f"no message for {config.idle_timeout_s:g} s; the session was closed", fatal=True)  # fmt: skip
+                    self._notify(connection, error, session)
 
 
 def _with_id(message: dict[str, Any], request_id: int | None) -> dict[str, Any]:
