@@ -93,7 +93,10 @@ class ActingCore:
         )
         self._builders: dict[str, SequenceBuilder] = {}
         self.last_logits: dict[int, list[Tensor]] = {}
-        """Per row index, the logits ``(1, V)`` each action token of the last :meth:`act` was chosen from."""
+        """Per row index, the logits each action token of the last :meth:`act` was chosen from:
+        ``(1, n)`` over the ids ``last_vocab``."""
+        self.last_vocab: tuple[int, int] = (0, 0)
+        """The id range ``[low, high)`` of :attr:`last_logits` (every action id of the rows acted for)."""
 
     def builder(self, spec: EmbodimentSpec) -> SequenceBuilder:
         """The sequence builder of an embodiment (one per spec name, reused)."""
@@ -135,12 +138,12 @@ class ActingCore:
 
     # -- embedding -----------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def embed(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
         """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
         return self.embed_many([tokens], goal)[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def embed_many(self, sequences: Sequence[TokenSequence], goal: bool = False) -> list[Tensor]:
         """Backbone inputs ``(1, n_i, D)`` of several token sequences, embedded in one call (one
         patch-encoder pass over every image patch of them all)."""
@@ -182,7 +185,7 @@ class ActingCore:
             out.append(self.model.backbone_inputs(x[i : i + 1, : len(s)], row_types, t(timesteps[i : i + 1, : len(s)])))  # type: ignore[arg-type]  # fmt: skip
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_prefix(self, builder: SequenceBuilder, prompt: Prompt | None = None, goal: Mapping[str, Any] | None = None) -> Tensor:  # fmt: skip
         """Backbone inputs ``(1, p, D)`` of a goal (without separators, as the goal segment) followed
         by a prompt demonstration; ``p`` is 0 without either. Raises ``ValueError`` when ``p`` is more
@@ -212,7 +215,7 @@ class ActingCore:
 
     # -- episodes ------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def reset(
         self,
         items: Sequence[tuple[Row, EmbodimentSpec, Prompt | None, Mapping[str, Any] | None]],
@@ -245,7 +248,7 @@ class ActingCore:
             self.feed(chunks, "policy")
         return errors
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, requests: Sequence[tuple[Row, Mapping[str, Any]]]) -> list[np.ndarray | Exception]:
         """Actions for one observation per row (each row at most once): one forward pass for
         every row's new observation tokens, then one per action token; rows acting with
@@ -279,31 +282,32 @@ class ActingCore:
             return
         order = sorted(rows)
         steps = dict(zip(order, self.embed_many([built[r] for r in order]), strict=True))
-        # roll full windows: the prefix and the newest whole timesteps (at most half the context)
+        # roll full windows: the prefix and the newest whole timesteps (at most half the context),
+        # re-encoded in the same forward pass as the new observation
         history = self.config.history_steps
-        windows: dict[int, Tensor] = {}
-        for r in order:
-            row = rows[r]
-            assert row.builder is not None
-            need = steps[r].shape[1] + row.builder.action_size
-            if row.length + need > self.config.context_length or (history and len(row.steps) >= history):
-                window = self._keep_window(row)
-                if window.shape[1]:
-                    windows[r] = window
-        if windows:
-            self.feed(windows, head)
+        chunks: dict[int, Tensor] = {}
         for r in list(order):
             row = rows[r]
             assert row.builder is not None
             need = steps[r].shape[1] + row.builder.action_size
-            if row.length + need > self.config.context_length:
-                out[index[r]] = ValueError(
-                    f"one timestep ({need} tokens) does not fit the context ({self.config.context_length})"
-                )
-                order.remove(r)
+            chunks[r] = steps[r]
+            if row.length + need > self.config.context_length or (history and len(row.steps) >= history):
+                window = self._keep_window(row)
+                if window.shape[1]:
+                    chunks[r] = torch.cat([window, steps[r]], dim=1)
+                if window.shape[1] + need > self.config.context_length:  # rare: keep the window, refuse
+                    out[index[r]] = ValueError(
+                        f"one timestep ({need} tokens) does not fit the context ({self.config.context_length})"
+                    )
+                    order.remove(r)
+                    del chunks[r]
+                    if window.shape[1]:
+                        self.feed({r: window}, head)
         if not order:
             return
-        lo, logits = self.feed({r: steps[r] for r in order}, head)
+        ranges = [rows[r].builder.action_id_range() for r in order]  # type: ignore[union-attr]
+        vocab = (min(low for low, _ in ranges), max(high for _, high in ranges))  # logits of action ids only
+        lo, logits = self.feed(chunks, head, vocab)
         select = torch.tensor([r - lo for r in order], device=self.device)
         logits = logits[select]  # (R, V) in the order of `order`
         sizes = [rows[r].builder.action_size for r in order]  # type: ignore[union-attr]
@@ -312,12 +316,13 @@ class ActingCore:
         local = torch.tensor([len(built[r]) for r in order], device=self.device)
         chosen: list[list[int]] = [[] for _ in order]
         self.last_logits = self.last_logits | {r: [] for r in order}
+        self.last_vocab = vocab
         active = list(range(len(order)))
         for j in range(max(sizes)):
             active = [k for k in active if j < sizes[k]]
             for k in active:
                 self.last_logits[order[k]].append(logits[k : k + 1])
-            picked = self._pick([rows[order[k]] for k in active], logits[active])  # (a,)
+            picked = self._pick([rows[order[k]] for k in active], logits[active], vocab[0])  # (a,)
             tokens = self.model.embed(
                 picked[:, None],
                 torch.full_like(picked[:, None], int(TokenType.ACTION)),
@@ -329,25 +334,27 @@ class ActingCore:
                 feed[order[k]] = tokens[n : n + 1]
                 steps[order[k]] = torch.cat([steps[order[k]], tokens[n : n + 1]], dim=1)
             if j + 1 < max(sizes):
-                lo_j, logits_j = self.feed(feed, head)
+                lo_j, logits_j = self.feed(feed, head, vocab)
                 logits = logits.clone()
                 logits[active] = logits_j[torch.tensor([order[k] - lo_j for k in active], device=self.device)]
             else:  # the last action token: into the cache, no logits needed
-                self.feed(feed, head)
+                self.feed(feed, head, (0, 0))
         for k, r in enumerate(order):
             row = rows[r]
             assert row.builder is not None
             row.steps.append(steps[r])
             out[index[r]] = row.builder.decode_actions(np.asarray([chosen[k]], dtype=np.int64))[0]
 
-    def _pick(self, rows: list[Row], logits: Tensor) -> Tensor:
-        """The chosen action ids ``(R,)`` from logits ``(R, V)``, each row in its embodiment's id
-        range; greedy rows of one range are decoded together, sampled rows with their own generator."""
+    def _pick(self, rows: list[Row], logits: Tensor, offset: int = 0) -> Tensor:
+        """The chosen action ids ``(R,)`` from logits ``(R, n)`` of ids ``[offset, offset + n)``, each
+        row in its embodiment's id range; greedy rows of one range are decoded together, sampled
+        rows with their own generator."""
         picked = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
         groups: dict[tuple[int, int, str], list[int]] = collections.defaultdict(list)
         for k, row in enumerate(rows):
             assert row.builder is not None and row.spec is not None
             low, high = row.builder.action_id_range()
+            low, high = low - offset, high - offset
             if row.temperature > 0 or (
                 row.spec.action.kind == "discrete" and self.config.discrete_decoding == "sample"
             ):
@@ -359,14 +366,14 @@ class ActingCore:
             part = logits[members, low:high].float()
             choice = pick_bin(part, self.config.action_decoding) if kind == "continuous" else part.argmax(-1)
             picked[members] = choice + low
-        return picked
+        return picked + offset
 
     # -- the cache -----------------------------------------------------------------------------
 
-    def feed(self, chunks: Mapping[int, Tensor], head: str) -> tuple[int, Tensor]:
+    def feed(self, chunks: Mapping[int, Tensor], head: str, vocab: tuple[int, int] | None = None) -> tuple[int, Tensor]:  # fmt: skip
         """Append ``chunks[row index]`` (1, n, D) to those rows in one forward pass over the span of
-        rows they cover. Returns ``(first row of the span, logits (span, V))``; a row of the span
-        without a chunk gets meaningless logits."""
+        rows they cover. Returns ``(first row of the span, logits (span, V))`` (of ids ``vocab =
+        [low, high)`` only, when given); a row of the span without a chunk gets meaningless logits."""
         lo, hi = min(chunks), max(chunks) + 1
         width = max(max(c.shape[1] for c in chunks.values()), 1)
         first = next(iter(chunks.values()))
@@ -379,7 +386,7 @@ class ActingCore:
         view = KVCache(
             [k[lo:hi] for k in self.cache.k], [v[lo:hi] for v in self.cache.v], self.cache.lengths[lo:hi]
         )
-        return lo, self.model.step(x, valid, view, head=head)
+        return lo, self.model.step(x, valid, view, head=head, vocab=vocab)
 
     def refill(self, row: Row, steps: Sequence[Tensor], head: str | None = None) -> Tensor | None:
         """Empty the row's cache and feed it its prefix followed by ``steps`` ((1, n, D) each).

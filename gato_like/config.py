@@ -48,8 +48,11 @@ class Config:
     """Tokens the model attends over (prompt included)."""
     max_local_positions: int = 512
     """Learned local positions: the most tokens one timestep may have."""
-    image_encoder: Literal["resnet", "timm"] = "resnet"
-    """Patch encoder: Gato's ResNet v2 block, or a timm model (needs the ``timm`` extra)."""
+    image_encoder: Literal["resnet", "strided", "timm"] = "resnet"
+    """Patch encoder: Gato's ResNet v2 block at the patch's full 16x16 resolution (``resnet``);
+    the same block after a 4x4 stride-4 stem, at 4x4 (``strided``: about 15x fewer FLOPs per
+    patch, for serving many robots with pixels on a CPU; see docs/serving.md); or a timm model
+    (needs the ``timm`` extra)."""
     timm_model: str = "resnet18"
     """timm model name when ``image_encoder == "timm"``."""
     patch_size: int = PATCH_SIZE
@@ -149,8 +152,10 @@ class Config:
             problems.append(f"dynamics_rows: expected a share in (0, 1], got {self.dynamics_rows!r}")
         if self.dynamics_target not in ("absolute", "delta"):
             problems.append(f"dynamics_target: expected 'absolute' or 'delta', got {self.dynamics_target!r}")
-        if self.image_encoder not in ("resnet", "timm"):
-            problems.append(f"image_encoder: expected 'resnet' or 'timm', got {self.image_encoder!r}")
+        if self.image_encoder not in ("resnet", "strided", "timm"):
+            problems.append(
+                f"image_encoder: expected 'resnet', 'strided' or 'timm', got {self.image_encoder!r}"
+            )
         if self.dynamics_sigma_bins is not None and not (self.dynamics_sigma_bins >= 0.0):
             problems.append(f"dynamics_sigma_bins: expected >= 0 or None, got {self.dynamics_sigma_bins}")
         if not (self.target_sigma_bins >= 0.0):

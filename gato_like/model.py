@@ -47,16 +47,22 @@ def patch_intervals(positions: Tensor, resolution: int) -> Tensor:
 class PatchEncoder(nn.Module):
     """A ResNet v2 (pre-activation) block per 16x16 patch, then a projection: ``(N, C, P, P) -> (N, D)``.
 
+    ``stride`` 1 (Gato): a 3x3 stem and the block at the patch's full resolution. ``stride`` 4
+    (``image_encoder="strided"``): a 4x4 stride-4 stem, then the block at 4x4; the pooled
+    features the projection reads have the same shape.
+
     Within-image position: learned row and column embeddings of the patch's quantized interval;
     an index is drawn uniformly inside the interval in training and the interval's mean is used
     in evaluation (Gato section 2.2).
     """
 
-    def __init__(self, config: Config, hidden: int = 32) -> None:
+    def __init__(self, config: Config, hidden: int = 32, stride: int = 1) -> None:
         super().__init__()
         c = config.patch_channels
         self.resolution = config.patch_position_resolution
-        self.stem = nn.Conv2d(c, hidden, 3, padding=1)
+        self.stem = (
+            nn.Conv2d(c, hidden, 3, padding=1) if stride == 1 else nn.Conv2d(c, hidden, stride, stride=stride)
+        )
         self.norm1 = nn.GroupNorm(8, hidden)
         self.conv1 = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.norm2 = nn.GroupNorm(8, hidden)
@@ -68,7 +74,7 @@ class PatchEncoder(nn.Module):
         self.col = nn.Embedding(self.resolution, config.n_embd)
 
     def forward(self, patches: Tensor, positions: Tensor) -> Tensor:
-        x = self.stem(patches)  # (N, h, P, P)
+        x = self.stem(patches)  # (N, h, P / stride, P / stride)
         y = self.conv1(F.gelu(self.norm1(x)))
         y = self.conv2(F.gelu(self.norm2(y)))
         x = F.gelu(self.norm_out(x + y))
@@ -279,7 +285,9 @@ class GatoModel(nn.Module):
         self.goal_segment = nn.Parameter(torch.zeros(d))
         self.masked_action = nn.Parameter(torch.zeros(d)) if config.action_input_dropout > 0 else None
         self.patches: nn.Module = (
-            TimmPatchEncoder(config) if config.image_encoder == "timm" else PatchEncoder(config)
+            TimmPatchEncoder(config)
+            if config.image_encoder == "timm"
+            else PatchEncoder(config, stride=4 if config.image_encoder == "strided" else 1)
         )
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         if config.backbone == "perceiver":
@@ -561,6 +569,7 @@ class GatoModel(nn.Module):
         valid: Tensor,
         cache: KVCache,
         head: str = "policy",
+        vocab: tuple[int, int] | None = None,
     ) -> Tensor:
         """Feed new token embeddings through the cache; logits of each row's last new token.
 
@@ -569,9 +578,10 @@ class GatoModel(nn.Module):
             valid: ``(B, n)`` bool, a prefix of True per row.
             cache: the rows' cache; ``lengths`` advance by each row's valid count.
             head: ``policy``, ``dynamics`` or ``goal``.
+            vocab: only the logits of ids ``[low, high)`` (acting needs an action's id range only).
 
         Returns:
-            ``(B, V)`` logits at each row's last valid new token.
+            ``(B, V)`` logits at each row's last valid new token (``(B, high - low)`` with ``vocab``).
         """
         b, n, _ = x.shape
         counts = valid.sum(1)
@@ -592,7 +602,7 @@ class GatoModel(nn.Module):
             x = block(x, tables, mask=mask[:, None], cache=cached, write_at=write_at, upto=upto)
         cache.lengths += counts
         last = self.ln_f(x[torch.arange(b, device=x.device), (counts - 1).clamp(min=0)])  # (B, D)
-        return self.head_logits(last, head)
+        return self.head_logits(last, head, vocab)
 
     def backbone_inputs(self, x: Tensor, types: Tensor, timesteps: Tensor) -> Tensor:
         """What one row of tokens ``(1, L, D)`` feeds the backbone when acting: the embeddings
@@ -603,14 +613,16 @@ class GatoModel(nn.Module):
         sequence, sequence_valid, _ = self.perceive(x, types, timesteps, valid)
         return sequence[:, : int(sequence_valid.sum())]
 
-    def head_logits(self, h: Tensor, head: str) -> Tensor:
-        """Logits of one head from final hidden states ``(..., D)``."""
+    def head_logits(self, h: Tensor, head: str, vocab: tuple[int, int] | None = None) -> Tensor:
+        """Logits of one head from final hidden states ``(..., D)``: ``(..., V)``, or over ids
+        ``[low, high)`` only with ``vocab``."""
+        weight = self.tokens.weight if vocab is None else self.tokens.weight[vocab[0] : vocab[1]]
         if head == "policy":
-            return h @ self.tokens.weight.T
+            return h @ weight.T
         adapter = {"dynamics": self.dynamics_adapter, "goal": self.goal_adapter}.get(head)
         if adapter is None:
             raise ValueError(f"head: expected 'policy', 'dynamics' or 'goal', got {head!r}")
-        return (h + adapter(h)) @ self.tokens.weight.T
+        return (h + adapter(h)) @ weight.T
 
 
 def _action_targets(batch: dict[str, Any]) -> Tensor:

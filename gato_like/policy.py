@@ -59,7 +59,8 @@ class Policy:
         self.envs: list[Row] = []
         self.head = "policy"
         self.last_logits: list[Tensor] = []
-        """The logits ``(N, V)`` each action token of the last :meth:`act_batch` was chosen from."""
+        """The logits ``(N, n)`` each action token of the last :meth:`act_batch` was chosen from,
+        over the action's ids ``builder.action_id_range()``."""
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> Policy:

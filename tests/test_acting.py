@@ -145,3 +145,21 @@ def test_rows_of_different_embodiments_act_in_one_pass_and_release_keeps_the_oth
     np.testing.assert_array_equal(moved, twin.act([(alone, _obs(TASKS[0], 50))])[0])
     bad = core.act([(rows[1], {"nonsense": 1})])[0]
     assert isinstance(bad, Exception) and "nonsense" in str(bad)
+
+
+def test_a_two_step_window_acts_as_a_full_forward_over_its_two_timesteps(tmp_path: Path) -> None:
+    """With ``history_steps=2`` (the CPU recipes) every step re-encodes the previous timestep in
+    the same pass as the new observation; each action token's logits equal the training pass's
+    over those two timesteps."""
+    from tests.test_policy import _reference_action_logits
+
+    policy = Policy.from_checkpoint(_checkpoint(tmp_path / "h2", history_steps=2))
+    policy.reset(TASKS[0])
+    episode = get_task(TASKS[0]).rollout(1, "expert", max_steps=5)
+    history: list = []
+    for t in range(episode.length):
+        observation = {k: v[t] for k, v in episode.observations.items()}
+        action = policy.act(observation)
+        reference = _reference_action_logits(policy, history[-1:], observation, action)
+        torch.testing.assert_close(torch.cat(policy.last_logits), reference, rtol=1e-4, atol=1e-4)
+        history.append((observation, action))

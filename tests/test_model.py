@@ -282,3 +282,28 @@ def test_dynamics_sigma_applies_to_the_dynamics_head_only() -> None:
         a["dynamics_loss"], b["dynamics_loss"]
     )
     torch.testing.assert_close(b["dynamics_loss"], c["dynamics_loss"])
+
+
+def test_strided_patch_encoder_trains_and_costs_a_fraction_of_gatos() -> None:
+    """``image_encoder="strided"``: the same block after a 4x4 stride-4 stem; one embedding per
+    patch, trainable end to end, at well under a tenth of the ResNet block's multiply-adds."""
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", image_encoder="strided"))
+    assert model.patches.stem.stride == (4, 4)
+    _, batch = _episode_tokens("dmc-reacher-easy", 2)
+    out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.patches.stem.weight.grad.abs().sum() > 0
+
+    def conv_macs(encoder: torch.nn.Module) -> int:  # multiply-adds of the convolutions on one patch
+        macs, side = 0, 16
+        for conv in (encoder.stem, encoder.conv1, encoder.conv2):
+            side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            macs += side * side * conv.out_channels * conv.in_channels * conv.kernel_size[0] ** 2
+        return macs
+
+    gato = GatoModel(Config.from_name("debug")).patches
+    assert gato.stem.stride == (1, 1)
+    assert conv_macs(model.patches) * 10 < conv_macs(gato)
+    with pytest.raises(ValueError, match="image_encoder: expected 'resnet', 'strided' or 'timm'"):
+        Config.from_name("debug", image_encoder="fast")

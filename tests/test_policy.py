@@ -65,7 +65,7 @@ def test_broken_checkpoints_are_named(tmp_path, checkpoint) -> None:
 def _reference_action_logits(
     policy: Policy, history: list, observation: dict, action: np.ndarray
 ) -> torch.Tensor:
-    """Logits ``(A, V)`` of every action token of the last timestep from one full forward pass
+    """Logits ``(A, n)`` over the action ids of every action token of the last timestep from one full forward pass
     over the same window (the training path), with the action the policy took."""
     builder = policy.builder
     obs = {k: np.stack([h[0][k] for h in history] + [observation[k]]) for k in observation}
@@ -82,7 +82,8 @@ def _reference_action_logits(
     with torch.no_grad():
         logits = policy.model(batch, logits=True)["policy_logits"][0]
     # action token j is predicted at the position before it (the separator for j = 0)
-    return logits[len(seq) - 1 - builder.action_size : len(seq) - 1]
+    low, high = builder.action_id_range()  # acting computes the action ids' logits only
+    return logits[len(seq) - 1 - builder.action_size : len(seq) - 1, low:high]
 
 
 @pytest.mark.parametrize("backbone", ["decoder", "perceiver"])
@@ -103,7 +104,7 @@ def test_acting_in_the_simulator_matches_recomputation(request, task: str, backb
         kept = len(policy.envs[0].steps) - 1  # timesteps kept before this one
         rolled |= kept < len(window)
         # every action token's logits (not only an argmax) equal the training pass's
-        acted = torch.cat(policy.last_logits)  # (A, V)
+        acted = torch.cat(policy.last_logits)  # (A, n)
         reference = _reference_action_logits(
             policy, window[len(window) - kept :] if kept else [], observation, action
         )
