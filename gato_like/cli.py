@@ -372,6 +372,11 @@ def serve(
     idle_timeout_s: float = 300.0,
     device: str = "cpu",
     log_level: str = "info",
+    threads: int | None = None,
+    detached_grace_s: float = 10.0,
+    hello_timeout_s: float = 10.0,
+    max_pending_connections: int = 64,
+    send_timeout_s: float = 10.0,
 ) -> None:
     """Serve a checkpoint's policy over WebSocket (msgpack frames; see docs/protocol.md).
 
@@ -387,6 +392,11 @@ def serve(
         idle_timeout_s: sessions with no message for this long are closed.
         device: where the model runs (cpu, cuda).
         log_level: debug, info, warning or error (JSON lines on stderr).
+        threads: intra-op threads of the model's worker (default: 1 up to 4 cores, else half, at most 8).
+        detached_grace_s: a dropped connection's session may be resumed this long, then it is closed.
+        hello_timeout_s: a new connection must say hello within this long.
+        max_pending_connections: connections that have not said hello yet, at most.
+        send_timeout_s: a client that does not read its replies for this long is disconnected.
     """
     import os
 
@@ -394,8 +404,14 @@ def serve(
     from gato_like.serving.server import ServerConfig, configure_logging, serve_checkpoint
 
     configure_logging(log_level)
-    engine = EngineConfig(max_sessions, max_batch, queue_size, step_deadline_ms, idle_timeout_s, device)
-    config = ServerConfig(host, port, token or os.environ.get("GATO_LIKE_TOKEN") or None)
+    engine = EngineConfig(
+        max_sessions=max_sessions, max_batch=max_batch, queue_size=queue_size, step_deadline_ms=step_deadline_ms,
+        idle_timeout_s=idle_timeout_s, device=device, detached_grace_s=detached_grace_s, threads=threads,
+    )  # fmt: skip
+    config = ServerConfig(
+        host, port, token or os.environ.get("GATO_LIKE_TOKEN") or None, hello_timeout_s=hello_timeout_s,
+        max_pending_connections=max_pending_connections, send_timeout_s=send_timeout_s,
+    )  # fmt: skip
     serve_checkpoint(ckpt, config, engine)
 
 
@@ -409,6 +425,7 @@ def bench_serve(
     unbatched: bool = True,
     url: str | None = None,
     token: str | None = None,
+    threads: int | None = None,
 ) -> None:
     """Load test: N simulated robots at a fixed rate; latency p50/p90/p99/max, missed deadlines, throughput.
 
@@ -422,6 +439,7 @@ def bench_serve(
         unbatched: also measure the same model served one request at a time (--max-batch 1).
         url: a running server (ws://host:port) instead of launching one.
         token: bearer token (default: $GATO_LIKE_TOKEN).
+        threads: the launched servers' worker threads (default: theirs, from the cores).
     """
     import os
 
@@ -430,8 +448,9 @@ def bench_serve(
     counts = [int(n) for n in sessions.split(",") if n.strip()]
     modes = ("batched", "unbatched") if unbatched else ("batched",)
     sweep(
-        ckpt, out, counts, hz, duration, task, modes, url, token or os.environ.get("GATO_LIKE_TOKEN") or None
-    )
+        ckpt, out, counts, hz, duration, task, modes, url, token or os.environ.get("GATO_LIKE_TOKEN") or None,
+        ["--threads", str(threads)] if threads else [],
+    )  # fmt: skip
     print(f"results: {Path(out) / 'serve_load.json'}, plot: {Path(out) / 'serve_load.png'}")
 
 

@@ -408,3 +408,56 @@ def test_discrete_observations_refuse_bools(server) -> None:
     ), reply
     assert raw.ask({"type": "step", "step": 0, "obs": p.encode_observation(good)})["type"] == "action"
     raw.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_clients_keep_acting_across_a_server_restart(checkpoint: Path, kind: str) -> None:
+    """A restart loses every session: the client's resume gets UNKNOWN_SESSION, so it opens a new
+    session, replays its episode's reset and sends the step again as step 0."""
+    from gato_like.serving.client import AsyncPolicyClient
+    from gato_like.serving.loadgen import free_port
+
+    port = free_port()
+    task = "dmc-point_mass-easy"
+    observations = [_obs(task, np.random.default_rng(t)) for t in range(4)]
+    model = load_checkpoint(checkpoint)
+
+    def restarted() -> background_server:
+        return background_server(model, EngineConfig(), ServerConfig(port=port))
+
+    if kind == "sync":
+        with restarted():
+            client = PolicyClient(f"ws://127.0.0.1:{port}", task=task, retries=20)
+            client.connect()
+            client.reset()
+            client.step(observations[0])
+            client.step(observations[1])
+            before = client.session
+        with restarted():
+            reply = client.step(observations[2])
+            assert reply["step"] == 0 and client.session != before and client.next_step == 1
+            assert client.step(observations[3])["step"] == 1
+            client.close()
+        return
+
+    async def robot() -> None:
+        client = AsyncPolicyClient(f"ws://127.0.0.1:{port}", task=task, retries=20)
+        with restarted():
+            await client.connect()
+            await client.reset()
+            await client.step(observations[0])
+            before = client.session
+        with restarted():
+            reply = await client.step(observations[1])
+            assert reply["step"] == 0 and client.session != before
+            await client.close()
+
+    asyncio.run(robot())
+
+
+def test_worker_threads_follow_the_cores_and_a_bad_count_is_refused() -> None:
+    from gato_like.serving.engine import worker_threads
+
+    assert [worker_threads(n) for n in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 4, 8, 8]
+    with pytest.raises(ValueError, match="threads: expected a positive integer or None"):
+        EngineConfig(threads=0)

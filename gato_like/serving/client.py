@@ -214,9 +214,14 @@ class PolicyClient(_Core):
         except ServerError as error:
             if not (resume and error.code == p.UNKNOWN_SESSION):
                 raise
-            self.session = None  # expired: start a new session, replay the reset
+            # expired, or the server restarted: a new session, with the episode's reset replayed
+            self.session, self.is_reset = None, False
             self._conn.close()
-            return self.connect()
+            self.connect()
+            if self._reset_message is not None:
+                self._request(lambda: dict(self._reset_message or {}))
+                self.is_reset, self.next_step = True, 0
+            return self.welcome
         if resume and not self.is_reset and self._reset_message is not None:
             self._request(lambda: dict(self._reset_message or {}))
             self.is_reset, self.next_step = True, 0
@@ -330,9 +335,14 @@ class AsyncPolicyClient(_Core):
         except ServerError as error:
             if not (resume and error.code == p.UNKNOWN_SESSION):
                 raise
-            self.session = None
+            # expired, or the server restarted: a new session, with the episode's reset replayed
+            self.session, self.is_reset = None, False
             await self._conn.close()
-            return await self.connect()
+            await self.connect()
+            if self._reset_message is not None:
+                await self._request(lambda: dict(self._reset_message or {}))
+                self.is_reset, self.next_step = True, 0
+            return self.welcome
         if resume and not self.is_reset and self._reset_message is not None:
             await self._request(lambda: dict(self._reset_message or {}))
             self.is_reset, self.next_step = True, 0

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -71,14 +72,32 @@ class EngineConfig:
     detached_grace_s: float = 10.0
     """A session whose connection dropped is closed this long after the drop unless resumed first,
     so dropped connections do not hold ``max_sessions`` for the whole ``idle_timeout_s``."""
+    threads: int | None = None
+    """Intra-op threads of the model's worker (None: :func:`worker_threads`, from the cores)."""
 
     def __post_init__(self) -> None:
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ValueError(f"threads: expected a positive integer or None (auto), got {self.threads!r}")
         for name in ("max_sessions", "max_batch", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         for name in ("step_deadline_ms", "idle_timeout_s", "detached_grace_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+
+
+def worker_threads(cores: int | None = None) -> int:
+    """Intra-op threads for the model's worker on a machine with ``cores`` usable cores (default:
+    this process's): 1 up to 4 cores, else half of them, at most 8.
+
+    A server shares its machine with its own event loop (decoding, validation, sockets), its
+    clients and often a simulator. On a few cores an OpenMP region over a robot-sized tensor
+    waits for threads the scheduler has given to those, which costs more than the second core
+    gains (docs/serving.md measures it); on many cores the event loop keeps cores of its own.
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores <= 4 else min(cores // 2, 8)
 
 
 # -- loop side: sessions and the batcher ----------------------------------------------------------
@@ -148,6 +167,8 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig | None = None, observe: StatsHook | None = None) -> None:  # fmt: skip
         self.checkpoint = checkpoint
         self.config = config or EngineConfig()
+        self.threads = self.config.threads or worker_threads()
+        """Intra-op threads the worker runs the model with."""
         self.pool = ActingCore(
             checkpoint.model, checkpoint.text, self.config.device, rows=min(self.config.max_sessions, 8)
         )
@@ -448,6 +469,7 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)  # OpenMP's setting is the calling thread's: this one's
         while True:
             ops = self._take()
             if ops is None:

@@ -137,11 +137,17 @@ def free_port() -> int:
 
 
 def launch_server(
-    ckpt: str | Path, port: int, max_batch: int | None, max_sessions: int, token: str | None = None
+    ckpt: str | Path,
+    port: int,
+    max_batch: int | None,
+    max_sessions: int,
+    token: str | None = None,
+    server_args: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """``gato-like serve`` in a subprocess, returned once ``/readyz`` answers 200."""
+    """``gato-like serve`` in a subprocess (with ``server_args`` added, e.g. ``["--threads", "2"]``),
+    returned once ``/readyz`` answers 200."""
     command = [sys.executable, "-m", "gato_like.cli", "serve", "--ckpt", str(ckpt), "--port", str(port),
-               "--max_sessions", str(max_sessions), "--log_level", "warning"]  # fmt: skip
+               "--max_sessions", str(max_sessions), "--log_level", "warning", *server_args]  # fmt: skip
     if max_batch is not None:
         command += ["--max_batch", str(max_batch)]
     env = dict(os.environ)
@@ -174,9 +180,11 @@ def sweep(
     modes: Sequence[str] = ("batched", "unbatched"),
     url: str | None = None,
     token: str | None = None,
+    server_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The sweep, for each mode against a fresh server (or ``url``, one mode, as it is configured).
-    Writes ``OUT/serve_load.json`` and ``OUT/serve_load.png``; returns the JSON."""
+    """The sweep, for each mode against a fresh server (or ``url``, one mode, as it is configured;
+    ``server_args`` are added to each launched ``gato-like serve``). Writes ``OUT/serve_load.json``
+    and ``OUT/serve_load.png``; returns the JSON."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for mode in modes:
@@ -190,7 +198,7 @@ def sweep(
         target = url
         if url is None:
             port = free_port()
-            process = launch_server(ckpt, port, MODES[mode], max(sessions) + 4, token)  # type: ignore[arg-type]
+            process = launch_server(ckpt, port, MODES[mode], max(sessions) + 4, token, server_args)  # type: ignore[arg-type]
             target = f"ws://127.0.0.1:{port}"
         try:
             for n in sessions:
@@ -218,6 +226,7 @@ def sweep(
         "hz": hz,
         "duration_s": duration,
         "task": task,
+        "server_args": list(server_args),
         "cpu_count": os.cpu_count(),
         "results": results,
     }

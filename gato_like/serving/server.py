@@ -199,7 +199,7 @@ class PolicyServer:
         log.info("listening", extra={"fields": {"host": self.config.host, "port": self.port, "auth": self.config.token is not None}})  # fmt: skip
         started = time.monotonic()
         await self.engine.start()
-        log.info("ready", extra={"fields": {"warmup_s": round(time.monotonic() - started, 3), "embodiments": sorted(self.checkpoint.specs)}})  # fmt: skip
+        log.info("ready", extra={"fields": {"warmup_s": round(time.monotonic() - started, 3), "embodiments": sorted(self.checkpoint.specs), "threads": self.engine.threads}})  # fmt: skip
         self._reaper = asyncio.create_task(self._reap())
 
     async def stop(self) -> None:
