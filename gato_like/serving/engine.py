@@ -220,6 +220,10 @@ class Engine:
 
     def open_session(self, owner: object) -> Session:
         """A new session attached to ``owner``; ProtocolError SESSION_LIMIT when full."""
+        if len(self.sessions) >= self.config.max_sessions:  # the longest-detached session makes room
+            detached = [s for s in self.sessions.values() if s.detached_at is not None and s.inflight is None]
+            if detached:
+                self.close_session(min(detached, key=lambda s: s.detached_at or 0.0), "evicted")
         if len(self.sessions) >= self.config.max_sessions:
             raise ProtocolError(
                 p.SESSION_LIMIT,

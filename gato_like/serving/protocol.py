@@ -65,6 +65,7 @@ INTERNAL = "INTERNAL"  # a server bug; the session is closed (fatal)
 HELLO_TIMEOUT = "HELLO_TIMEOUT"  # no successful hello within the server's hello_timeout_s (fatal)
 CONNECTION_LIMIT = "CONNECTION_LIMIT"  # max_pending_connections connections await their hello (fatal)
 SLOW_CONSUMER = "SLOW_CONSUMER"  # close reason only: replies left unread past send_timeout_s
+TOO_MANY_ERRORS = "TOO_MANY_ERRORS"  # more than max_errors error replies within errors_window_s (fatal)
 ERROR_CODES = (
     BAD_FRAME,
     BAD_MESSAGE,
@@ -87,6 +88,7 @@ ERROR_CODES = (
     HELLO_TIMEOUT,
     CONNECTION_LIMIT,
     SLOW_CONSUMER,
+    TOO_MANY_ERRORS,
 )
 
 

@@ -13,6 +13,7 @@ The protocol is documented in ``docs/protocol.md``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import http
@@ -144,11 +145,18 @@ class ServerConfig:
     """Connections that have not said hello yet, at most; more are refused (HTTP 503 at the upgrade,
     or ``CONNECTION_LIMIT`` and close 1013)."""
 
+    max_errors: int = 50
+    """Error replies a connection may cause within ``errors_window_s``; one more closes it
+    (``TOO_MANY_ERRORS``, 1008): a client sending nothing but bad frames cannot keep the server's
+    CPU busy answering it."""
+    errors_window_s: float = 10.0
+    """The sliding window of ``max_errors``."""
+
     def __post_init__(self) -> None:
-        for name in ("write_limit", "max_queued_frames", "max_pending_connections"):
+        for name in ("write_limit", "max_queued_frames", "max_pending_connections", "max_errors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("send_timeout_s", "hello_timeout_s"):
+        for name in ("send_timeout_s", "hello_timeout_s", "errors_window_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
 
@@ -173,6 +181,7 @@ class PolicyServer:
         self._reaper: asyncio.Task[None] | None = None
         self._owners: dict[str, ServerConnection] = {}  # session id -> attached connection
         self._pending: set[ServerConnection] = set()  # connections that have not said hello yet
+        self._errors: dict[ServerConnection, collections.deque[float]] = {}  # error replies' times
         self._slow: weakref.WeakSet[ServerConnection] = weakref.WeakSet()  # being dropped: not reading
         self._notices: set[asyncio.Task[None]] = set()  # errors sent without waiting for the client
 
@@ -289,8 +298,17 @@ class PolicyServer:
         task.add_done_callback(self._notices.discard)
 
     async def _send_error(self, connection: ServerConnection, error: ProtocolError, request_id: int | None = None, step: int | None = None, session: Session | None = None) -> None:  # fmt: skip
+        if not error.fatal:
+            times = self._errors.setdefault(connection, collections.deque())
+            now = time.monotonic()
+            times.append(now)
+            while times and times[0] < now - self.config.errors_window_s:
+                times.popleft()
+            if len(times) > self.config.max_errors:
+                window = f"{self.config.errors_window_s:g} s"
+                error = ProtocolError(p.TOO_MANY_ERRORS, f"{len(times)} bad requests within {window} (last: {error.code}: {_clip(error.message, 120)}); closing", error.key, f"at most {self.config.max_errors} errors within {window}", str(len(times)), fatal=True)  # fmt: skip
         self.metrics.errors.labels(error.code).inc()
-        log.warning("error", extra={"fields": {"code": error.code, "message": error.message, "key": error.key, "fatal": error.fatal, "session": session.id if session else None, "remote": _remote(connection)}})  # fmt: skip
+        log.warning("error", extra={"fields": {"code": error.code, "message": _clip(error.message), "key": error.key, "fatal": error.fatal, "session": session.id if session else None, "remote": _remote(connection)}})  # fmt: skip
         await self._send(connection, error.to_message(request_id, step))
         if error.fatal:
             later = error.code in (p.SESSION_LIMIT, p.CONNECTION_LIMIT)
@@ -363,6 +381,7 @@ class PolicyServer:
             pass
         finally:
             self._pending.discard(connection)
+            self._errors.pop(connection, None)
             self.metrics.connections.dec()
             if session is not None and self._owners.get(session.id) is connection:
                 self._owners.pop(session.id, None)
@@ -541,3 +560,9 @@ def background_server(
         loop.call_soon_threadsafe(stop.set)
         thread.join(30)
         loop.close()
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """A log field of at most ``limit`` characters: a client cannot make one bad frame cost the
+    server's log (and its stderr pipe) an unbounded line (a reply still names every violation)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
