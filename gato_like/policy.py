@@ -185,8 +185,8 @@ class Policy:
         layout = builder.layout
         generated = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)
         ranges = {
-            int(TokenType.CONTINUOUS): (layout.continuous_offset, layout.discrete_offset),
-            int(TokenType.DISCRETE): (layout.discrete_offset, layout.separator_id),
+            int(TokenType.CONTINUOUS): layout.ranges()["continuous"],
+            int(TokenType.DISCRETE): layout.ranges()["discrete"],
         }
         delta = self.model.config.dynamics_target == "delta"
         continuous_at = np.flatnonzero(template.types == TokenType.CONTINUOUS)
