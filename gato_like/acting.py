@@ -63,6 +63,17 @@ class Row:
     """Sampled actions' generator (CPU), seeded at every reset."""
 
 
+@dataclass
+class _Group:
+    """One head's requests of an :meth:`ActingCore.act` call, tokenized, embedded and accepted."""
+
+    order: list[int]  # row indices, ascending
+    rows: dict[int, Row]
+    index: dict[int, int]  # row index -> position in the call's requests
+    built: dict[int, TokenSequence]
+    steps: dict[int, Tensor]  # (1, n, D) backbone inputs of the new observation
+
+
 def episode_seed(seed: int, episode: int) -> int:
     """The sampler's seed for the ``episode``-th reset of a policy (or server session) seeded ``seed``."""
     return seed * 1_000_003 + episode
@@ -94,9 +105,10 @@ class ActingCore:
         self._builders: dict[str, SequenceBuilder] = {}
         self.last_logits: dict[int, list[Tensor]] = {}
         """Per row index, the logits each action token of the last :meth:`act` was chosen from:
-        ``(1, n)`` over the ids ``last_vocab``."""
-        self.last_vocab: tuple[int, int] = (0, 0)
-        """The id range ``[low, high)`` of :attr:`last_logits` (every action id of the rows acted for)."""
+        ``(1, n)`` over the ids ``last_vocab[row index]``."""
+        self.last_vocab: dict[int, tuple[int, int]] = {}
+        """Per row index, the id range ``[low, high)`` of its :attr:`last_logits` (every action id
+        of the rows that acted with it in one pass)."""
 
     def builder(self, spec: EmbodimentSpec) -> SequenceBuilder:
         """The sequence builder of an embodiment (one per spec name, reused)."""
@@ -229,6 +241,9 @@ class ActingCore:
         errors: list[Exception | None] = []
         chunks: dict[int, Tensor] = {}
         for i, (row, spec, prompt, goal) in enumerate(items):
+            if not self.live(row):
+                errors.append(ValueError("reset: the row was released"))
+                continue
             try:
                 builder = self.builder(spec)
                 prefix = self.encode_prefix(builder, prompt, goal)
@@ -249,24 +264,38 @@ class ActingCore:
         return errors
 
     @torch.inference_mode()
-    def act(self, requests: Sequence[tuple[Row, Mapping[str, Any]]]) -> list[np.ndarray | Exception]:
+    def act(self, requests: Sequence[tuple[Row, Mapping[str, Any]]], atomic: bool = False) -> list[np.ndarray | Exception]:  # fmt: skip
         """Actions for one observation per row (each row at most once): one forward pass for
         every row's new observation tokens, then one per action token; rows acting with
-        different heads take separate passes. An observation that cannot be tokenized gets its
-        error (``ValueError``/``TypeError``) in its place, and its row is left unchanged."""
-        out: list[np.ndarray | Exception] = [ValueError("not acted")] * len(requests)
+        different heads take separate passes. A request that cannot be acted on (an observation
+        that does not tokenize, a timestep that does not fit the context, a released row) gets
+        its error (``ValueError``/``TypeError``/``RuntimeError``) in its place, and its row is
+        left unchanged. ``atomic``: when any request is refused, no row acts (the others get
+        ``RuntimeError("not acted: ...")``)."""
+        pending = ValueError("not acted")
+        out: list[np.ndarray | Exception] = [pending] * len(requests)
         by_head: dict[str, list[int]] = collections.defaultdict(list)
         for i, (row, _) in enumerate(requests):
-            if row.builder is None:
-                out[i] = RuntimeError("act: the row was never reset")
+            if row.builder is None or not self.live(row):
+                out[i] = RuntimeError("act: the row was never reset, or was released")
                 continue
             by_head[row.head].append(i)
-        self.last_logits = {}
-        for head, members in by_head.items():
-            self._act_group(head, [(i, *requests[i]) for i in members], out)
+        self.last_logits, self.last_vocab = {}, {}
+        groups = [(head, self._prepare([(i, *requests[i]) for i in members], out)) for head, members in by_head.items()]  # fmt: skip
+        refused = [o for o in out if isinstance(o, Exception) and o is not pending]
+        if atomic and refused:
+            return [RuntimeError(f"not acted: another request failed: {refused[0]}") if o is pending else o for o in out]  # fmt: skip
+        for head, group in groups:
+            if group is not None:
+                self._act_group(head, group, out)
         return out
 
-    def _act_group(self, head: str, group: list[tuple[int, Row, Mapping[str, Any]]], out: list[np.ndarray | Exception]) -> None:  # fmt: skip
+    def live(self, row: Row) -> bool:
+        """Whether ``row`` holds a row of this core's cache (not released)."""
+        return 0 <= row.index < len(self.rows) and self.rows[row.index] is row
+
+    def _prepare(self, group: list[tuple[int, Row, Mapping[str, Any]]], out: list[np.ndarray | Exception]) -> _Group | None:  # fmt: skip
+        """Tokenize and embed one head's observations and refuse what cannot act, changing no row."""
         built: dict[int, TokenSequence] = {}
         rows: dict[int, Row] = {}
         index: dict[int, int] = {}
@@ -278,33 +307,35 @@ class ActingCore:
                 out[i] = error
                 continue
             rows[row.index], index[row.index] = row, i
-        if not rows:
-            return
         order = sorted(rows)
         steps = dict(zip(order, self.embed_many([built[r] for r in order]), strict=True))
+        for r in list(order):
+            row = rows[r]
+            assert row.builder is not None and row.prefix is not None
+            need = steps[r].shape[1] + row.builder.action_size
+            if row.prefix.shape[1] + need > self.config.context_length:  # not even after a roll
+                out[index[r]] = ValueError(
+                    f"one timestep ({need} tokens after a prompt and goal of {row.prefix.shape[1]}) "
+                    f"does not fit the context ({self.config.context_length})"
+                )
+                order.remove(r)
+        return _Group(order, rows, index, built, steps) if order else None
+
+    def _act_group(self, head: str, group: _Group, out: list[np.ndarray | Exception]) -> None:
+        order, rows, index, built, steps = group.order, group.rows, group.index, group.built, group.steps
         # roll full windows: the prefix and the newest whole timesteps (at most half the context),
         # re-encoded in the same forward pass as the new observation
         history = self.config.history_steps
         chunks: dict[int, Tensor] = {}
-        for r in list(order):
+        for r in order:
             row = rows[r]
             assert row.builder is not None
             need = steps[r].shape[1] + row.builder.action_size
             chunks[r] = steps[r]
             if row.length + need > self.config.context_length or (history and len(row.steps) >= history):
-                window = self._keep_window(row)
+                window = self._keep_window(row, self.config.context_length - need)
                 if window.shape[1]:
                     chunks[r] = torch.cat([window, steps[r]], dim=1)
-                if window.shape[1] + need > self.config.context_length:  # rare: keep the window, refuse
-                    out[index[r]] = ValueError(
-                        f"one timestep ({need} tokens) does not fit the context ({self.config.context_length})"
-                    )
-                    order.remove(r)
-                    del chunks[r]
-                    if window.shape[1]:
-                        self.feed({r: window}, head)
-        if not order:
-            return
         ranges = [rows[r].builder.action_id_range() for r in order]  # type: ignore[union-attr]
         vocab = (min(low for low, _ in ranges), max(high for _, high in ranges))  # logits of action ids only
         lo, logits = self.feed(chunks, head, vocab)
@@ -315,8 +346,8 @@ class ActingCore:
         # not its backbone input count (the Perceiver folds observation tokens into latents)
         local = torch.tensor([len(built[r]) for r in order], device=self.device)
         chosen: list[list[int]] = [[] for _ in order]
-        self.last_logits = self.last_logits | {r: [] for r in order}
-        self.last_vocab = vocab
+        self.last_logits |= {r: [] for r in order}
+        self.last_vocab |= dict.fromkeys(order, vocab)
         active = list(range(len(order)))
         for j in range(max(sizes)):
             active = [k for k in active if j < sizes[k]]
@@ -400,11 +431,12 @@ class ActingCore:
         lo, logits = self.feed({row.index: window}, head or row.head)
         return logits[row.index - lo]
 
-    def _keep_window(self, row: Row) -> Tensor:
-        """Keep the prefix and the newest whole timesteps (at most half the context, and fewer than
-        ``history_steps``); empty the row's cache. Returns the window to re-encode ``(1, w, D)``."""
+    def _keep_window(self, row: Row, room: int) -> Tensor:
+        """Keep the prefix and the newest whole timesteps (at most half the context, at most
+        ``room`` tokens with the prefix, and fewer than ``history_steps``); empty the row's cache.
+        Returns the window to re-encode ``(1, w, D)``."""
         assert row.prefix is not None
-        budget = self.config.context_length // 2 - row.prefix.shape[1]
+        budget = min(self.config.context_length // 2, room) - row.prefix.shape[1]
         history = self.config.history_steps
         kept: list[Tensor] = []
         for step in reversed(row.steps):

@@ -138,7 +138,7 @@ class KVCache:
     ``k``/``v``: per layer ``(B, H, capacity, hd)``; ``lengths`` (B,) valid entries per row.
 
     A cache is never shifted: the keys of a layer above the first depend on every earlier token,
-    so a window that drops old timesteps is re-encoded from its tokens (see ``Policy``), which
+    so a window that drops old timesteps is re-encoded from its tokens (see ``gato_like.acting``), which
     keeps cached and uncached logits equal across a roll-over.
     """
 

@@ -129,12 +129,11 @@ class Policy:
             raise ValueError(
                 f"act_batch: expected {len(self.envs)} observations (one per env), got {len(observations)}"
             )
-        for observation in observations:  # every observation checked before any row changes
-            self.builder.build_step(observation)
-        results = self.core.act(list(zip(self.envs, observations, strict=True)))
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
+        # atomic: an observation refused (spec, context) leaves every environment unchanged
+        results = self.core.act(list(zip(self.envs, observations, strict=True)), atomic=True)
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise next((e for e in errors if not str(e).startswith("not acted")), errors[0])
         per_row = [self.core.last_logits[row.index] for row in self.envs]
         self.last_logits = [torch.cat(tokens) for tokens in zip(*per_row, strict=True)]
         return [np.asarray(r) for r in results]

@@ -163,3 +163,48 @@ def test_a_two_step_window_acts_as_a_full_forward_over_its_two_timesteps(tmp_pat
         reference = _reference_action_logits(policy, history[-1:], observation, action)
         torch.testing.assert_close(torch.cat(policy.last_logits), reference, rtol=1e-4, atol=1e-4)
         history.append((observation, action))
+
+
+def test_a_refused_request_changes_no_row(tmp_path: Path) -> None:
+    """Released rows are refused (not written through index -1); Policy.act_batch is all or
+    nothing: one environment's bad observation leaves every environment as it was."""
+    path = _checkpoint(tmp_path / "ckpt")
+    checkpoint = load_checkpoint(path)
+    core = ActingCore(checkpoint.model, checkpoint.text)
+    spec = checkpoint.spec_for(TASKS[0])
+    kept, gone = core.allocate(), core.allocate()
+    core.reset([(kept, spec, None, None), (gone, spec, None, None)])
+    core.release(gone)
+    before = [k[0].clone() for k in core.cache.k], int(core.cache.lengths[0])
+    assert isinstance(core.reset([(gone, spec, None, None)])[0], ValueError)
+    assert isinstance(core.act([(gone, _obs(TASKS[0], 0))])[0], RuntimeError)
+    assert all(torch.equal(k[0], b) for k, b in zip(core.cache.k, before[0], strict=True))
+    assert int(core.cache.lengths[0]) == before[1] and kept.index == 0
+
+    policy, fresh = Policy.from_checkpoint(path), Policy.from_checkpoint(path)
+    policy.reset(TASKS[0], num_envs=2)
+    fresh.reset(TASKS[0], num_envs=2)
+    good = [_obs(TASKS[0], 1), _obs(TASKS[0], 2)]
+    with pytest.raises(ValueError, match="position"):
+        policy.act_batch([good[0], {**good[1], "position": np.zeros(7, np.float32)}])
+    for a, b in zip(policy.act_batch(good), fresh.act_batch(good), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_engine_refuses_a_reset_of_a_closed_session(tmp_path: Path) -> None:
+    from gato_like.serving.engine import Engine
+    from gato_like.serving.protocol import ProtocolError
+
+    async def scenario() -> str:
+        engine = Engine(load_checkpoint(_checkpoint(tmp_path / "ckpt")))
+        await engine.start(warmup=False)
+        try:
+            session = engine.open_session(object())
+            engine.close_session(session, "bye")
+            with pytest.raises(ProtocolError) as closed:
+                await engine.reset(session, task=TASKS[0])
+            return closed.value.code
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(scenario()) == "SESSION_EXPIRED"

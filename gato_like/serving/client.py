@@ -241,8 +241,9 @@ class PolicyClient(_Core):
     def reset(self, task: str | None = None, embodiment: str | None = None, prompt: tuple[Mapping[str, Any], Any] | None = None, goal: Mapping[str, Any] | None = None, temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
         """Start an episode; ``prompt`` is ``(observations {key: (T, ...)}, actions (T, ...))``; ``temperature`` > 0 samples every action token."""
         message = self.reset_message(task, embodiment, prompt, goal, temperature)
-        self._reset_message = message
+        self._reset_message = None  # a reconnect during this request resends it, not a replay too
         reply = self._request(lambda: dict(message))
+        self._reset_message = message
         self.is_reset, self.next_step = True, 0
         return reply
 
@@ -362,8 +363,9 @@ class AsyncPolicyClient(_Core):
     async def reset(self, task: str | None = None, embodiment: str | None = None, prompt: tuple[Mapping[str, Any], Any] | None = None, goal: Mapping[str, Any] | None = None, temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
         """Start an episode; ``prompt`` is ``(observations {key: (T, ...)}, actions (T, ...))``; ``temperature`` > 0 samples every action token."""
         message = self.reset_message(task, embodiment, prompt, goal, temperature)
-        self._reset_message = message
+        self._reset_message = None  # a reconnect during this request resends it, not a replay too
         reply = await self._request(lambda: dict(message))
+        self._reset_message = message
         self.is_reset, self.next_step = True, 0
         return reply
 

@@ -58,7 +58,8 @@ class EngineConfig:
     """Limits of the serving engine (announced to clients in ``welcome.limits``)."""
 
     max_sessions: int = 64
-    """Live sessions at most (attached or awaiting a resume); more get SESSION_LIMIT."""
+    """Live sessions at most (attached or awaiting a resume). When full, a new session closes the
+    longest-detached one; with every session attached it gets SESSION_LIMIT."""
     max_batch: int = 64
     """Steps per forward pass at most; 1 serves one request at a time (no batching)."""
     queue_size: int = 256
@@ -219,7 +220,8 @@ class Engine:
     # sessions
 
     def open_session(self, owner: object) -> Session:
-        """A new session attached to ``owner``; ProtocolError SESSION_LIMIT when full."""
+        """A new session attached to ``owner``. When ``max_sessions`` are live, the longest-detached
+        session is closed to make room; with none detached, ProtocolError SESSION_LIMIT."""
         if len(self.sessions) >= self.config.max_sessions:  # the longest-detached session makes room
             detached = [s for s in self.sessions.values() if s.detached_at is not None and s.inflight is None]
             if detached:
@@ -300,6 +302,8 @@ class Engine:
         """Start a new episode of a task (or embodiment), optionally with a prompt
         ``{"obs": {key: (T, ...)}, "actions": (T, ...)}``, a goal observation and a sampling
         ``temperature`` (0: the model's own decoding, as a local ``Policy``)."""
+        if session.closed:
+            raise ProtocolError(p.SESSION_EXPIRED, "the session was closed", fatal=True)
         session.touch()
         if isinstance(temperature, bool) or not 0.0 <= temperature <= MAX_TEMPERATURE:
             raise ProtocolError(p.BAD_MESSAGE, "temperature out of range", "temperature", f"a number in [0, {MAX_TEMPERATURE:g}] (0: the model's own decoding)", repr(temperature))  # fmt: skip
@@ -486,6 +490,9 @@ class Engine:
                     if op.session is not None and op.kind in ("step", "reset"):
                         _resolve(op, ProtocolError(p.INTERNAL, f"server error: {type(error).__name__}: {error}", fatal=True))  # fmt: skip
                         self.pool.release(op.session.slot)
+                        if self.loop is not None:  # its row is gone: so is the session (on the loop)
+                            with contextlib.suppress(RuntimeError):
+                                self.loop.call_soon_threadsafe(self.close_session, op.session, p.INTERNAL)
 
     def _tick(self, ops: list[_Op]) -> None:
         start = time.monotonic()
@@ -501,7 +508,13 @@ class Engine:
                     _resolve(op, op.payload())
                 except Exception as error:
                     _resolve(op, error)
-        resets = [op for op in ops if op.kind == "reset"]
+        resets = []
+        for op in ops:
+            if op.kind == "reset":
+                if op.session is None or op.session.closed or not self.pool.live(op.session.slot):
+                    _resolve(op, ProtocolError(p.SESSION_EXPIRED, "the session was closed", fatal=True))
+                else:
+                    resets.append(op)
         if resets:
             items, seeds, temperatures = [], [], []
             for op in resets:

@@ -40,6 +40,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from gato_like import __version__
 from gato_like.checkpoint import Checkpoint, load_checkpoint
@@ -55,6 +56,9 @@ one of them is done (a step is answered in turn; extra ones only get BUSY)."""
 CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1008, 1011, 1013
 """WebSocket close codes after a fatal error (the close reason is the error code): policy violation,
 server error, a limit that may clear later (SESSION_LIMIT, CONNECTION_LIMIT)."""
+SERVER_SIDE = frozenset({p.OVERLOADED, p.DEADLINE_EXCEEDED, p.INTERNAL})
+"""Error codes that say the server is busy or broken, not that the request was bad: they do not
+count towards a connection's ``max_errors``."""
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -181,7 +185,10 @@ class PolicyServer:
         self._reaper: asyncio.Task[None] | None = None
         self._owners: dict[str, ServerConnection] = {}  # session id -> attached connection
         self._pending: set[ServerConnection] = set()  # connections that have not said hello yet
-        self._errors: dict[ServerConnection, collections.deque[float]] = {}  # error replies' times
+        # times of each connection's error replies (weak: a request can outlive its connection)
+        self._errors: weakref.WeakKeyDictionary[ServerConnection, collections.deque[float]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._slow: weakref.WeakSet[ServerConnection] = weakref.WeakSet()  # being dropped: not reading
         self._notices: set[asyncio.Task[None]] = set()  # errors sent without waiting for the client
 
@@ -298,7 +305,7 @@ class PolicyServer:
         task.add_done_callback(self._notices.discard)
 
     async def _send_error(self, connection: ServerConnection, error: ProtocolError, request_id: int | None = None, step: int | None = None, session: Session | None = None) -> None:  # fmt: skip
-        if not error.fatal:
+        if not error.fatal and error.code not in SERVER_SIDE and connection.state is State.OPEN:
             times = self._errors.setdefault(connection, collections.deque())
             now = time.monotonic()
             times.append(now)
