@@ -56,6 +56,10 @@ class Row:
     """``(1, n_t, D)`` backbone inputs of every finished timestep in the window."""
     length: int = 0
     """Tokens in this row of the cache."""
+    pending: Tensor | None = None
+    """``(1, 1, D)``: the last action token of the newest timestep (already in ``steps``), not yet
+    in the cache: nothing needs its logits, so it is fed with the next observation (one forward
+    pass a step fewer; with ``history_steps`` windows it is re-encoded with its timestep anyway)."""
     temperature: float = 0.0
     """0: the config's decoding (greedy bins, or ``discrete_decoding``); > 0: sample every action
     token from ``softmax(logits / temperature)``."""
@@ -253,7 +257,7 @@ class ActingCore:
             errors.append(None)
             row.spec, row.builder, row.prefix = spec, builder, prefix
             row.head = "goal" if goal is not None else "policy"
-            row.steps, row.length = [], 0
+            row.steps, row.length, row.pending = [], 0, None
             row.temperature = temperatures[i]
             row.generator.manual_seed(seeds[i] if seeds is not None else 0)
             self.cache.lengths[row.index] = 0
@@ -331,11 +335,14 @@ class ActingCore:
             row = rows[r]
             assert row.builder is not None
             need = steps[r].shape[1] + row.builder.action_size
-            chunks[r] = steps[r]
-            if row.length + need > self.config.context_length or (history and len(row.steps) >= history):
+            pending = row.pending if row.pending is not None else steps[r][:, :0]
+            chunks[r] = torch.cat([pending, steps[r]], dim=1)
+            row.pending = None
+            if row.length + pending.shape[1] + need > self.config.context_length or (
+                history and len(row.steps) >= history
+            ):  # the window's last timestep holds the pending action tokens
                 window = self._keep_window(row, self.config.context_length - need)
-                if window.shape[1]:
-                    chunks[r] = torch.cat([window, steps[r]], dim=1)
+                chunks[r] = torch.cat([window, steps[r]], dim=1)
         ranges = [rows[r].builder.action_id_range() for r in order]  # type: ignore[union-attr]
         vocab = (min(low for low, _ in ranges), max(high for _, high in ranges))  # logits of action ids only
         lo, logits = self.feed(chunks, head, vocab)
@@ -359,17 +366,19 @@ class ActingCore:
                 torch.full_like(picked[:, None], int(TokenType.ACTION)),
                 (local[active] + j)[:, None],
             )  # (a, 1, D)
-            feed = {}
+            feed, more = {}, []
             for n, k in enumerate(active):
                 chosen[k].append(int(picked[n]))
-                feed[order[k]] = tokens[n : n + 1]
                 steps[order[k]] = torch.cat([steps[order[k]], tokens[n : n + 1]], dim=1)
-            if j + 1 < max(sizes):
+                if j + 1 < sizes[k]:
+                    feed[order[k]] = tokens[n : n + 1]
+                    more.append(k)
+                else:  # a row's last action token: no logits needed, fed with its next observation
+                    rows[order[k]].pending = tokens[n : n + 1]
+            if feed:
                 lo_j, logits_j = self.feed(feed, head, vocab)
                 logits = logits.clone()
-                logits[active] = logits_j[torch.tensor([order[k] - lo_j for k in active], device=self.device)]
-            else:  # the last action token: into the cache, no logits needed
-                self.feed(feed, head, (0, 0))
+                logits[more] = logits_j[torch.tensor([order[k] - lo_j for k in more], device=self.device)]
         for k, r in enumerate(order):
             row = rows[r]
             assert row.builder is not None
@@ -424,7 +433,7 @@ class ActingCore:
         Returns the logits ``(V,)`` after the last token (None when there is nothing to feed)."""
         assert row.prefix is not None
         self.cache.lengths[row.index] = 0
-        row.length = 0
+        row.length, row.pending = 0, None
         window = torch.cat([row.prefix, *steps], dim=1)
         if not window.shape[1]:
             return None
@@ -445,23 +454,30 @@ class ActingCore:
             ):
                 break
             kept.insert(0, step)
-        row.steps, row.length = kept, 0
+        row.steps, row.length, row.pending = kept, 0, None
         self.cache.lengths[row.index] = 0
         return torch.cat([row.prefix, *kept], dim=1)
 
-    def save(self, row: Row) -> tuple[list[Tensor], list[Tensor], int, int]:
+    def save(self, row: Row) -> tuple[list[Tensor], list[Tensor], int, int, Tensor | None]:
         """A copy of one row's cache (see :meth:`restore`)."""
         i = row.index
-        return [k[i].clone() for k in self.cache.k], [v[i].clone() for v in self.cache.v], int(self.cache.lengths[i]), row.length  # fmt: skip
+        return [k[i].clone() for k in self.cache.k], [v[i].clone() for v in self.cache.v], int(self.cache.lengths[i]), row.length, row.pending  # fmt: skip
 
-    def restore(self, row: Row, saved: tuple[list[Tensor], list[Tensor], int, int]) -> None:
+    def restore(self, row: Row, saved: tuple[list[Tensor], list[Tensor], int, int, Tensor | None]) -> None:
         """Put back a row's cache saved by :meth:`save`."""
         i = row.index
         for k, kept in zip(self.cache.k, saved[0], strict=True):
             k[i] = kept
         for v, kept in zip(self.cache.v, saved[1], strict=True):
             v[i] = kept
-        self.cache.lengths[i], row.length = saved[2], saved[3]
+        self.cache.lengths[i], row.length, row.pending = saved[2], saved[3], saved[4]
+
+    def flush(self, row: Row) -> None:
+        """Feed the row's pending action token into its cache (before reading the cache as a whole
+        history, e.g. for an open-loop rollout)."""
+        if row.pending is not None:
+            pending, row.pending = row.pending, None
+            self.feed({row.index: pending}, row.head, (0, 0))
 
 
 def sample_bin(logits: Tensor, temperature: float, generator: torch.Generator) -> Tensor:

@@ -177,10 +177,11 @@ class Policy:
             raise SpecMismatchError(spec.name, problems, what="rollout actions")
         template = builder.build_step(observation)
         per_step = len(template) + builder.action_size
-        if per_step * (len(actions) + 1) > self.model.config.context_length - self.envs[0].length:
+        if per_step * (len(actions) + 1) + 1 > self.model.config.context_length - self.envs[0].length:
             raise ValueError(f"rollout: {len(actions)} steps do not fit in the remaining context; use fewer")
         row = self.envs[0]
         saved = self.core.save(row)
+        self.core.flush(row)  # the last action token, held back by act(), joins the history
         layout = builder.layout
         generated = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)
         ranges = {
