@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
@@ -136,7 +137,7 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
     lock = threading.Lock()
 
     def count(name: str) -> None:
-        with lock:
+        with lock, contextlib.suppress(OSError):  # the tally's manager is gone at shutdown
             counts[name] = counts.get(name, 0) + 1
 
     def never_read() -> None:
@@ -245,11 +246,16 @@ def main() -> None:
             report["rss_mb_quiet"] = round(rss_mb(server.pid), 1)
             with multiprocessing.Manager() as manager:
                 counts = manager.dict()
-                hostile = multiprocessing.Process(target=_hostile, args=(port, args.seconds + 2, counts))
-                hostile.start()
-                time.sleep(2)  # the hostile clients are at it before the robots start
+                hostile = multiprocessing.Process(target=_hostile, args=(port, args.seconds + 4, counts))
+
+                def unleash() -> None:  # the robots are connected: the hostile clients start first
+                    hostile.start()
+                    time.sleep(2)
+
                 peak = [rss_mb(server.pid)]
-                report["hostile"] = asyncio.run(drive(url, args.robots, args.hz, args.seconds))
+                report["hostile"] = asyncio.run(
+                    drive(url, args.robots, args.hz, args.seconds, before_clock=unleash)
+                )
                 peak.append(rss_mb(server.pid))
                 hostile.join(args.seconds + 30)
                 if hostile.is_alive():

@@ -25,6 +25,7 @@ write off a full row's last entry.
 from __future__ import annotations
 
 import collections
+import ctypes
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,22 @@ class _Group:
     steps: dict[int, Tensor]  # (1, n, D) backbone inputs of the new observation
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS where the C library can (glibc's ``malloc_trim``):
+    after a large cache shrinks, glibc would otherwise keep the pages for later allocations."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 def episode_seed(seed: int, episode: int) -> int:
     """The sampler's seed for the ``episode``-th reset of a policy (or server session) seeded ``seed``."""
     return seed * 1_000_003 + episode
@@ -107,6 +124,7 @@ class ActingCore:
             torch.zeros(shape[0], dtype=torch.long, device=self.device),
         )
         self._builders: dict[str, SequenceBuilder] = {}
+        self._min_rows = max(rows, 1)
         self.last_logits: dict[int, list[Tensor]] = {}
         """Per row index, the logits each action token of the last :meth:`act` was chosen from:
         ``(1, n)`` over the ids ``last_vocab[row index]``."""
@@ -136,7 +154,9 @@ class ActingCore:
         return row
 
     def release(self, row: Row) -> None:
-        """Free a row; the last row moves into its place so live rows stay contiguous."""
+        """Free a row; the last row moves into its place so live rows stay contiguous. When a
+        quarter of the cache's rows or fewer are live, the cache halves (never below the rows it
+        started with), so a burst of sessions does not hold its memory for good."""
         if row.index < 0 or row.index >= len(self.rows) or self.rows[row.index] is not row:
             return
         last = self.rows.pop()
@@ -151,6 +171,13 @@ class ActingCore:
         else:
             self.cache.lengths[row.index] = 0
         row.index = -1
+        capacity = self.cache.k[0].shape[0]
+        if capacity > self._min_rows and len(self.rows) <= capacity // 4:  # give memory back
+            keep = max(capacity // 2, self._min_rows)
+            self.cache.k = [k[:keep].clone() for k in self.cache.k]
+            self.cache.v = [v[:keep].clone() for v in self.cache.v]
+            self.cache.lengths = self.cache.lengths[:keep].clone()
+            _trim_heap()
 
     # -- embedding -----------------------------------------------------------------------------
 

@@ -208,3 +208,24 @@ def test_engine_refuses_a_reset_of_a_closed_session(tmp_path: Path) -> None:
             await engine.stop()
 
     assert asyncio.run(scenario()) == "SESSION_EXPIRED"
+
+
+def test_the_cache_grows_with_the_rows_and_gives_memory_back(tmp_path: Path) -> None:
+    checkpoint = load_checkpoint(_checkpoint(tmp_path / "ckpt"))
+    core = ActingCore(checkpoint.model, checkpoint.text, rows=2)
+    spec = checkpoint.spec_for(TASKS[0])
+    rows = [core.allocate() for _ in range(16)]
+    assert core.cache.k[0].shape[0] == 16
+    core.reset([(r, spec, None, None) for r in rows])
+    core.act([(r, _obs(TASKS[0], i)) for i, r in enumerate(rows)])
+    survivor = rows[5]
+    expected = ActingCore(checkpoint.model, checkpoint.text)
+    twin = expected.allocate()
+    expected.reset([(twin, spec, None, None)])
+    expected.act([(twin, _obs(TASKS[0], 5))])
+    for r in rows:
+        if r is not survivor:
+            core.release(r)
+    assert core.cache.k[0].shape[0] == 2 and survivor.index == 0  # halved down to its start
+    (after,) = core.act([(survivor, _obs(TASKS[0], 99))])  # its history survived the shrinking
+    np.testing.assert_array_equal(after, expected.act([(twin, _obs(TASKS[0], 99))])[0])

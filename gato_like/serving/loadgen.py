@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,11 @@ async def drive(
     task: str | None = None,
     token: str | None = None,
     seed: int = 0,
+    before_clock: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run ``sessions`` robots for ``duration`` seconds at ``hz``; latency statistics in ms."""
+    """Run ``sessions`` robots for ``duration`` seconds at ``hz``; latency statistics in ms.
+    ``before_clock`` is called once every robot is connected, reset and has acted once, just
+    before the timed run starts (the soak starts its hostile clients there)."""
     period = 1.0 / hz
     clients = [AsyncPolicyClient(url, token, task=task, reconnect=False, retries=0, timeout=30.0, name=f"loadgen-{i}") for i in range(sessions)]  # fmt: skip
     await asyncio.gather(*(c.connect() for c in clients))
@@ -59,6 +62,8 @@ async def drive(
     await asyncio.gather(*(c.reset(task=task) if task else c.reset(embodiment=name) for c in clients))
     for c in clients:  # one step each before the clock starts (first-step allocations)
         await c.step(pool[0])
+    if before_clock is not None:
+        before_clock()
     latencies: list[float] = []
     server_ms: list[float] = []
     batch_sizes: list[int] = []
