@@ -237,7 +237,6 @@ class Engine:
             )
         session = Session(secrets.token_hex(16), Row(), owner=owner)
         self.sessions[session.id] = session
-        self._submit(_Op("open", session, None, None, None))
         log.info("session_open", extra={"fields": {"session": session.id}})
         return session
 
@@ -497,10 +496,8 @@ class Engine:
     def _tick(self, ops: list[_Op]) -> None:
         start = time.monotonic()
         for op in ops:
-            if op.kind == "open":
-                assert op.session is not None
-                op.session.slot = self.pool.allocate()
-            elif op.kind == "close":
+            if op.kind == "close":  # (a session gets its cache row at its first reset: a storm of
+                # hello-and-drop sessions allocates none)
                 assert op.session is not None
                 self.pool.release(op.session.slot)
             elif op.kind == "call":
@@ -511,9 +508,11 @@ class Engine:
         resets = []
         for op in ops:
             if op.kind == "reset":
-                if op.session is None or op.session.closed or not self.pool.live(op.session.slot):
+                if op.session is None or op.session.closed:
                     _resolve(op, ProtocolError(p.SESSION_EXPIRED, "the session was closed", fatal=True))
                 else:
+                    if not self.pool.live(op.session.slot):
+                        op.session.slot = self.pool.allocate()
                     resets.append(op)
         if resets:
             items, seeds, temperatures = [], [], []
