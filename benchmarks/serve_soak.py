@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import multiprocessing
@@ -43,7 +42,7 @@ from typing import Any
 import msgpack
 
 from gato_like.serving import protocol as p
-from gato_like.serving.loadgen import drive, free_port, launch_server
+from gato_like.serving.loadgen import client_frame, drive, free_port, launch_server, raw_upgrade
 
 SERVER_LIMITS = ["--detached_grace_s", "2", "--hello_timeout_s", "2", "--send_timeout_s", "2"]
 
@@ -90,49 +89,16 @@ def metrics(port: int) -> dict[str, float]:
 # -- hostile clients (a separate process, plain sockets) --------------------------------------------
 
 
-def _upgrade(port: int, receive_buffer: int | None = None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if receive_buffer:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError("closed during the upgrade")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
-        sock.close()
-        raise ConnectionRefusedError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
-    return sock
-
-
-def _frame(payload: bytes, opcode: int = 0x2) -> bytes:
-    """One masked client frame (mask key 0: the payload goes as is)."""
-    n = len(payload)
-    if n < 126:
-        length = bytes([0x80 | n])
-    elif n < 1 << 16:
-        length = bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        length = bytes([0x80 | 127]) + n.to_bytes(8, "big")
-    return bytes([0x80 | opcode]) + length + b"\x00\x00\x00\x00" + payload
-
-
 def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("never_read", "storm", "garbage", "silent")) -> None:  # fmt: skip
     """Run every kind of hostile client until ``seconds`` have passed; tally into ``counts``."""
     import random
     import threading
 
     end = time.monotonic() + seconds
-    hello = _frame(p.encode_frame({"type": "hello", "version": p.PROTOCOL_VERSION}))
-    bad_step = _frame(p.encode_frame({"type": "step", "step": 0, "obs": {f"k{i}": "" for i in range(256)}}))
+    hello = client_frame(p.encodeclient_frame({"type": "hello", "version": p.PROTOCOL_VERSION}))
+    bad_step = client_frame(
+        p.encodeclient_frame({"type": "step", "step": 0, "obs": {f"k{i}": "" for i in range(256)}})
+    )
 
     lock = threading.Lock()
 
@@ -143,8 +109,8 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
     def never_read() -> None:
         while time.monotonic() < end:
             try:
-                sock = _upgrade(port, receive_buffer=4096)
-                sock.sendall(hello + _frame(p.encode_frame({"type": "reset"})))
+                sock = raw_upgrade(port, receive_buffer=4096)
+                sock.sendall(hello + client_frame(p.encodeclient_frame({"type": "reset"})))
                 sock.settimeout(1.0)
                 while time.monotonic() < end:
                     sock.sendall(bad_step)  # blocks once the server stops reading us
@@ -156,7 +122,7 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
     def storm() -> None:
         while time.monotonic() < end:
             try:
-                sock = _upgrade(port)
+                sock = raw_upgrade(port)
                 sock.sendall(hello)
                 sock.recv(4096)  # the welcome (a session opened)
                 sock.close()  # dropped without bye
@@ -169,7 +135,7 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
         rng = random.Random(0)
         while time.monotonic() < end:
             try:
-                sock = _upgrade(port)
+                sock = raw_upgrade(port)
                 for _ in range(50):
                     choice = rng.random()
                     if choice < 0.4:
@@ -179,9 +145,9 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
                             {"type": rng.choice(["step", "reset", "nope", 3]), "x": [1] * 50}
                         )
                     else:
-                        sock.sendall(_frame(b"not a frame we speak", opcode=0x1))
+                        sock.sendall(client_frame(b"not a frame we speak", opcode=0x1))
                         continue
-                    sock.sendall(_frame(payload))
+                    sock.sendall(client_frame(payload))
                     sock.recv(65536)
                     count("garbage_frames")
                     time.sleep(0.01)
@@ -194,7 +160,7 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
         held: list[socket.socket] = []
         while time.monotonic() < end:
             try:
-                held.append(_upgrade(port))
+                held.append(raw_upgrade(port))
                 count("silent_opened")
             except OSError:
                 count("silent_refused")

@@ -9,9 +9,6 @@ bearer scheme's case, OVERLOADED's retry hint, bools where integers are expected
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
 import threading
 import time
 import urllib.error
@@ -21,32 +18,23 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-import torch
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from gato_like.checkpoint import load_checkpoint, save_checkpoint
-from gato_like.config import Config
+from gato_like.checkpoint import load_checkpoint
 from gato_like.data_pipelines.tasks import get_task
-from gato_like.model import GatoModel
 from gato_like.serving import protocol as p
 from gato_like.serving.client import _DIRECT, PolicyClient
 from gato_like.serving.engine import Engine, EngineConfig
+from gato_like.serving.loadgen import client_frame, raw_upgrade
 from gato_like.serving.protocol import Limits, example_observation
 from gato_like.serving.server import PolicyServer, ServerConfig, background_server
-from gato_like.tokenizers import SpecMismatchError, TextTokenizer
+from gato_like.tokenizers import SpecMismatchError
+from tests.test_serving import TASKS
+from tests.test_serving import checkpoint as _debug_checkpoint
 
-TASKS = ("dmc-point_mass-easy", "babyai-GoToRedBall")
+checkpoint = _debug_checkpoint  # the same module-scoped fixture: a debug model on TASKS
 SMALL = Limits(max_frame_bytes=256 << 10, max_array_bytes=128 << 10)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = GatoModel(Config.from_name("debug"))
-    specs = {get_task(t).spec.name: get_task(t).spec for t in TASKS}
-    tasks = {t: {"embodiment": get_task(t).spec.name} for t in TASKS}
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "debug", model, TextTokenizer(), specs, tasks)
 
 
 @pytest.fixture(scope="module")
@@ -106,36 +94,6 @@ def _on_loop(server: PolicyServer, function):
 # -- a raw TCP WebSocket client that can stop reading ----------------------------------------------
 
 
-def _raw_socket(port: int, receive_buffer: int = 4096) -> socket.socket:
-    """An upgraded WebSocket on a plain socket with a small receive buffer (nothing reads it)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    sock.settimeout(10)
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)  # byte by byte: leave the first frames unread
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
-def _ws_frame(payload: bytes) -> bytes:
-    """One masked binary frame (mask key 0: the payload goes as is)."""
-    n = len(payload)
-    if n < 126:
-        length = bytes([0x80 | n])
-    elif n < 1 << 16:
-        length = bytes([0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        length = bytes([0x80 | 127]) + n.to_bytes(8, "big")
-    return b"\x82" + length + b"\x00\x00\x00\x00" + payload
-
-
 # -- 1. a client that never reads ------------------------------------------------------------------
 
 
@@ -143,13 +101,13 @@ def test_a_client_that_never_reads_is_slowed_then_closed_and_others_are_served(c
     config = ServerConfig(port=0, limits=SMALL, write_limit=32 << 10, send_timeout_s=0.5, max_errors=10_000)
     with background_server(load_checkpoint(checkpoint), EngineConfig(max_sessions=8), config) as server:
         connections = server.metrics.connections._value.get  # handlers running (one per connection)
-        sock = _raw_socket(server.port)
+        sock = raw_upgrade(server.port, receive_buffer=4096)
         # each step names 256 unknown keys: an INVALID_OBSERVATION reply ~15x the request
         bad = p.encode_frame({"type": "step", "step": 0, "obs": {f"k{i}": "" for i in range(256)}})
         frames = [
-            _ws_frame(p.encode_frame({"type": "hello", "version": p.PROTOCOL_VERSION})),
-            _ws_frame(p.encode_frame({"type": "reset", "task": TASKS[0]})),
-        ] + [_ws_frame(bad)] * 600
+            client_frame(p.encode_frame({"type": "hello", "version": p.PROTOCOL_VERSION})),
+            client_frame(p.encode_frame({"type": "reset", "task": TASKS[0]})),
+        ] + [client_frame(bad)] * 600
         sent = threading.Event()
 
         def flood() -> None:

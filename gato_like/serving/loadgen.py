@@ -16,6 +16,7 @@ and drives it with N = 1, 4, 16, 32, 64 robots in turn, writing ``serve_load.jso
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import socket
@@ -129,6 +130,45 @@ async def drive(
         "server_total_ms_p50": _round(np.median(server_ms)) if server_ms else None,
         "mean_batch_size": _round(np.mean(batch_sizes)) if batch_sizes else None,
     }
+
+
+def raw_upgrade(port: int, receive_buffer: int | None = None, host: str = "127.0.0.1") -> socket.socket:
+    """A WebSocket upgraded by hand on a plain blocking socket, nothing read past the handshake:
+    a client that can misbehave below what a WebSocket library allows (never read, send garbage).
+    ``receive_buffer`` shrinks the socket's receive buffer. Raises ``ConnectionRefusedError`` with
+    the status line when the server refuses the upgrade."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect((host, port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)  # byte by byte: leave the first frames unread
+        if not chunk:
+            raise ConnectionError("closed during the upgrade")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        sock.close()
+        raise ConnectionRefusedError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+    return sock
+
+
+def client_frame(payload: bytes, opcode: int = 0x2) -> bytes:
+    """One masked client WebSocket frame (binary by default; mask key 0, so the payload goes as is)."""
+    n = len(payload)
+    if n < 126:
+        length = bytes([0x80 | n])
+    elif n < 1 << 16:
+        length = bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        length = bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return bytes([0x80 | opcode]) + length + b"\x00\x00\x00\x00" + payload
 
 
 def _round(value: Any) -> float | None:
