@@ -95,9 +95,9 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
     import threading
 
     end = time.monotonic() + seconds
-    hello = client_frame(p.encodeclient_frame({"type": "hello", "version": p.PROTOCOL_VERSION}))
+    hello = client_frame(p.encode_frame({"type": "hello", "version": p.PROTOCOL_VERSION}))
     bad_step = client_frame(
-        p.encodeclient_frame({"type": "step", "step": 0, "obs": {f"k{i}": "" for i in range(256)}})
+        p.encode_frame({"type": "step", "step": 0, "obs": {f"k{i}": "" for i in range(256)}})
     )
 
     lock = threading.Lock()
@@ -110,7 +110,7 @@ def _hostile(port: int, seconds: float, counts: Any, kinds: tuple[str, ...] = ("
         while time.monotonic() < end:
             try:
                 sock = raw_upgrade(port, receive_buffer=4096)
-                sock.sendall(hello + client_frame(p.encodeclient_frame({"type": "reset"})))
+                sock.sendall(hello + client_frame(p.encode_frame({"type": "reset"})))
                 sock.settimeout(1.0)
                 while time.monotonic() < end:
                     sock.sendall(bad_step)  # blocks once the server stops reading us
@@ -227,6 +227,10 @@ def main() -> None:
                 if hostile.is_alive():
                     hostile.kill()
                 report["hostile_clients"] = dict(counts)
+                if hostile.exitcode != 0 or not counts:  # a soak without its hostile clients proves nothing
+                    raise RuntimeError(
+                        f"the hostile clients' process failed (exit code {hostile.exitcode}, tally {dict(counts)})"
+                    )
             report["rss_mb_hostile_end"] = round(max(peak), 1)
             time.sleep(8)  # grace (2 s), hello and send timeouts (2 s) and the reaper's period
             report["rss_mb_after"] = round(rss_mb(server.pid), 1)
