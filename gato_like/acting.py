@@ -295,14 +295,15 @@ class ActingCore:
         return errors
 
     @torch.inference_mode()
-    def act(self, requests: Sequence[tuple[Row, Mapping[str, Any]]], atomic: bool = False) -> list[np.ndarray | Exception]:  # fmt: skip
+    def act(self, requests: Sequence[tuple[Row, Mapping[str, Any]]], atomic: bool = False, checked: bool = False) -> list[np.ndarray | Exception]:  # fmt: skip
         """Actions for one observation per row (each row at most once): one forward pass for
         every row's new observation tokens, then one per action token; rows acting with
         different heads take separate passes. A request that cannot be acted on (an observation
         that does not tokenize, a timestep that does not fit the context, a released row) gets
         its error (``ValueError``/``TypeError``/``RuntimeError``) in its place, and its row is
         left unchanged. ``atomic``: when any request is refused, no row acts (the others get
-        ``RuntimeError("not acted: ...")``)."""
+        ``RuntimeError("not acted: ...")``). ``checked``: every observation was already checked
+        against its row's spec (the server's engine checks before queueing); not again."""
         pending = ValueError("not acted")
         out: list[np.ndarray | Exception] = [pending] * len(requests)
         by_head: dict[str, list[int]] = collections.defaultdict(list)
@@ -312,7 +313,7 @@ class ActingCore:
                 continue
             by_head[row.head].append(i)
         self.last_logits, self.last_vocab = {}, {}
-        groups = [(head, self._prepare([(i, *requests[i]) for i in members], out)) for head, members in by_head.items()]  # fmt: skip
+        groups = [(head, self._prepare([(i, *requests[i]) for i in members], out, checked)) for head, members in by_head.items()]  # fmt: skip
         refused = [o for o in out if isinstance(o, Exception) and o is not pending]
         if atomic and refused:
             return [RuntimeError(f"not acted: another request failed: {refused[0]}") if o is pending else o for o in out]  # fmt: skip
@@ -325,7 +326,7 @@ class ActingCore:
         """Whether ``row`` holds a row of this core's cache (not released)."""
         return 0 <= row.index < len(self.rows) and self.rows[row.index] is row
 
-    def _prepare(self, group: list[tuple[int, Row, Mapping[str, Any]]], out: list[np.ndarray | Exception]) -> _Group | None:  # fmt: skip
+    def _prepare(self, group: list[tuple[int, Row, Mapping[str, Any]]], out: list[np.ndarray | Exception], checked: bool = False) -> _Group | None:  # fmt: skip
         """Tokenize and embed one head's observations and refuse what cannot act, changing no row."""
         built: dict[int, TokenSequence] = {}
         rows: dict[int, Row] = {}
@@ -333,7 +334,7 @@ class ActingCore:
         for i, row, observation in group:
             assert row.builder is not None
             try:
-                built[row.index] = row.builder.build_step(observation)
+                built[row.index] = row.builder.build_step(observation, checked)
             except (ValueError, TypeError) as error:
                 out[i] = error
                 continue

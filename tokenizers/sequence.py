@@ -359,13 +359,16 @@ class SequenceBuilder:
             ids, types, timesteps, local_positions, loss_mask, patches, positions, dynamics_ids, executed_ids
         )
 
-    def build_step(self, observation: Mapping[str, Any]) -> TokenSequence:
-        """One timestep awaiting its action (observation tokens + separator), for acting."""
-        self.spec.check_step(observation)
+    def build_step(self, observation: Mapping[str, Any], checked: bool = False) -> TokenSequence:
+        """One timestep awaiting its action (observation tokens + separator), for acting.
+        ``checked``: the caller already checked it against the spec (the server validates every
+        observation before queueing it); skip the check."""
+        if not checked:
+            self.spec.check_step(observation)
         batched = {
             k: np.asarray(v, dtype=object).reshape(1)
             if self.spec.observations[k].kind == "text"
             else np.asarray(v)[None]
             for k, v in observation.items()
         }
-        return self.build(batched, None)
+        return self.build(batched, None, checked=True)

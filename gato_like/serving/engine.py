@@ -538,7 +538,8 @@ class Engine:
         if not steps:
             return
         compute_start = time.monotonic()
-        results = self.pool.act([(op.session.slot, op.payload) for op in steps])  # type: ignore[union-attr]
+        # every observation was checked against its session's spec in step(), before queueing
+        results = self.pool.act([(op.session.slot, op.payload) for op in steps], checked=True)  # type: ignore[union-attr]
         compute = time.monotonic() - compute_start
         self._step_seconds = compute if self._step_seconds == 0 else 0.8 * self._step_seconds + 0.2 * compute
         self.observe("batch_size", len(steps))
