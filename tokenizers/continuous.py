@@ -21,7 +21,7 @@ import numpy as np
 
 from gato_like.tokenizers._checks import as_ids as _as_ids
 from gato_like.tokenizers._checks import as_numeric_array, check_finite
-from gato_like.tokenizers.vocab import CONTINUOUS_BINS, GATO_TEXT_VOCAB_SIZE, MU, M
+from gato_like.tokenizers.vocab import CONTINUOUS_BINS, GATO_TEXT_VOCAB_SIZE, MU, M, bin_centres, bin_of
 
 #: Slack allowed on [-1, 1] when ``mu_law=False`` (float rounding of a scaled bound).
 UNIT_RANGE_TOLERANCE = 1e-6
@@ -82,10 +82,7 @@ class ContinuousTokenizer:
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """Values of any shape ``(...)`` to ids of shape ``(prod(...),)``, int64, row-major."""
-        y = self.companded(values).reshape(-1)
-        bins = np.floor((y + 1.0) / 2.0 * self.bins).astype(np.int64)
-        np.minimum(bins, self.bins - 1, out=bins)
-        return bins + self.vocab_offset
+        return bin_of(self.companded(values).reshape(-1), self.bins) + self.vocab_offset
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Ids of any shape to float64 values of the same shape (bin centre, inverse mu-law)."""
@@ -100,7 +97,7 @@ class ContinuousTokenizer:
                 f"ContinuousTokenizer.decode: expected ids in [{self.vocab_offset}, "
                 f"{self.vocab_offset + self.bins}), got {int(ids[index])} at index {index}"
             )
-        y = -1.0 + (2.0 * bins + 1.0) / self.bins
+        y = bin_centres(self.bins)[bins]
         if not self.mu_law:
             return y
         return np.sign(y) * np.expm1(np.abs(y) * np.log1p(self.m * self.mu)) / self.mu
