@@ -423,17 +423,17 @@ class ActingCore:
             assert row.builder is not None and row.spec is not None
             low, high = row.builder.action_id_range()
             low, high = low - offset, high - offset
-            if row.temperature > 0 or (
-                row.spec.action.kind == "discrete" and self.config.discrete_decoding == "sample"
-            ):
-                temperature = row.temperature if row.temperature > 0 else 1.0
-                picked[k] = sample_bin(logits[k : k + 1, low:high], temperature, row.generator)[0] + low
+            if row.temperature > 0:  # the row's own temperature samples every action token
+                picked[k] = sample_bin(logits[k : k + 1, low:high], row.temperature, row.generator)[0] + low
             else:
                 groups[(low, high, row.spec.action.kind)].append(k)
-        for (low, high, kind), members in groups.items():
+        for (low, high, kind), members in groups.items():  # the config's decoding
             part = logits[members, low:high].float()
-            choice = pick_bin(part, self.config.action_decoding) if kind == "continuous" else part.argmax(-1)
-            picked[members] = choice + low
+            if kind == "discrete" and self.config.discrete_decoding == "sample":  # each its own draws
+                for m, one in zip(members, part, strict=True):
+                    picked[m] = pick_action(one[None], self.config, kind, rows[m].generator)[0] + low
+            else:
+                picked[members] = pick_action(part, self.config, kind, rows[members[0]].generator) + low
         return picked + offset
 
     # -- the cache -----------------------------------------------------------------------------

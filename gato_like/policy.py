@@ -20,7 +20,6 @@ from torch import Tensor
 from gato_like.acting import ActingCore, Row, episode_seed, pick_action, pick_bin, sample_bin
 from gato_like.checkpoint import Checkpoint, load_checkpoint
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, SpecMismatchError, TokenSequence, TokenType
-from gato_like.tokenizers.vocab import bin_centres, bin_of
 
 __all__ = [
     "Policy",
@@ -96,17 +95,20 @@ class Policy:
         if num_envs < 1:
             raise ValueError(f"reset: num_envs: expected at least 1, got {num_envs}")
         spec = self.checkpoint.spec_for(name)
-        builder = self.core.builder(spec)
-        self.core.encode_prefix(builder, prompt, goal)  # a bad prompt or goal raises before any change
-        for row in list(self.core.rows):
-            self.core.release(row)
-        self.envs = [self.core.allocate() for _ in range(num_envs)]
+        old = list(self.core.rows)
+        rows = [self.core.allocate() for _ in range(num_envs)]
         seed = episode_seed(self.seed, self.episodes)
         seeds = [seed + i * 7_919 for i in range(num_envs)]  # environment 0: the session's seed
-        errors = self.core.reset([(row, spec, prompt, goal) for row in self.envs], seeds, self.temperature)
+        errors = self.core.reset([(row, spec, prompt, goal) for row in rows], seeds, self.temperature)
+        # a bad prompt or goal leaves the previous episodes as they were
+        for row in rows if any(errors) else old:
+            self.core.release(row)
         for error in errors:
             if error is not None:
                 raise error
+        self.envs = rows
+        builder = rows[0].builder
+        assert builder is not None
         self.episodes += 1
         self.spec, self.builder = spec, builder
         self.head = "goal" if goal is not None else "policy"
@@ -255,15 +257,9 @@ class Policy:
         """The bin (offset inside its id range) the dynamics head predicts from ``logits`` (n,)."""
         if decode not in ("median", "mean", "argmax"):
             raise ValueError(f"decode: expected 'median', 'mean' or 'argmax', got {decode!r}")
-        if decode == "argmax" or token_type != int(TokenType.CONTINUOUS):
+        if token_type != int(TokenType.CONTINUOUS):
             return int(logits.argmax())
-        bins = logits.shape[-1]
-        if decode == "median":
-            cumulative = torch.softmax(logits.double(), -1).cumsum(-1)
-            return min(int((cumulative < 0.5).sum()), bins - 1)
-        centres = torch.from_numpy(bin_centres(bins)).to(logits.device)
-        mean = float((torch.softmax(logits.double(), -1) * centres).sum())
-        return int(bin_of(np.asarray([mean]), bins)[0])
+        return int(pick_bin(logits[None], decode)[0])  # the decoding acting uses for action bins
 
     # -- building blocks -----------------------------------------------------------------------
 

@@ -189,6 +189,10 @@ def test_a_refused_request_changes_no_row(tmp_path: Path) -> None:
         policy.act_batch([good[0], {**good[1], "position": np.zeros(7, np.float32)}])
     for a, b in zip(policy.act_batch(good), fresh.act_batch(good), strict=True):
         np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="position"):  # a bad goal: the episodes carry on as they were
+        policy.reset(TASKS[0], goal={**good[0], "position": np.zeros(7, np.float32)}, num_envs=2)
+    for a, b in zip(policy.act_batch(good[::-1]), fresh.act_batch(good[::-1]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_engine_refuses_a_reset_of_a_closed_session(tmp_path: Path) -> None:
