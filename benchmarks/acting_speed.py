@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gato_like.acting import ActingCore
+from gato_like.checkpoint import save_checkpoint
 from gato_like.config import Config
 from gato_like.data_pipelines.tasks import get_task
 from gato_like.model import GatoModel
@@ -44,6 +45,14 @@ def body(pixels: bool) -> EmbodimentSpec:
 def make_model(encoder: str = "resnet", preset: str = "tiny") -> GatoModel:
     torch.manual_seed(0)
     return GatoModel(Config.from_name(preset, image_encoder=encoder, **ACTING)).eval()
+
+
+def save_untrained(directory: Path, pixels: bool, encoder: str = "resnet") -> Path:
+    """An untrained ``tiny`` (acting settings) on cartpole's body as a checkpoint, for serving
+    benchmarks (latency does not depend on the weights)."""
+    spec = body(pixels)
+    name = f"{'pixels' if pixels else 'proprio'}-{encoder}"
+    return save_checkpoint(directory / name, make_model(encoder), TextTokenizer(), {spec.name: spec}, {})
 
 
 def tick_ms(model: GatoModel, spec: EmbodimentSpec, rows: int, repeats: int = 40) -> list[float]:

@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import socket
+import sys
 import tempfile
 import time
 import urllib.request
@@ -40,30 +41,15 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from prometheus_client.parser import text_string_to_metric_families
 
 from gato_like.serving import protocol as p
 from gato_like.serving.loadgen import client_frame, drive, free_port, launch_server, raw_upgrade
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from acting_speed import save_untrained
+
 SERVER_LIMITS = ["--detached_grace_s", "2", "--hello_timeout_s", "2", "--send_timeout_s", "2"]
-
-
-def default_checkpoint(directory: Path) -> Path:
-    """An untrained ``tiny`` (history_steps=2, actions masked) on cartpole without pixels."""
-    import torch
-
-    from gato_like.checkpoint import save_checkpoint
-    from gato_like.config import Config
-    from gato_like.data_pipelines.tasks import get_task
-    from gato_like.model import GatoModel
-    from gato_like.tokenizers import EmbodimentSpec, TextTokenizer
-    from gato_like.training.recipes import ACTING
-
-    spec = get_task("dmc-cartpole-balance").spec.to_dict()
-    spec["observations"].pop("pixels")
-    body = EmbodimentSpec.from_dict(spec)
-    torch.manual_seed(0)
-    model = GatoModel(Config.from_name("tiny", **ACTING))
-    return save_checkpoint(directory / "tiny", model, TextTokenizer(), {body.name: body}, {})
 
 
 def rss_mb(pid: int) -> float:
@@ -75,14 +61,14 @@ def rss_mb(pid: int) -> float:
 
 
 def metrics(port: int) -> dict[str, float]:
-    """The server's Prometheus gauges and counters by name (labels folded into the name)."""
+    """The server's Prometheus samples by name, labels folded in (``name{label="value"}``)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
 
 
@@ -198,7 +184,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        ckpt = Path(args.ckpt) if args.ckpt else default_checkpoint(Path(scratch))
+        ckpt = Path(args.ckpt) if args.ckpt else save_untrained(Path(scratch), pixels=False)
         port = free_port()
         server = launch_server(ckpt, port, None, args.robots + 200, None, SERVER_LIMITS)
         url = f"ws://127.0.0.1:{port}"

@@ -30,11 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from acting_speed import body, make_model
+from acting_speed import save_untrained
 
-from gato_like.checkpoint import save_checkpoint
 from gato_like.serving.loadgen import sweep
-from gato_like.tokenizers import TextTokenizer
 
 CASES = [  # name, body with pixels, encoder, robots, target
     ("pixels-1", True, "resnet", 1, {"p50": 7.0}),
@@ -46,12 +44,7 @@ CASES = [  # name, body with pixels, encoder, robots, target
 
 
 def checkpoints(directory: Path) -> dict[tuple[bool, str], Path]:
-    out = {}
-    for pixels, encoder in {(c[1], c[2]) for c in CASES}:
-        spec = body(pixels)
-        name = f"{'pixels' if pixels else 'proprio'}-{encoder}"
-        out[(pixels, encoder)] = save_checkpoint(directory / name, make_model(encoder), TextTokenizer(), {spec.name: spec}, {})  # fmt: skip
-    return out
+    return {(pixels, encoder): save_untrained(directory, pixels, encoder) for pixels, encoder in {(c[1], c[2]) for c in CASES}}  # fmt: skip
 
 
 def verdict(row: dict[str, Any], target: dict[str, float]) -> bool:
