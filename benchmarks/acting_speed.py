@@ -24,7 +24,7 @@ import torch
 from gato_like.acting import ActingCore
 from gato_like.checkpoint import save_checkpoint
 from gato_like.config import Config
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 from gato_like.model import GatoModel
 from gato_like.serving.protocol import example_observation
 from gato_like.tokenizers import EmbodimentSpec, TextTokenizer

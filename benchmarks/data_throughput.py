@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gato_like.data_pipelines.generate import generate
 from gato_like.data_pipelines.loader import LoaderConfig, make_dataloader
-from gato_like.data_pipelines.tasks import SUITES
+from gato_like.envs.registry import SUITES
 
 
 def generation(workers: int, root: Path, episodes: int, steps: int) -> tuple[float, float]:

@@ -85,7 +85,7 @@ def _mlp_cell(job: dict[str, Any], demos: Path, normalizers: dict[str, Any]) -> 
     sys.path.insert(0, str(Path(__file__).parent))
     from mlp_reference import fit
 
-    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.envs.registry import get_task
     from gato_like.training.evaluate import eval_seed, normalized_score
 
     started = time.perf_counter()

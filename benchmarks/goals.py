@@ -87,7 +87,7 @@ def measure(
     mlp_data: str | None = None,
     mlp_seconds: float = 30.0,
 ) -> dict[str, Any]:
-    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.envs.registry import get_task
     from gato_like.policy import Policy
 
     policy = Policy.from_checkpoint(ckpt)

@@ -140,7 +140,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     from gato_like.data_pipelines.shards import read_index
-    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.envs.registry import get_task
     from gato_like.training.evaluate import eval_seed, normalized_score
     from gato_like.training.rollouts import rollout_tasks
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 from gato_like.tokenizers import SequenceBuilder, TextTokenizer, TokenSequence
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gato_like.data_pipelines.control import DEFAULT_PERTURBATION, Perturbation
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import INDEX_FILE, TaskShardWriter, returns_summary, write_index
-from gato_like.data_pipelines.tasks import get_task, resolve_tasks
+from gato_like.envs.control import DEFAULT_PERTURBATION, Perturbation
+from gato_like.envs.registry import get_task, resolve_tasks
 from gato_like.tokenizers.spec import EmbodimentSpec
 
 #: Episodes per policy used for the expert and random return normalizers.
@@ -206,7 +206,7 @@ def generate(
                 next_index[job.task] += 1
         bar.close()
     elapsed = time.perf_counter() - started
-    entries = {}
+    entries: dict[str, dict[str, Any]] = {}
     for task in selected:
         writers[task.name].flush()
         entries[task.name] = {

@@ -12,7 +12,7 @@ import torch
 from gato_like.acting import ActingCore
 from gato_like.checkpoint import load_checkpoint, save_checkpoint
 from gato_like.config import Config
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 from gato_like.model import GatoModel
 from gato_like.policy import Policy
 from gato_like.serving.client import AsyncPolicyClient, ServerError

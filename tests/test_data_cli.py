@@ -11,7 +11,7 @@ import pytest
 from gato_like.data_pipelines.convert import ConversionError, convert_npz
 from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, SequenceDataset
 from gato_like.data_pipelines.shards import iter_shard, read_index, verify
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 
 BIN = Path(sys.executable).parent
 

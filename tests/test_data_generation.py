@@ -11,7 +11,7 @@ import webdataset as wds
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.generate import generate
 from gato_like.data_pipelines.shards import INDEX_FILE, iter_shard, read_index, verify
-from gato_like.data_pipelines.tasks import HELDOUT_TASKS, SUITES, TASKS, get_task, resolve_tasks
+from gato_like.envs.registry import HELDOUT_TASKS, SUITES, TASKS, get_task, resolve_tasks
 
 from .conftest import SMOKE
 
@@ -203,7 +203,7 @@ def test_generate_without_pixels_writes_proprioception_only(tmp_path: Path) -> N
 def test_dart_perturbation_records_the_clean_expert_action() -> None:
     """The executed action is perturbed, the recorded label is the expert's action in the state
     actually reached; the clean expert's own rollout is left alone (the normalizers use it)."""
-    from gato_like.data_pipelines.control import Perturbation
+    from gato_like.envs.base import Perturbation
 
     task = get_task("dmc-cartpole-balance")
     clean = task.rollout(7, "expert", render=False, max_steps=60)
@@ -239,7 +239,7 @@ def test_dart_perturbation_records_the_clean_expert_action() -> None:
 
 
 def test_perturbation_settings_are_recorded_and_checked(tmp_path: Path) -> None:
-    from gato_like.data_pipelines.control import Perturbation
+    from gato_like.envs.base import Perturbation
 
     index = generate(tmp_path, tasks=["dmc-point_mass-easy"], episodes=1, max_steps=5, normalizer_episodes=1,
                      workers=1, progress=False, pixels=False, perturbation=Perturbation(0.2, 0.05, 3))  # fmt: skip
@@ -253,7 +253,7 @@ def test_perturbation_settings_are_recorded_and_checked(tmp_path: Path) -> None:
 
 
 def test_hold_per_task_is_recorded_and_checked(tmp_path: Path) -> None:
-    from gato_like.data_pipelines.control import Perturbation
+    from gato_like.envs.base import Perturbation
 
     tasks = ["dmc-point_mass-easy", "dmc-pendulum-swingup", "babyai-GoToRedBall"]
     index = generate(tmp_path / "a", tasks=tasks, episodes=1, max_steps=60, normalizer_episodes=1, workers=1,

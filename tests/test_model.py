@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gato_like.config import PRESETS, Config
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 from gato_like.model import GatoModel, KVCache, patch_intervals
 from gato_like.tokenizers import SequenceBuilder, TokenType, patch_position_intervals
 

@@ -8,7 +8,7 @@ import torch
 
 from gato_like.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gato_like.config import Config
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 from gato_like.model import GatoModel
 from gato_like.policy import Policy
 from gato_like.tokenizers import SpecMismatchError, TextTokenizer, TokenType

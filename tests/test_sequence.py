@@ -245,7 +245,7 @@ def test_builder_matches_reference_and_invariants(case) -> None:
 
 
 def test_builder_is_picklable() -> None:
-    from gato_like.data_pipelines.babyai import BABYAI_SPEC
+    from gato_like.envs.babyai import BABYAI_SPEC
 
     builder = SequenceBuilder(EmbodimentSpec.from_dict(BABYAI_SPEC), TEXT)
     clone = pickle.loads(pickle.dumps(builder))
@@ -258,7 +258,7 @@ def test_builder_is_picklable() -> None:
 
 
 def test_build_reports_spec_mismatch_with_key() -> None:
-    from gato_like.data_pipelines.babyai import BABYAI_SPEC
+    from gato_like.envs.babyai import BABYAI_SPEC
 
     builder = SequenceBuilder(EmbodimentSpec.from_dict(BABYAI_SPEC), TEXT)
     obs = {"mission": np.array(["go"]), "image": np.zeros((1, 7, 7), np.uint8), "direction": np.array([7])}
@@ -273,7 +273,7 @@ def test_build_reports_spec_mismatch_with_key() -> None:
 
 
 def test_real_simulator_episodes_tokenize() -> None:
-    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.envs.registry import get_task
 
     task = get_task("dmc-cartpole-swingup")
     episode = task.rollout(1, "random", max_steps=5)
@@ -291,7 +291,7 @@ def test_real_simulator_episodes_tokenize() -> None:
 
 
 def test_build_step_text_and_window_arguments() -> None:
-    from gato_like.data_pipelines.babyai import BABYAI_SPEC
+    from gato_like.envs.babyai import BABYAI_SPEC
 
     builder = SequenceBuilder(EmbodimentSpec.from_dict(BABYAI_SPEC), TEXT)
     step = {"mission": np.array("go to the red ball"), "image": np.zeros((7, 7, 3), np.uint8), "direction": 1}

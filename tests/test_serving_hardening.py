@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from gato_like.checkpoint import load_checkpoint
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 from gato_like.serving import protocol as p
 from gato_like.serving.client import _DIRECT, PolicyClient
 from gato_like.serving.engine import Engine, EngineConfig

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from gato_like.data_pipelines.babyai import BABYAI_SPEC
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.babyai import BABYAI_SPEC
+from gato_like.envs.registry import get_task
 from gato_like.tokenizers import EmbodimentSpec, SpecError, SpecMismatchError
 
 ARM = {

@@ -18,11 +18,9 @@ from typing import Any
 import numpy as np
 
 from gato_like.checkpoint import Checkpoint
-from gato_like.data_pipelines.babyai import BabyAITask
-from gato_like.data_pipelines.gym_env import GymTask
 from gato_like.data_pipelines.inspect import save_gif
 from gato_like.data_pipelines.shards import atomic_write_bytes
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs import Env, from_gymnasium, get_task
 from gato_like.policy import Policy
 
 
@@ -62,9 +60,9 @@ def evaluate(
     policy = Policy.from_checkpoint(checkpoint)
     known = policy.checkpoint.tasks
     names = tasks or [t for t in sorted(known) if t != "captions"]
-    simulators: dict[str, Any] = {}
+    simulators: dict[str, Env] = {}
     if gym is not None:
-        gym_task = GymTask(gym)
+        gym_task = from_gymnasium(gym)
         names = [gym_checkpoint_task(policy.checkpoint, gym_task, tasks)]
         simulators[names[0]] = gym_task
     out = Path(out)
@@ -174,13 +172,13 @@ def play_episode(
     steps: int,
     prompt: tuple[dict[str, Any], Any] | None = None,
     record: bool = False,
-    task: Any = None,
+    task: Env | None = None,
 ) -> Any:
     """One closed-loop episode of ``policy`` in task ``name``'s simulator (reset with ``prompt``);
     ``record`` keeps frames for a video (camera frames, or BabyAI's top-down grid view).
 
     The observations the simulator gives are cut to the keys of the checkpoint's spec. ``task``:
-    the simulator (default: the built-in task ``name``; a :class:`GymTask` for a user's env)."""
+    the simulator (default: the built-in task ``name``; e.g. :func:`~gato_like.envs.from_gymnasium` of a user's env)."""
     task = task or get_task(name)
     spec = policy.checkpoint.spec_for(name)
     keys = frozenset(spec.observations)
@@ -189,12 +187,10 @@ def play_episode(
         return policy.act({k: v for k, v in observation.items() if k in keys})
 
     policy.reset(name, prompt=prompt)
-    if isinstance(task, BabyAITask):
-        return task.rollout(seed, act, max_steps=steps, record_frames=record)
-    return task.rollout(seed, act, render="pixels" in spec.observations or record, max_steps=steps)
+    return task.rollout(seed, act, render="pixels" in spec.observations, max_steps=steps, record=record)
 
 
-def gym_checkpoint_task(checkpoint: Any, gym_task: GymTask, tasks: list[str] | None = None) -> str:
+def gym_checkpoint_task(checkpoint: Any, gym_task: Env, tasks: list[str] | None = None) -> str:
     """The checkpoint's task to roll out in a gymnasium environment: the one named in ``tasks``,
     else the one whose spec has the environment's observations and action. Raises ``ValueError``
     saying what differs when none fits."""
@@ -230,7 +226,7 @@ def gym_checkpoint_task(checkpoint: Any, gym_task: GymTask, tasks: list[str] | N
     )
 
 
-def expert_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:
+def expert_returns(task: Env, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:
     """The clean expert's return summary over ``episodes`` episodes (no rendering)."""
     from gato_like.data_pipelines.shards import returns_summary
 
@@ -241,7 +237,7 @@ def expert_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> d
     return returns_summary(values)
 
 
-def random_returns(task: Any, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:
+def random_returns(task: Env, episodes: int, max_steps: int, seed: int = 0) -> dict[str, Any]:
     """The uniform-random policy's return summary over ``episodes`` episodes (no rendering)."""
     from gato_like.data_pipelines.shards import returns_summary
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gato_like.checkpoint import Checkpoint, save_checkpoint
-from gato_like.data_pipelines.tasks import TASKS
+from gato_like.envs.registry import TASKS
 from gato_like.model import GatoModel
 from gato_like.tokenizers import TextTokenizer
 

@@ -1,4 +1,4 @@
-"""A user's gymnasium environment as a task: roll a policy (or uniform-random actions) out in it,
+"""A user's gymnasium environment as an :class:`~gato_like.envs.base.Env`: roll a policy (or uniform-random actions) out in it,
 with observations and actions in the embodiment spec derived from its spaces
 (:class:`~gato_like.tokenizers.gym_spaces.SpaceMapping`).
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.control import Actor, Perturbation
 from gato_like.data_pipelines.episodes import Episode
+from gato_like.envs.base import Actor, Perturbation
 from gato_like.tokenizers.gym_spaces import SpaceMapping
 from gato_like.tokenizers.spec import EmbodimentSpec
 
@@ -26,7 +26,7 @@ DEFAULT_MAX_STEPS = 1000
 
 
 class GymTask:
-    """A gymnasium environment behind the :class:`~gato_like.data_pipelines.tasks.Task` protocol.
+    """A gymnasium environment behind the :class:`~gato_like.envs.base.Env` interface.
 
     ``env``: a registered id (``"CartPole-v1"``) or a callable ``render_mode -> env``.
     ``name``: the task and embodiment name (default ``gym-<id>``); ``make_kwargs`` go to
@@ -79,10 +79,12 @@ class GymTask:
         render: bool = False,
         max_steps: int | None = None,
         perturbation: Perturbation | None = None,
+        record: bool = False,
     ) -> Episode:
         """One episode from ``seed``: ``policy`` is ``random`` (the action space's own uniform
         samples) or a callable from the spec's observation ``{key: array}`` to the spec's action.
-        ``render``: keep RGB frames in ``extra["frames"]`` (for a GIF). Ends at termination,
+        ``record``: keep the environment's RGB frames in ``extra["frames"]`` (for a GIF;
+        ``render`` is ignored: the observations are what the spaces give). Ends at termination,
         truncation or ``max_steps``."""
         if policy == "expert":
             raise ValueError(
@@ -90,7 +92,7 @@ class GymTask:
             )
         if perturbation is not None and perturbation.active:
             raise ValueError(f"{self.name}: perturbations apply to scripted experts only")
-        env = self._make("rgb_array" if render else None)
+        env = self._make("rgb_array" if record else None)
         try:
             observation, info = env.reset(seed=seed)
             env.action_space.seed(seed)
@@ -101,7 +103,7 @@ class GymTask:
                 converted = self.mapping.observation(observation)
                 for key, value in converted.items():
                     observations[key].append(value)
-                if render:
+                if record:
                     frames.append(np.asarray(env.render(), dtype=np.uint8))
                 if callable(policy):
                     action = np.asarray(policy(converted)).reshape(self.spec.action.shape)

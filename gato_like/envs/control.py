@@ -21,63 +21,12 @@ from typing import Any
 import numpy as np
 
 from gato_like.data_pipelines.episodes import Episode
+from gato_like.envs.base import Actor, Perturbation
 from gato_like.tokenizers.spec import EmbodimentSpec
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 IMAGE_SIZE = 64
-#: A policy to roll out: observation ``{key: array}`` -> action array.
-Actor = Callable[[dict[str, np.ndarray]], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """DART-style perturbation of an expert rollout (Laskey et al., 2017): the environment executes
-    a perturbed action, the episode records the expert's clean action as the label. The data then
-    shows states off the expert's own path and how the expert recovers from them.
-
-    Attributes:
-        noise: standard deviation of the Gaussian noise added to a continuous expert action, in
-            units of the action range scaled to [-1, 1] (the executed action is clipped to the bounds).
-        random_prob: probability of executing a uniformly random action instead of the expert's
-            (continuous and discrete tasks alike; BabyAI's bot replans from wherever it ends up).
-        hold: a random action, once drawn, is held for a uniform 1..``hold`` steps (continuous
-            tasks): a push long enough to leave the expert's neighbourhood, so the data holds
-            whole recoveries (point mass otherwise spends ~94 % of its steps at the target).
-    """
-
-    noise: float = 0.0
-    random_prob: float = 0.0
-    hold: int = 1
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not (
-            isinstance(self.noise, (int, float)) and np.isfinite(self.noise) and 0.0 <= self.noise <= 2.0
-        ):
-            problems.append(
-                f"noise: expected a standard deviation in [0, 2] (action range [-1, 1]), got {self.noise!r}"
-            )
-        if not (isinstance(self.random_prob, (int, float)) and 0.0 <= self.random_prob < 1.0):
-            problems.append(f"random_prob: expected a probability in [0, 1), got {self.random_prob!r}")
-        if not (isinstance(self.hold, int) and not isinstance(self.hold, bool) and 1 <= self.hold <= 1000):
-            problems.append(f"hold: expected an integer number of steps in [1, 1000], got {self.hold!r}")
-        if problems:
-            raise ValueError("perturbation: " + "; ".join(problems))
-
-    @property
-    def active(self) -> bool:
-        return self.noise > 0 or self.random_prob > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "scheme": "dart",
-            "noise": float(self.noise),
-            "random_prob": float(self.random_prob),
-            "hold": int(self.hold),
-        }
-
-
 #: What ``data generate`` uses unless told otherwise: sigma 0.3 recovered cartpole balance from
 #: 525 to ~1000 with a ``debug`` model where clean data did not (issue 12's measurements).
 DEFAULT_PERTURBATION = Perturbation(noise=0.3, random_prob=0.1)
@@ -418,9 +367,11 @@ class ControlTask:
         render: bool = True,
         max_steps: int | None = None,
         perturbation: Perturbation | None = None,
+        record: bool = False,
     ) -> Episode:
         """One episode from ``seed``: ``policy`` is ``expert``, ``random`` (uniform actions) or a
         callable from the observation ``{key: array}`` to the action (e.g. ``Policy.act``).
+        ``render`` or ``record``: the camera's 64x64 frames in ``observations["pixels"]``.
 
         ``perturbation`` (expert only): execute a perturbed action, record the expert's clean one
         (``actions``); the rewards are those of the executed actions."""
@@ -438,6 +389,7 @@ class ControlTask:
         )
         noise_rng = np.random.default_rng([seed, 3])
         held, push = 0, np.zeros(self.action_size)
+        render = render or record
         renderer = _renderer(self.name, env.physics) if render else None
         steps = max_steps or self.max_steps
         observations: dict[str, list[np.ndarray]] = {

@@ -1,44 +1,18 @@
-"""The task registry and the named suites.
-
-A task makes episodes of one embodiment: ``rollout(seed, policy="expert"|"random", render=True,
-max_steps=None) -> Episode``, with ``name``, ``spec`` (the embodiment) and ``max_steps``.
+"""The task registry and the named suites: every built-in :class:`~gato_like.envs.base.Env` by
+its task name (``dmc-*`` MuJoCo control, ``arm3-reach``, ``babyai-*``, ``captions``).
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Protocol
 
-from gato_like.data_pipelines.babyai import BABYAI_TASKS
-from gato_like.data_pipelines.captions import CaptionTask
-from gato_like.data_pipelines.control import CONTROL_TASKS, GOAL_TASKS, Actor, Perturbation
-from gato_like.data_pipelines.episodes import Episode
-from gato_like.tokenizers.spec import EmbodimentSpec
+from gato_like.envs.babyai import BABYAI_TASKS
+from gato_like.envs.base import Env
+from gato_like.envs.captions import CaptionTask
+from gato_like.envs.control import CONTROL_TASKS, GOAL_TASKS
 
-
-class Task(Protocol):
-    name: str
-    max_steps: int
-
-    @property
-    def spec(self) -> EmbodimentSpec: ...
-
-    @property
-    def embodiment(self) -> str: ...
-
-    def rollout(
-        self,
-        seed: int,
-        policy: str | Actor = "expert",
-        render: bool = True,
-        max_steps: int | None = None,
-        perturbation: Perturbation | None = None,
-    ) -> Episode: ...
-
-
-TASKS: dict[str, Task] = {
-    task.name: task for task in [*CONTROL_TASKS, *GOAL_TASKS, *BABYAI_TASKS, CaptionTask()]
-}
+_BUILT_IN: list[Env] = [*CONTROL_TASKS, *GOAL_TASKS, *BABYAI_TASKS, CaptionTask()]
+TASKS: dict[str, Env] = {task.name: task for task in _BUILT_IN}
 
 #: The held-out embodiment for few-shot adaptation: never in a pretraining suite.
 HELDOUT_TASKS = ("arm3-reach",)
@@ -75,13 +49,13 @@ def _unknown(kind: str, name: str, known: list[str]) -> KeyError:
     return KeyError(f"unknown {kind} {name!r}{hint} (known: {', '.join(known)})")
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Env:
     if name not in TASKS:
         raise _unknown("task", name, sorted(TASKS))
     return TASKS[name]
 
 
-def resolve_tasks(suite: str | None = None, tasks: list[str] | None = None) -> list[Task]:
+def resolve_tasks(suite: str | None = None, tasks: list[str] | None = None) -> list[Env]:
     """Tasks of a named suite, or of an explicit list of task names (not both)."""
     if tasks:
         return [get_task(name) for name in tasks]

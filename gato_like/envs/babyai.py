@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.control import Actor, Perturbation
 from gato_like.data_pipelines.episodes import Episode
+from gato_like.envs.base import Actor, Perturbation
 from gato_like.tokenizers.spec import EmbodimentSpec
 
 BABYAI_SPEC: dict[str, Any] = {
@@ -53,10 +53,10 @@ class BabyAITask:
         policy: str | Actor = "expert",
         render: bool = True,
         max_steps: int | None = None,
-        record_frames: bool = False,
         perturbation: Perturbation | None = None,
+        record: bool = False,
     ) -> Episode:
-        """One episode; ``render`` is ignored (the view is symbolic). ``record_frames`` puts a
+        """One episode; ``render`` is ignored (the view is symbolic). ``record`` puts a
         top-down RGB frame of the whole grid per step in ``extra["frames"]`` (T, H, W, 3) uint8,
         for videos; those frames are never written to a shard.
 
@@ -81,7 +81,7 @@ class BabyAITask:
         frames: list[np.ndarray] = []
         last_executed: int | None = None
         while True:
-            if record_frames:
+            if record:
                 frame = env.unwrapped.get_frame(highlight=True, tile_size=8)  # type: ignore[attr-defined]
                 frames.append(np.asarray(frame, dtype=np.uint8))
             observations["mission"].append(obs["mission"])

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.control import CONTROL_TASKS, IMAGE_SIZE, Actor, ControlTask
 from gato_like.data_pipelines.episodes import Episode
+from gato_like.envs.base import Actor
+from gato_like.envs.control import CONTROL_TASKS, IMAGE_SIZE, ControlTask
 from gato_like.tokenizers.spec import EmbodimentSpec
 
 CAPTION_SPEC: dict[str, Any] = {
@@ -91,10 +92,12 @@ class CaptionTask:
         render: bool = True,
         max_steps: int | None = None,
         perturbation: Any = None,
+        record: bool = False,
     ) -> Episode:
         """``frames`` captioned frames of one body (chosen by ``seed``), one every 5 control steps
-        (``perturbation`` does not apply: captions have no actions to perturb)."""
-        from gato_like.data_pipelines.control import _renderer
+        (``perturbation`` does not apply: captions have no actions to perturb; the frames are
+        always observations)."""
+        from gato_like.envs.control import _renderer
 
         frames = min(max_steps or self.frames, self.frames)
         body: ControlTask = next(t for t in CONTROL_TASKS if t.name == self.bodies[seed % len(self.bodies)])
