@@ -63,7 +63,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = train(
         args.data, out, preset=args.preset, max_steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=max(1, args.steps // 10), val_every=args.steps, seed=args.seed,
-        progress=False, overrides=ACTING | ROWS[name], workers=args.workers, rollout_episodes=0,
+        progress=False, model=ACTING | ROWS[name], workers=args.workers, rollout_episodes=0,
         batch_tokens=args.batch_tokens,
     )  # fmt: skip
     train_seconds = time.perf_counter() - started

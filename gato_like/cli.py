@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, set_parsing_settings
 
 from gato_like import __version__
 from gato_like import demo as demo_module
+from gato_like.training.settings import FinetuneConfig, TrainConfig
+
+# the settings dataclasses document each field in a docstring under it: that is the flag's help
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def data_generate(
@@ -57,8 +63,8 @@ def data_generate(
         task_episodes: episodes of particular tasks, e.g. "babyai-GoToLocal=200,babyai-PickupLoc=200".
         task_hold: hold of particular tasks, e.g. "dmc-cartpole-balance=1" beside --hold 50.
     """
-    from gato_like.data_pipelines.control import Perturbation
     from gato_like.data_pipelines.generate import generate
+    from gato_like.envs.base import Perturbation
 
     perturbation = Perturbation(noise, random_prob, hold)  # checked before any work starts
 
@@ -88,29 +94,54 @@ def data_generate(
 
 
 def data_convert(
-    source: Path,
-    spec: Path,
+    source: str,
     out: Path,
+    from_: str = "npz",
+    spec: Path | None = None,
     task: str | None = None,
     instruction: str = "",
     episodes_per_shard: int = 16,
     overwrite: bool = False,
+    max_episodes: int | None = None,
 ) -> None:
-    """Convert a folder of .npz episodes (obs.<key>, actions, rewards) into shards of one task.
+    """Convert demonstrations (a folder of .npz files, a Minari or a LeRobot dataset) into shards of one task.
+
+    ``gato-like data convert --from minari DATASET --out DIR`` or ``--from lerobot PATH --out DIR``
+    (the dataset may also be given as --source).
 
     Args:
-        source: folder of .npz files, one episode each.
-        spec: the embodiment spec (JSON) the episodes follow.
+        source: npz: a folder of .npz files, one episode each (obs.<key>, actions, rewards); minari: a dataset id in the local Minari store or a dataset folder; lerobot: a LeRobot dataset folder (meta/info.json, data/, videos/).
         out: dataset directory (created, or the task is added to its index).
+        from_: the source's format: npz, minari or lerobot (--from).
+        spec: the embodiment spec (JSON) the episodes follow; required for npz; for minari and lerobot it is derived from the dataset and this replaces it.
         task: task name (default: the spec's name).
-        instruction: text instruction of the task, stored with every episode.
+        instruction: text instruction of the task, stored with every episode (lerobot: default the dataset's task text).
         episodes_per_shard: episodes per tar shard.
         overwrite: replace the task if the dataset already has it.
+        max_episodes: convert at most this many episodes (minari, lerobot).
     """
-    from gato_like.data_pipelines.convert import convert_npz
+    kinds = ("npz", "minari", "lerobot")
+    if from_ not in kinds:
+        raise ValueError(f"--from: expected one of {', '.join(kinds)}, got {from_!r}")
+    if from_ == "npz":
+        from gato_like.data_pipelines.convert import convert_npz
 
-    index = convert_npz(source, spec, out, task, instruction, episodes_per_shard, overwrite)
-    name = task or json.loads(Path(spec).read_text())["name"]
+        if spec is None:
+            raise ValueError("--spec: a folder of .npz episodes needs the embodiment spec (JSON) they follow")
+        index = convert_npz(source, spec, out, task, instruction, episodes_per_shard, overwrite)
+    elif from_ == "minari":
+        from gato_like.data_pipelines.minari_import import convert_minari
+
+        index = convert_minari(
+            source, out, task, spec, instruction, episodes_per_shard, overwrite, max_episodes
+        )
+    else:
+        from gato_like.data_pipelines.lerobot_import import convert_lerobot
+
+        index = convert_lerobot(
+            source, out, task, spec, instruction, episodes_per_shard, overwrite, max_episodes
+        )
+    name = task or list(index["tasks"])[-1]
     entry = index["tasks"][name]
     print(f"wrote {entry['episodes']} episodes ({entry['timesteps']} timesteps) of task {name!r} to {out}")
 
@@ -126,185 +157,48 @@ def data_inspect(
         animate: task to animate (default: the first task with images); writes ROOT/<task>.gif.
         verify: re-hash every shard against index.json.
     """
-    from rich.table import Table
+    from gato_like.console import print_dataset
 
-    from gato_like.data_pipelines import inspect as inspect_module
-    from gato_like.data_pipelines.shards import verify as verify_shards
-
-    console = _console()
-    if verify:
-        problems = verify_shards(root)
-        console.print("checksums: all shards match index.json" if not problems else "\n".join(problems))
-        if problems:
-            raise ValueError(f"{root}: {len(problems)} shard(s) do not match index.json (listed above)")
-    rows = inspect_module.summarize(root)
-    if animate is not None and animate not in {r["task"] for r in rows}:
-        raise KeyError(f"--animate: no task {animate!r} in {root} (tasks: {[r['task'] for r in rows]})")
-    table = Table(title=f"dataset {root}", title_justify="left")
-    for column in rows[0]:
-        table.add_column(column, justify="left" if column == "task" else "right")
-    for row in rows:
-        table.add_row(*[_cell(v) for v in row.values()])
-    console.print(table)
-    with_images = [r["task"] for r in rows if inspect_module.frames_of(root, r["task"])]
-    if with_images:
-        path = inspect_module.write_montage(root, montage or Path(root) / "montage.png")
-        console.print(f"montage: {path}")
-        task = animate or with_images[0]
-        console.print(f"animation: {inspect_module.write_animation(root, task, Path(root) / f'{task}.gif')}")
+    print_dataset(root, montage, animate, verify)
 
 
-def train(
-    data: Path,
-    out: Path,
-    recipe: str | None = None,
-    preset: str | None = None,
-    max_steps: int | None = None,
-    batch_size: int | None = None,
-    context_length: int | None = None,
-    lr: float | None = None,
-    warmup_steps: int | None = None,
-    accumulate: int = 1,
-    clip: float = 1.0,
-    workers: int | None = None,
-    devices: str = "auto",
-    strategy: str = "auto",
-    precision: str | None = None,
-    val_every: int | None = None,
-    seed: int = 0,
-    resume: bool = False,
-    max_minutes: float | None = None,
-    model: dict[str, int | float | str | bool] | None = None,
-    rollout_episodes: int | None = None,
-    rollout_tasks: str | None = None,
-    tasks: str | None = None,
-    threads: int | None = None,
-    batch_tokens: int | None = None,
-    domain_weights: dict[str, float] | None = None,
-    goal_every: int | None = None,
-) -> None:
+def train(data: Path, out: Path, config: TrainConfig) -> None:
     """Pretrain a model on a dataset (Lightning: one CPU or many GPUs, same code).
 
     A recipe sets the preset, its departures from Gato and the run settings; every flag given
-    overrides it. At every validation the policy is rolled out in the simulators and its
-    expert-normalized score per task is logged beside the losses; the best weights by score go
-    to OUT/best.
+    overrides it (the flags are the fields of ``TrainConfig``, training/settings.py). At every
+    validation the policy is rolled out in the simulators and its expert-normalized score per task
+    is logged beside the losses; the best weights by score go to OUT/best.
 
     Args:
         data: dataset directory or URL (made by `gato-like data generate` or `data convert`).
         out: run directory: best/ and checkpoint/ (safetensors models), lightning/ (trainer state), logs/.
-        recipe: cpu (the default without a GPU: the suite in <= 60 min on 2 cores), cpu-demo, or gato (the default with a GPU).
-        preset: debug, tiny, small, gato-79m, gato-364m or gato-1.18b (default: the recipe's).
-        max_steps: optimizer steps (default: the recipe's).
-        batch_size: sequences per step and device (default: the recipe's).
-        context_length: tokens per sequence (default: the preset's).
-        lr: peak learning rate (AdamW, linear warm-up, cosine decay; default: the recipe's).
-        warmup_steps: warm-up steps (default: the recipe's).
-        accumulate: gradient accumulation steps.
-        clip: gradient norm clipping.
-        workers: data-loader workers per device (default: the recipe's).
-        devices: devices per node ("auto", a count, or a list).
-        strategy: auto, ddp or fsdp.
-        precision: Lightning precision (default: bf16-mixed where the GPU or CPU has bf16 units, else 32-true).
-        val_every: validate, roll out and export every this many steps (default: the recipe's).
-        seed: seed of the model, the data order and the sampler.
-        resume: continue from OUT/lightning/last.ckpt.
-        max_minutes: stop after this much wall time even before max_steps (default: the recipe's).
-        model: overrides of the preset's fields, e.g. --model.n_layer 8 --model.history_steps 0.
-        rollout_episodes: closed-loop episodes per task at each validation (0: none; default: the recipe's).
-        rollout_tasks: comma-separated tasks to roll out (default: every task with a simulator).
-        tasks: comma-separated tasks of the dataset to train on (default: all).
-        threads: torch intra-op threads (default: the cores left after the loader workers).
-        batch_tokens: about this many tokens a batch at most, each batch one task (0: batch_size sequences; default: the recipe's).
-        domain_weights: each task's share of the optimizer steps, e.g. --domain_weights '{"dmc-reacher-easy": 2}' (default: the recipe's for the tasks it names, 1 for the rest).
-        goal_every: train the goal head every this many steps (0: never; default: the recipe's).
+        config: the training settings (their flags follow).
     """
-    from gato_like.training.recipes import default_recipe, get_recipe
+    from gato_like.training.recipes import default_recipe
     from gato_like.training.train import train as run
 
-    chosen = get_recipe(recipe or default_recipe())  # an unknown name fails before any work
-
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
-    parsed: int | str = int(devices) if devices.isdigit() else devices
-    weights = dict(chosen.domain_weights)
-    if weights:  # a recipe's weights apply to the tasks this dataset has; a user's must all exist
-        from gato_like.data_pipelines.loader import DatasetSource
-
-        present = set(DatasetSource.open(str(data), _task_list(tasks)).tasks)
-        weights = {k: v for k, v in weights.items() if k in present}
-    weights |= dict(domain_weights or {})
-    checkpoint = run(
-        data, out, pick(preset, chosen.preset), pick(max_steps, chosen.max_steps), pick(batch_size, chosen.batch_size),
-        context_length, pick(lr, chosen.lr), pick(warmup_steps, chosen.warmup_steps), accumulate, clip,
-        pick(workers, chosen.workers), parsed, "auto", strategy, precision, pick(val_every, chosen.val_every),
-        seed=seed, resume=resume, max_minutes=pick(max_minutes, chosen.max_minutes),
-        overrides=dict(chosen.model) | dict(model or {}), command=shlex.join(["gato-like", *sys.argv[1:]]),
-        rollout_episodes=pick(rollout_episodes, chosen.rollout_episodes), rollout_tasks=_task_list(rollout_tasks),
-        tasks=_task_list(tasks), threads=threads, recipe=chosen.name, batch_tokens=pick(batch_tokens, chosen.batch_tokens),
-        domain_weights=weights or None, goal_every=pick(goal_every, chosen.goal_every),
-    )  # fmt: skip
+    config = replace(config, recipe=config.recipe or default_recipe())
+    config.resolved()  # an unknown recipe fails before any work
+    checkpoint = run(data, out, config, command=shlex.join(["gato-like", *sys.argv[1:]]))
     print(f"checkpoint: {checkpoint}\nlogs: {Path(out) / 'logs'}")
 
 
-def finetune(
-    from_: Path,
-    data: Path,
-    out: Path,
-    mode: str = "lora",
-    task: str | None = None,
-    spec: Path | None = None,
-    lr: float | None = None,
-    max_steps: int | None = None,
-    batch_size: int = 8,
-    val_every: int | None = None,
-    patience: int = 4,
-    holdout: int | None = None,
-    lora_rank: int = 8,
-    goal_every: int = 4,
-    monitor: str = "policy",
-    seed: int = 0,
-    max_minutes: float | None = None,
-) -> None:
+def finetune(from_: Path, data: Path, out: Path, config: FinetuneConfig, task: str | None = None, spec: Path | None = None) -> None:  # fmt: skip
     """Fine-tune a pretrained checkpoint on a few demos of a new embodiment (full, head-only or LoRA).
+
+    The flags besides these are the fields of ``FinetuneConfig`` (training/settings.py).
 
     Args:
         from_: the base checkpoint directory (--from CKPT).
         data: demos folder made by `gato-like data convert` (or `data generate`).
         out: run directory: checkpoint/ (the adapted model, base format), logs/, losses.png, finetune.json.
-        mode: lora (adapters on attention and MLP + norms + the heads' adapters), head (output layer, final norm, head adapters) or full.
+        config: the fine-tuning settings (their flags follow).
         task: which task of the folder (default: its only one).
         spec: the embodiment spec the demos must follow (default: the folder's own); checked against every demo.
-        lr: peak learning rate (default per mode: lora/head 2e-3, full 5e-4).
-        max_steps: optimizer steps at most (default: ~30 passes over the demos, 100 to 1500).
-        batch_size: sequences per step.
-        val_every: validate on the held-out demo(s) every this many steps (default: max_steps / 15).
-        patience: validations without improvement before stopping early.
-        holdout: demos held out for early stopping (default: 10 %, at least 1).
-        lora_rank: rank of the LoRA adapters.
-        goal_every: train the goal head on hindsight goals every this many steps (1 for goal-reaching demos; 0: never).
-        monitor: what early stopping follows on the held-out demos: policy (its loss) or goal (the goal head's loss, each demo's last observation as its goal: goal-reaching demos).
-        seed: seed of the split, the data order and the adapters.
-        max_minutes: wall-time cap (the best weights so far are exported).
     """
-    from gato_like.training.finetune import FinetuneConfig
     from gato_like.training.finetune import finetune as run
 
-    config = FinetuneConfig(
-        mode=mode,
-        lr=lr,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        val_every=val_every,
-        patience=patience,
-        holdout=holdout,
-        lora_rank=lora_rank,
-        goal_every=goal_every,
-        monitor=monitor,  # checked by finetune
-        seed=seed,
-        max_minutes=max_minutes,
-    )
     checkpoint = run(from_, data, out, config, task, spec, command=shlex.join(["gato-like", *sys.argv[1:]]))
     summary = json.loads((Path(out) / "finetune.json").read_text())
     monitor = summary["monitor"]
@@ -322,7 +216,7 @@ def finetune(
 def _gym_hint(task: str) -> str:
     """Demos recorded in a gymnasium environment (task ``gym-<id>``, no built-in simulator) are
     evaluated in that environment."""
-    from gato_like.data_pipelines.tasks import TASKS
+    from gato_like.envs.registry import TASKS
 
     return f" --gym {task[4:]}" if task.startswith("gym-") and task not in TASKS else ""
 
@@ -357,6 +251,8 @@ def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, epis
         prompt=prompt,
         gym=gym,
     )
+    from gato_like.console import print_evaluation
+
     print_evaluation(summary, destination)
 
 
@@ -454,33 +350,6 @@ def bench_serve(
     print(f"results: {Path(out) / 'serve_load.json'}, plot: {Path(out) / 'serve_load.png'}")
 
 
-def print_evaluation(summary: dict[str, Any], destination: Path) -> None:
-    """The per-task table of an evaluation summary (``eval.json``), and where its files went."""
-    from rich.table import Table
-
-    first = next(iter(summary["tasks"].values()), {"episodes": 0})
-    table = Table(
-        title=f"evaluation of {summary['checkpoint']} ({first['episodes']} episodes per task)",
-        title_justify="left",
-    )
-    for column in ("task", "mean return", "random policy's", "expert-normalized score", "success"):
-        table.add_column(column, justify="left" if column == "task" else "right")
-    for name, result in summary["tasks"].items():
-        random = (result.get("normalizers") or {}).get("random") or {}
-        table.add_row(
-            name,
-            _cell(result["mean_return"]),
-            _cell(random.get("mean")),  # the reference where there is no expert (eval --gym)
-            _cell(result["expert_normalized_score"]),
-            _cell(result["success_rate"]),
-        )
-    console = _console()
-    console.print(table)
-    console.print(
-        f"mean score {_cell(summary['mean_score'])}; results in {destination} (eval.json, scores.png, GIFs, model_card.md)"
-    )
-
-
 def _counts(text: str | None, flag: str = "--task_episodes") -> dict[str, int] | None:
     """``"a=200, b=50"`` -> ``{"a": 200, "b": 50}``; a malformed entry is named with its ``flag``."""
     if not text:
@@ -499,26 +368,20 @@ def _task_list(tasks: str | None) -> list[str] | None:
     return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
 
 
-def _console() -> Any:
-    """A rich console; wide when writing to a file or pipe, so tables stay readable in logs."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=160)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.2f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+def _settings_class(function: Any) -> type | None:
+    """The settings dataclass whose fields are ``function``'s further flags (train, finetune)."""
+    return {train: TrainConfig, finetune: FinetuneConfig}.get(function)
 
 
 def _function_parser(function: Any, positional: bool = False) -> ArgumentParser:
     parser = ArgumentParser(description=_summary(function))
-    parser.add_function_arguments(function, fail_untyped=True, as_positional=positional)
+    settings = _settings_class(function)
+    if settings is None:
+        parser.add_function_arguments(function, fail_untyped=True, as_positional=positional)
+        return parser
+    # the command's own arguments, then the dataclass's fields as its further flags
+    parser.add_function_arguments(function, fail_untyped=True, skip={"config"}, as_group=False)
+    parser.add_class_arguments(settings)
     return parser
 
 
@@ -569,6 +432,11 @@ COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {
 }
 
 
+@dataclasses.dataclass
+class _NoSettings:
+    pass
+
+
 def _underscored(argument: str) -> str:
     """``--max-steps=5`` -> ``--max_steps=5``: options take dashes or underscores alike."""
     if not argument.startswith("--"):
@@ -586,10 +454,20 @@ def _normalized(argv: list[str]) -> list[str]:
         for function in COMMANDS.values()
         for name, parameter in inspect.signature(function).parameters.items()
         if parameter.annotation in (bool, "bool")
+    } | {
+        f"--{field.name}"
+        for function in COMMANDS.values()
+        for field in dataclasses.fields(_settings_class(function) or _NoSettings)
+        if field.type in (bool, "bool")
     }
     out = []
-    # `--from` is a Python keyword: finetune's parameter is named from_
+    # `--from` is a Python keyword: finetune's and data convert's parameter is named from_
     argv = [("--from_" + a[6:]) if a == "--from" or a.startswith("--from=") else a for a in argv]
+    if argv[:2] == ["data", "convert"]:  # `data convert --from minari DATASET`: the bare word is --source
+        bare = [
+            i for i in range(2, len(argv)) if not argv[i].startswith("-") and not argv[i - 1].startswith("--")
+        ]
+        argv = [*argv[: bare[0]], "--source", *argv[bare[0] :]] if len(bare) == 1 else argv
     for i, argument in enumerate(map(_underscored, argv)):
         following = argv[i + 1] if i + 1 < len(argv) else None
         if argument in flags and (following is None or following.startswith("-")):
@@ -606,8 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     if config.command in ("data", "bench"):
         path += (arguments.action,)
         arguments = arguments[arguments.action]
+    given = arguments.as_dict()
+    settings = _settings_class(COMMANDS[path])
+    if settings is not None:  # the dataclass's flags become its instance
+        names = {f.name for f in dataclasses.fields(settings)}
+        given = {k: v for k, v in given.items() if k not in names} | {
+            "config": settings(**{k: v for k, v in given.items() if k in names})
+        }
     try:
-        COMMANDS[path](**arguments.as_dict())
+        COMMANDS[path](**given)
     except (OSError, KeyError, ValueError) as error:
         # errors a user can act on: one clear line, no traceback
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

@@ -94,12 +94,13 @@ def run(
     """
     from rich.table import Table
 
-    from gato_like.cli import _console, data_inspect
+    from gato_like.console import console as make_console
+    from gato_like.console import print_dataset
     from gato_like.data_pipelines.generate import generate
     from gato_like.data_pipelines.shards import iter_shard, load_spec, read_index
     from gato_like.tokenizers import SequenceBuilder, TextTokenizer, TokenType
 
-    console = _console()
+    console = make_console()
     root = Path(out) / "data"
     started = time.perf_counter()
     console.rule("1. generate the default suite (real simulators, scripted experts)")
@@ -110,7 +111,7 @@ def run(
         f"{sum(t['episodes'] for t in index['tasks'].values())} episodes in {index['timing']['seconds']:.1f}s -> {root}"
     )
     console.rule("2. inspect it")
-    data_inspect(root)
+    print_dataset(root)
     console.rule("3. one timestep of each embodiment, as the model reads it")
     text = TextTokenizer()
     layout = None
@@ -176,7 +177,7 @@ def run(
         f"{meta['metrics'].get('train/policy_loss', float('nan')):.3f}"
     )
     console.rule(f"5. evaluate it in the simulators ({eval_episodes} unseen episodes per task)")
-    from gato_like.cli import print_evaluation
+    from gato_like.console import print_evaluation
     from gato_like.training.evaluate import evaluate
 
     summary = evaluate(checkpoint, run_dir / "eval", episodes=eval_episodes, seed=seed)
@@ -206,7 +207,7 @@ def run(
 def _serve_one_episode(checkpoint: Path, task_name: str, max_steps: int | None, seed: int) -> str:
     """Start ``gato-like serve`` on a free loopback port, run one episode of ``task_name`` in the
     simulator with the light client acting through it, stop the server; a one-line summary."""
-    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.envs.registry import get_task
     from gato_like.serving.client import PolicyClient
     from gato_like.serving.loadgen import free_port, launch_server
 
@@ -238,15 +239,20 @@ def _train(data: Path, run_dir: Path, recipe: Any, steps: int, minutes: float, s
     import logging
     import warnings
 
+    from gato_like.training.settings import TrainConfig
     from gato_like.training.train import train
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return train(data, run_dir, preset=recipe.preset, max_steps=steps, batch_size=recipe.batch_size,
-                     lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, max(steps // 10, 1)),
-                     val_every=max(min(recipe.val_every, steps // 2), 1), seed=seed, max_minutes=minutes,
-                     workers=recipe.workers, overrides=dict(recipe.model), rollout_episodes=recipe.rollout_episodes,
-                     batch_tokens=recipe.batch_tokens, recipe=recipe.name, goal_every=recipe.goal_every,
+        config = TrainConfig(
+            recipe=recipe.name,
+            max_steps=steps,
+            max_minutes=minutes,
+            seed=seed,
+            warmup_steps=min(recipe.warmup_steps, max(steps // 10, 1)),
+            val_every=max(min(recipe.val_every, steps // 2), 1),
+        )  # the rest: the recipe's
+        return train(data, run_dir, config,
                      command=f"gato-like train --data {data} --out {run_dir} --recipe {recipe.name} "
                      f"--max_steps {steps} --max_minutes {minutes:g}")  # fmt: skip

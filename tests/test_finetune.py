@@ -17,7 +17,7 @@ from gato_like.data_pipelines.convert import convert_npz
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.generate import without_images
 from gato_like.data_pipelines.shards import TaskShardWriter, write_index
-from gato_like.data_pipelines.tasks import get_task
+from gato_like.envs.registry import get_task
 from gato_like.lora import LoRALinear, apply_lora, merge_lora
 from gato_like.model import GatoModel
 from gato_like.policy import Policy

@@ -12,7 +12,7 @@ import pytest
 gym = pytest.importorskip("gymnasium")
 from gymnasium import spaces  # noqa: E402
 
-from gato_like.data_pipelines.gym_env import GymTask  # noqa: E402
+from gato_like.envs.gymnasium_env import GymTask  # noqa: E402
 from gato_like.tokenizers.gym_spaces import SpaceMapping  # noqa: E402
 from gato_like.tokenizers.spec import EmbodimentSpec, SpecError  # noqa: E402
 
@@ -142,7 +142,7 @@ def test_checkpoint_rolls_out_in_a_gymnasium_env(tmp_path: Path) -> None:
         checkpoint = train(
             tmp_path / "data", tmp_path / "run", preset="debug", max_steps=150, batch_size=64, lr=2e-3,
             warmup_steps=15, val_every=1000, workers=0, progress=False, rollout_episodes=0,
-            overrides={"history_steps": 2, "action_input_dropout": 1.0}, batch_tokens=2048,
+            model={"history_steps": 2, "action_input_dropout": 1.0}, batch_tokens=2048,
         )  # fmt: skip
     summary = evaluate(checkpoint, tmp_path / "eval", episodes=3, gym="CartPole-v1", media=False)
     result = summary["tasks"]["gym-CartPole-v1"]

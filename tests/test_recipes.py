@@ -101,7 +101,7 @@ def test_the_end_of_a_run_is_scored_unless_a_validation_just_scored_it(tmp_path:
 
 
 def test_out_of_bounds_actions_are_an_error_not_clipped() -> None:
-    from gato_like.data_pipelines.tasks import get_task
+    from gato_like.envs.registry import get_task
 
     builder = SequenceBuilder(get_task("dmc-reacher-easy").spec)
     ok = builder.encode_actions(np.array([[1.0, -1.0]], np.float32))

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 STEPS, EVERY, KILL_AT = 8, 4, 6
 ARGS: dict[str, Any] = dict(preset="debug", max_steps=STEPS, batch_size=2, context_length=256, lr=1e-3,
                             warmup_steps=2, val_every=EVERY, val_batches=1, workers=1, progress=False,
-                            overrides={"dropout": 0.1})  # fmt: skip
+                            model={"dropout": 0.1})  # fmt: skip
 
 
 class Losses(L.Callback):
@@ -93,7 +93,7 @@ def test_killed_run_resumes_exactly(smoke_dataset: Path, tmp_path: Path) -> None
     # the run's weights were trained with its own config: a changed model field is refused by name
     from gato_like.training.train import train
 
-    changed = {**ARGS, "overrides": {"dropout": 0.1, "dynamics_target": "delta"}}
+    changed = {**ARGS, "model": {"dropout": 0.1, "dynamics_target": "delta"}}
     with pytest.raises(
         ValueError,
         match=r"dynamics_target: 'absolute' there, 'delta' now; resume with --model.dynamics_target absolute",

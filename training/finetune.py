@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -47,8 +47,8 @@ from gato_like.model import GatoModel, _action_targets
 from gato_like.tokenizers import EmbodimentSpec, TokenSequence
 from gato_like.tokenizers.spec import SpecError, SpecMismatchError
 from gato_like.training.module import GatoLightning, OptimConfig, lr_factor
+from gato_like.training.settings import FinetuneConfig, Mode
 
-Mode = Literal["lora", "head", "full"]
 MODES = ("lora", "head", "full")
 #: Default peak learning rate per mode (adapters and heads tolerate a larger step than full weights).
 DEFAULT_LR = {"lora": 2e-3, "head": 2e-3, "full": 5e-4}
@@ -64,40 +64,6 @@ class FinetuneError(ValueError):
             if len(problems) > 1
             else f"cannot fine-tune: {problems[0]}"
         )
-
-
-@dataclass
-class FinetuneConfig:
-    """How to adapt. Every default is meant for 5-50 demos without tuning."""
-
-    mode: Mode = "lora"
-    """lora, head or full."""
-    lr: float | None = None
-    """Peak learning rate (default per mode: lora and head 2e-3, full 5e-4)."""
-    max_steps: int | None = None
-    """Optimizer steps at most (default: about 30 passes over the training demos, 100 to 1500)."""
-    batch_size: int = 8
-    """Sequences per step."""
-    val_every: int | None = None
-    """Validate on the held-out demo(s) every this many steps (default: max_steps / 15, at least 10)."""
-    patience: int = 4
-    """Stop after this many validations without a better held-out loss."""
-    holdout: int | None = None
-    """Demos held out for early stopping (default: 10 %, at least 1)."""
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    prompt_probability: float = 0.25
-    """Share of training sequences prompted with another demo (as in pretraining)."""
-    weight_decay: float = 0.0
-    goal_every: int = 4
-    """Every this many steps, add the goal head's loss on hindsight goals of the demos (0: never;
-    1: every step, for goal-reaching demos)."""
-    monitor: Literal["policy", "goal"] = "policy"
-    """What early stopping and the kept weights follow on the held-out demos: the policy loss, or
-    (goal-reaching demos) the goal head's loss with each demo's last observation as its goal."""
-    seed: int = 0
-    max_minutes: float | None = None
-    """Wall-time cap; the best weights so far are exported."""
 
 
 # -- checks ---------------------------------------------------------------------------------------

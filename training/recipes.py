@@ -104,8 +104,17 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+#: What the library's ``train()`` runs when given no recipe: the plain settings of ``Recipe``.
+BASE = Recipe(
+    "base", "the library's plain settings: Gato's small preset, 1000 steps", preset="small", workers=1
+)
+
+
 def get_recipe(name: str) -> Recipe:
-    """A recipe by name; a mistyped name is refused with the closest one and the list."""
+    """A recipe by name (``base``: :data:`BASE`); a mistyped name is refused with the closest one
+    and the list."""
+    if name == BASE.name:
+        return BASE
     if name not in RECIPES:
         close = difflib.get_close_matches(name, RECIPES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

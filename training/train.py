@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from gato_like.training.module import GatoLightning, OptimConfig
 from gato_like.training.progress import PlainProgress
 from gato_like.training.rollouts import RolloutScores, plot_scores
 from gato_like.training.rollouts import rollout_tasks as rollout_tasks_of
+from gato_like.training.settings import TrainConfig
 
 
 class ExportCheckpoint(L.Callback):
@@ -203,123 +205,120 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _domain_weights(data: str | Path, c: TrainConfig) -> dict[str, float] | None:
+    """The recipe's task weights for the tasks the dataset has, then the given ones (which must all
+    exist: checked with the dataset's tasks)."""
+    from gato_like.training.recipes import get_recipe
+
+    weights = dict(get_recipe(c.recipe or "base").domain_weights)
+    if weights:
+        from gato_like.data_pipelines.loader import DatasetSource
+
+        assert c.tasks is None or isinstance(c.tasks, list)
+        present = set(DatasetSource.open(str(data), c.tasks).tasks)
+        weights = {k: v for k, v in weights.items() if k in present}
+    weights |= dict(c.domain_weights or {})
+    return weights or None
+
+
 def train(
     data: str | Path,
     out: str | Path,
-    preset: str = "small",
-    max_steps: int = 1000,
-    batch_size: int = 8,
-    context_length: int | None = None,
-    lr: float = 3e-4,
-    warmup_steps: int = 100,
-    accumulate: int = 1,
-    clip: float = 1.0,
-    workers: int = 1,
-    devices: int | str = "auto",
-    accelerator: str = "auto",
-    strategy: str = "auto",
-    precision: str | None = None,
-    val_every: int = 200,
-    val_batches: int = 4,
-    seed: int = 0,
-    resume: bool = False,
-    max_minutes: float | None = None,
-    progress: bool = True,
-    overrides: dict[str, Any] | None = None,
-    log_every: int = 10,
+    config: TrainConfig | None = None,
+    *,
     callbacks: list[L.Callback] | None = None,
+    progress: bool = True,
     command: str | None = None,
-    rollout_episodes: int = 2,
-    rollout_tasks: list[str] | None = None,
-    tasks: list[str] | None = None,
-    threads: int | None = None,
-    recipe: str | None = None,
-    batch_tokens: int = 0,
-    domain_weights: dict[str, float] | None = None,
-    goal_every: int = 4,
+    **fields: Any,
 ) -> Path:
-    """Train and return the exported checkpoint directory (``OUT/checkpoint``).
+    """Train and return the exported checkpoint directory (``OUT/checkpoint``, or ``OUT/best``).
+
+    ``config``: the settings (default: ``TrainConfig()``, the plain ``base`` recipe); ``fields``
+    replace some of them, so ``train(data, out, preset="debug", max_steps=300)`` works too.
+    ``callbacks`` are added to the trainer's; ``command`` is recorded in the checkpoint's card.
 
     ``OUT/lightning/last.ckpt`` holds the trainer state for ``resume`` (written atomically through
     an fsspec transaction, read back with ``weights_only=True``: tensors and plain containers, no
     arbitrary unpickling); ``OUT/logs`` the CSV logs and TensorBoard events (``tensorboard --logdir OUT/logs``). A resumed run
     continues the model, optimizer, schedule, RNG and data stream where the interrupted run stopped,
-    and reproduces its losses. ``callbacks`` are added to the trainer's.
+    and reproduces its losses.
 
     At every validation the policy is rolled out ``rollout_episodes`` episodes per task (default
     every task with a simulator; ``rollout_tasks`` to choose) and the weights with the best mean
-    expert-normalized score are exported to ``OUT/best``, which is returned when it exists.
-    ``tasks``: train on these tasks of the dataset only. ``batch_tokens``: cap a batch at about
-    this many tokens (each batch holds one task; fewer sequences for long timesteps). ``threads``: torch intra-op threads
-    (default :func:`thread_policy`). ``domain_weights``: each task's share of the optimizer steps
-    (default 1 each; a name the dataset lacks is an error). ``goal_every``: train the goal head every
-    this many steps (0: never).
+    expert-normalized score are exported to ``OUT/best``, which is returned when it exists. A
+    recipe's ``domain_weights`` apply to the tasks the dataset has; given ones must all exist.
     """
-    if rollout_episodes < 0:
-        raise ValueError(f"rollout_episodes: expected >= 0, got {rollout_episodes}")
-    if goal_every < 0:
-        raise ValueError(f"goal_every: expected a step interval >= 0 (0: never), got {goal_every}")
-    torch.set_num_threads(threads or thread_policy(workers))
-    L.seed_everything(seed, workers=True)
+    c = replace(config or TrainConfig(), **fields).resolved()
+    assert c.preset is not None and c.max_steps is not None and c.batch_size is not None  # resolved
+    assert c.lr is not None and c.warmup_steps is not None and c.workers is not None
+    assert c.val_every is not None and c.rollout_episodes is not None and c.goal_every is not None
+    precision = c.precision
+    if c.rollout_episodes < 0:
+        raise ValueError(f"rollout_episodes: expected >= 0, got {c.rollout_episodes}")
+    if c.goal_every < 0:
+        raise ValueError(f"goal_every: expected a step interval >= 0 (0: never), got {c.goal_every}")
+    torch.set_num_threads(c.threads or thread_policy(c.workers))
+    L.seed_everything(c.seed, workers=True)
     out = Path(out)
-    fields = dict(overrides or {}) | (
-        {"context_length": context_length} if context_length is not None else {}
+    fields = dict(c.model or {}) | (
+        {"context_length": c.context_length} if c.context_length is not None else {}
     )
-    config = Config.from_name(preset, **fields)
-    datamodule = GatoData(data, batch_size, config.context_length, workers, tasks=tasks, seed=seed,
-                          history_steps=config.history_steps, batch_tokens=batch_tokens,
+    model_config = Config.from_name(c.preset, **fields)
+    domain_weights = _domain_weights(data, c)
+    datamodule = GatoData(data, c.batch_size, model_config.context_length, c.workers, tasks=c.tasks, seed=c.seed,
+                          history_steps=model_config.history_steps, batch_tokens=c.batch_tokens,
                           domain_weights=domain_weights)  # fmt: skip
     check_domain_weights(domain_weights, datamodule.task_names)  # before any work, not when the loader starts
-    export = ExportCheckpoint(out, datamodule, val_every, {})
+    export = ExportCheckpoint(out, datamodule, c.val_every, {})
     specs, task_entries = export.specs_and_tasks()
     scored = (
-        rollout_tasks_of(task_entries, rollout_tasks) if rollout_episodes else []
+        rollout_tasks_of(task_entries, c.rollout_tasks) if c.rollout_episodes else []
     )  # fails before any work
     probe = None
     if (
         precision is None
-        and accelerator in ("auto", "cpu")
-        and strategy == "auto"
-        and devices in ("auto", 1, "1")  # one process: ranks timing apart could choose apart
+        and c.accelerator in ("auto", "cpu")
+        and c.strategy == "auto"
+        and c.devices in ("auto", 1, "1")  # one process: ranks timing apart could choose apart
         and not torch.cuda.is_available()
         and cpu_has_bf16()
     ):
         # bf16 units on the CPU: measure which precision this model trains faster in, on its own batches
-        stream = iter(datamodule._loader(seed + 7, workers=0))
-        probe = probe_precision(config, [next(stream) for _ in range(2)])
+        stream = iter(datamodule._loader(c.seed + 7, workers=0))
+        probe = probe_precision(model_config, [next(stream) for _ in range(2)])
         precision = probe["choice"]
         if progress:
             print(f"[precision] this CPU has bf16 units; one step of this model: fp32 {1e3 * probe['fp32_s']:.0f} ms, "
                   f"bf16 autocast {1e3 * probe['bf16_s']:.0f} ms -> {precision}")  # fmt: skip
     module = GatoLightning(
-        config,
+        model_config,
         OptimConfig(
-            lr=lr,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-            max_seconds=None if max_minutes is None else 60.0 * max_minutes,
-            goal_every=goal_every,
+            lr=c.lr,
+            warmup_steps=c.warmup_steps,
+            max_steps=c.max_steps,
+            max_seconds=None if c.max_minutes is None else 60.0 * c.max_minutes,
+            goal_every=c.goal_every,
         ),
         datamodule.task_names,
     )
     settings: dict[str, Any] = {
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "accumulate": accumulate,
-        "context_length": config.context_length,
-        "lr": lr,
-        "warmup_steps": warmup_steps,
-        "clip": clip,
-        "seed": seed,
-        "max_minutes": max_minutes,
-        "overrides": dict(overrides or {}),
-        "recipe": recipe,
-        "batch_tokens": batch_tokens,
+        "max_steps": c.max_steps,
+        "batch_size": c.batch_size,
+        "accumulate": c.accumulate,
+        "context_length": model_config.context_length,
+        "lr": c.lr,
+        "warmup_steps": c.warmup_steps,
+        "clip": c.clip,
+        "seed": c.seed,
+        "max_minutes": c.max_minutes,
+        "overrides": dict(c.model or {}),
+        "recipe": c.recipe,
+        "batch_tokens": c.batch_tokens,
         "domain_weights": dict(domain_weights or {}),
-        "goal_every": goal_every,
-        "workers": workers,
+        "goal_every": c.goal_every,
+        "workers": c.workers,
         "torch_threads": torch.get_num_threads(),
-        "rollout_episodes": rollout_episodes,
+        "rollout_episodes": c.rollout_episodes,
     }
     if probe is not None:
         settings["precision_probe"] = probe
@@ -331,13 +330,20 @@ def train(
         L.pytorch.loggers.TensorBoardLogger(out, name="logs", version="tensorboard", default_hp_metric=False),
     ]
     state = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=val_every
+        dirpath=out / "lightning", save_top_k=0, save_last=True, every_n_train_steps=c.val_every
     )
-    end_gap = val_every // 20  # a few steps after a validation, its score stands (the callback keeps >= 1)
+    end_gap = c.val_every // 20  # a few steps after a validation, its score stands (the callback keeps >= 1)
     rollouts = (
         [
             RolloutScores(
-                out, task_entries, specs, scored, rollout_episodes, seed, meta=export.meta, end_gap=end_gap
+                out,
+                task_entries,
+                specs,
+                scored,
+                c.rollout_episodes,
+                c.seed,
+                meta=export.meta,
+                end_gap=end_gap,
             )
         ]
         if scored
@@ -346,34 +352,34 @@ def train(
     # the bar draws only on a terminal; to a file or a CI log, a plain line a minute instead
     plain = [PlainProgress()] if progress and not sys.stdout.isatty() else []
     trainer = L.Trainer(
-        max_steps=max_steps,
+        max_steps=c.max_steps,
         max_epochs=1,  # one endless resampled stream: max_steps (or max_time) ends training
-        max_time=None if max_minutes is None else timedelta(minutes=max_minutes),
-        accelerator=accelerator,
-        devices=devices,
-        strategy=_strategy(strategy),
+        max_time=None if c.max_minutes is None else timedelta(minutes=c.max_minutes),
+        accelerator=c.accelerator,
+        devices=c.devices,
+        strategy=_strategy(c.strategy),
         precision=precision or default_precision(),  # type: ignore[arg-type]
-        accumulate_grad_batches=accumulate,
-        gradient_clip_val=clip,
-        val_check_interval=val_every,
+        accumulate_grad_batches=c.accumulate,
+        gradient_clip_val=c.clip,
+        val_check_interval=c.val_every,
         check_val_every_n_epoch=None,
-        limit_val_batches=val_batches,
+        limit_val_batches=c.val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
         callbacks=[state, export, *rollouts, *plain, *(callbacks or [])],
         enable_progress_bar=progress and not plain,
-        log_every_n_steps=log_every,
+        log_every_n_steps=c.log_every,
     )
     last = out / "lightning" / "last.ckpt"
-    if resume and not last.exists():
+    if c.resume and not last.exists():
         raise FileNotFoundError(
             f"--resume: no trainer state at {last} (expected a run started with --out {out})"
         )
-    if resume and (out / "checkpoint" / CONFIG_FILE).is_file():
+    if c.resume and (out / "checkpoint" / CONFIG_FILE).is_file():
         # the weights were trained with the run's own config: a changed preset default (e.g.
         # dynamics_target) or override would silently switch the objective halfway
         before = Config.from_checkpoint(out / "checkpoint").to_dict()
-        now = config.to_dict()
+        now = model_config.to_dict()
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
             flags = " ".join(f"--model.{k} {before.get(k)}" for k in changed)
@@ -382,7 +388,7 @@ def train(
                 + ", ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
                 + f"; resume with {flags}"
             )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if c.resume else None, weights_only=True)
     if trainer.global_rank == 0 and (out / "logs" / "metrics.csv").is_file():
         plot_losses(out / "logs" / "metrics.csv", out / "losses.png")
     if trainer.global_rank == 0 and rollouts and rollouts[0].history:

@@ -1,0 +1,140 @@
+"""The settings of ``gato-like train`` and ``gato-like finetune``, one dataclass each: the
+library's :func:`~gato_like.training.train.train` and :func:`~gato_like.training.finetune.finetune`
+take them, and the command line reads their fields as its flags (with their docstrings as help),
+so a setting is written once. Importing this module imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Mode = Literal["lora", "head", "full"]
+
+
+@dataclass
+class TrainConfig:
+    """How to train: everything ``gato-like train`` takes besides ``--data`` and ``--out``, read by
+    the command line as it is (``--lr 1e-3``, ``--model.n_layer 8``).
+
+    ``recipe`` names settings (:mod:`gato_like.training.recipes`) that fill every field left
+    ``None``; ``gato-like train`` uses ``cpu`` without a GPU and ``gato`` with one, the library the
+    plain ``base`` settings. :meth:`resolved` fills them."""
+
+    recipe: str | None = None
+    """cpu (the default of `gato-like train` without a GPU: the suite in <= 60 min on 2 cores), cpu-demo, or gato (the default with a GPU)."""
+    preset: str | None = None
+    """debug, tiny, small, gato-79m, gato-364m or gato-1.18b (default: the recipe's)."""
+    model: dict[str, int | float | str | bool] | None = None
+    """Overrides of the preset's fields on top of the recipe's, e.g. --model.n_layer 8 --model.history_steps 0."""
+    max_steps: int | None = None
+    """Optimizer steps (default: the recipe's)."""
+    max_minutes: float | None = None
+    """Stop after this much wall time even before max_steps (default: the recipe's)."""
+    batch_size: int | None = None
+    """Sequences per step and device (default: the recipe's)."""
+    batch_tokens: int | None = None
+    """About this many tokens a batch at most, each batch one task (0: batch_size sequences; default: the recipe's)."""
+    context_length: int | None = None
+    """Tokens per sequence (default: the preset's)."""
+    lr: float | None = None
+    """Peak learning rate (AdamW, linear warm-up, cosine decay; default: the recipe's)."""
+    warmup_steps: int | None = None
+    """Warm-up steps (default: the recipe's)."""
+    accumulate: int = 1
+    """Gradient accumulation steps."""
+    clip: float = 1.0
+    """Gradient norm clipping."""
+    workers: int | None = None
+    """Data-loader workers per device (default: the recipe's)."""
+    threads: int | None = None
+    """Torch intra-op threads (default: the cores left after the loader workers)."""
+    devices: int | str = "auto"
+    """Devices per node ("auto", a count, or a list)."""
+    accelerator: str = "auto"
+    """Lightning accelerator (auto, cpu, gpu)."""
+    strategy: str = "auto"
+    """auto, ddp or fsdp."""
+    precision: str | None = None
+    """Lightning precision (default: bf16-mixed where the GPU or CPU has bf16 units and is faster, else 32-true)."""
+    val_every: int | None = None
+    """Validate, roll out and export every this many steps (default: the recipe's)."""
+    val_batches: int = 4
+    """Validation batches per validation."""
+    rollout_episodes: int | None = None
+    """Closed-loop episodes per task at each validation (0: none; default: the recipe's)."""
+    rollout_tasks: str | list[str] | None = None
+    """Tasks to roll out, comma-separated or a list (default: every task with a simulator)."""
+    tasks: str | list[str] | None = None
+    """Tasks of the dataset to train on, comma-separated or a list (default: all)."""
+    domain_weights: dict[str, float] | None = None
+    """Each task's share of the optimizer steps, e.g. --domain_weights '{"dmc-reacher-easy": 2}' (default: the recipe's for the tasks it names, 1 for the rest)."""
+    goal_every: int | None = None
+    """Train the goal head every this many steps (0: never; default: the recipe's)."""
+    seed: int = 0
+    """Seed of the model, the data order and the sampler."""
+    resume: bool = False
+    """Continue from OUT/lightning/last.ckpt."""
+    log_every: int = 10
+    """Log the losses every this many steps."""
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every ``None`` the recipe sets filled in (``recipe`` None: ``base``), the
+        recipe's model overrides under the given ones, and the task lists split. Raises
+        ``KeyError`` for an unknown recipe."""
+        from gato_like.training.recipes import BASE, get_recipe
+
+        chosen = BASE if self.recipe is None else get_recipe(self.recipe)
+        filled = {
+            name: getattr(chosen, name)
+            for name in ("preset", "max_steps", "max_minutes", "batch_size", "batch_tokens", "lr", "warmup_steps",
+                         "workers", "val_every", "rollout_episodes", "goal_every")
+            if getattr(self, name) is None
+        }  # fmt: skip
+        return replace(
+            self,
+            recipe=chosen.name,
+            model=dict(chosen.model) | dict(self.model or {}),
+            tasks=_names(self.tasks),
+            rollout_tasks=_names(self.rollout_tasks),
+            **filled,
+        )
+
+
+def _names(value: str | list[str] | None) -> list[str] | None:
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()] or None
+    return list(value) if value else None
+
+
+@dataclass
+class FinetuneConfig:
+    """How to adapt. Every default is meant for 5-50 demos without tuning."""
+
+    mode: Mode = "lora"
+    """lora, head or full."""
+    lr: float | None = None
+    """Peak learning rate (default per mode: lora and head 2e-3, full 5e-4)."""
+    max_steps: int | None = None
+    """Optimizer steps at most (default: about 30 passes over the training demos, 100 to 1500)."""
+    batch_size: int = 8
+    """Sequences per step."""
+    val_every: int | None = None
+    """Validate on the held-out demo(s) every this many steps (default: max_steps / 15, at least 10)."""
+    patience: int = 4
+    """Stop after this many validations without a better held-out loss."""
+    holdout: int | None = None
+    """Demos held out for early stopping (default: 10 %, at least 1)."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    prompt_probability: float = 0.25
+    """Share of training sequences prompted with another demo (as in pretraining)."""
+    weight_decay: float = 0.0
+    goal_every: int = 4
+    """Every this many steps, add the goal head's loss on hindsight goals of the demos (0: never;
+    1: every step, for goal-reaching demos)."""
+    monitor: Literal["policy", "goal"] = "policy"
+    """What early stopping and the kept weights follow on the held-out demos: the policy loss, or
+    (goal-reaching demos) the goal head's loss with each demo's last observation as its goal."""
+    seed: int = 0
+    max_minutes: float | None = None
+    """Wall-time cap; the best weights so far are exported."""
