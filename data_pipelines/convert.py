@@ -119,6 +119,26 @@ def convert_npz(
             problems.append(f"{path.name}: {error}")
     if problems:
         raise ConversionError(problems)
+    return write_task(out, task, spec, episodes, episodes_per_shard, overwrite)
+
+
+def write_task(
+    out: Path,
+    task: str,
+    spec: EmbodimentSpec,
+    episodes: list[Episode],
+    episodes_per_shard: int = 16,
+    overwrite: bool = False,
+    random_returns: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write checked ``episodes`` of ``task`` as shards under ``out`` and add the task to its index
+    (the demos' returns are the task's expert normalizer; ``random_returns``, when the source
+    knows it, the random one). Returns the index.
+
+    A task already in the index is refused unless ``overwrite``; it is then taken out of the index
+    before its shards are touched, so a failure leaves a consistent dataset without it."""
+    if not episodes:
+        raise ValueError(f"{task}: no episodes to write")
     index: dict[str, Any] = {"tasks": {}}
     if (out / INDEX_FILE).exists():
         index = read_index(out)
@@ -148,7 +168,11 @@ def convert_npz(
         "success_rate": round(sum(e.success for e in episodes) / len(episodes), 4),
         "max_steps": max(e.length for e in episodes),
         # the demos are the expert; a random baseline is unknown for user data
-        "returns": {"dataset": returns_summary(returns), "expert": returns_summary(returns), "random": None},
+        "returns": {
+            "dataset": returns_summary(returns),
+            "expert": returns_summary(returns),
+            "random": random_returns,
+        },
         "shards": [vars(s) for s in writer.shards],
     }
     extra = {k: v for k, v in index.items() if k not in ("tasks", "format_version", "created_by")}
