@@ -135,7 +135,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     checkpoint = finetune(base, demos, out / "run", config, task=TASK, progress=False)
     train_seconds = time.perf_counter() - started
     summary = evaluate(
-        checkpoint, out / "eval", [TASK], job["episodes"], job["max_steps_episode"], seed=job["seed"],
+        checkpoint, out / "eval", tasks=[TASK], episodes=job["episodes"], max_steps=job["max_steps_episode"], seed=job["seed"],
         prompt=demos if job["prompt"] else None, write_card_file=False, media=False,
     )  # fmt: skip
     normalizers = read_index(heldout)["tasks"][TASK]["returns"]

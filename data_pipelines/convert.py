@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,53 @@ from gato_like.data_pipelines.shards import (
     write_index,
 )
 from gato_like.tokenizers.spec import EmbodimentSpec, SpecMismatchError
+
+
+@dataclass
+class ConvertConfig:
+    """How to read demonstrations.
+
+    The flags of ``gato-like data convert`` besides the source and ``--out``."""
+
+    from_: str = "npz"
+    """The source's format (--from): npz (a folder of .npz episodes), minari or lerobot."""
+    spec: Path | None = None
+    """The embodiment spec (JSON) the episodes follow; required for npz; for minari and lerobot it is derived from the dataset and this replaces it."""
+    task: str | None = None
+    """Task name (default: the spec's name)."""
+    instruction: str = ""
+    """Text instruction of the task, stored with every episode (lerobot: default each episode's task text)."""
+    episodes_per_shard: int = 16
+    """Episodes per tar shard."""
+    overwrite: bool = False
+    """Replace the task if the dataset already has it."""
+    max_episodes: int | None = None
+    """Convert at most this many episodes (minari, lerobot)."""
+
+
+#: The formats ``convert`` reads.
+FORMATS = ("npz", "minari", "lerobot")
+
+
+def convert(
+    source: str | Path, out: str | Path, config: ConvertConfig | None = None
+) -> tuple[dict[str, Any], str]:
+    """Convert ``source`` (in ``config.from_``'s format) into shards of one task under ``out``;
+    the dataset index and the task's name."""
+    c = config or ConvertConfig()
+    if c.from_ not in FORMATS:
+        raise ValueError(f"--from: expected one of {', '.join(FORMATS)}, got {c.from_!r}")
+    if c.from_ == "npz":
+        if c.spec is None:
+            raise ValueError("--spec: a folder of .npz episodes needs the embodiment spec (JSON) they follow")
+        index = convert_npz(source, c.spec, out, c.task, c.instruction, c.episodes_per_shard, c.overwrite)
+        return index, c.task or EmbodimentSpec.from_file(c.spec).name
+    if c.from_ == "minari":
+        from gato_like.data_pipelines.minari_import import convert_minari as run
+    else:
+        from gato_like.data_pipelines.lerobot_import import convert_lerobot as run
+    index = run(source, out, c.task, c.spec, c.instruction, c.episodes_per_shard, c.overwrite, c.max_episodes)
+    return index, list(index["tasks"])[-1]  # the task written is the index's last
 
 
 class ConversionError(ValueError):

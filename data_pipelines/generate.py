@@ -71,52 +71,80 @@ def _run(job: Job) -> tuple[Job, Episode | float]:
     return job, episode.episode_return
 
 
+@dataclass
+class GenerateConfig:
+    """What to generate.
+
+    The flags of ``gato-like data generate`` besides ``--out`` and the perturbation's ``--noise``,
+    ``--random_prob`` and ``--hold``."""
+
+    suite: str | None = "default"
+    """A named suite: default, control, babyai, heldout, goals or smoke."""
+    tasks: str | list[str] | None = None
+    """Task names instead of a suite, comma-separated or a list (e.g. dmc-reacher-easy,captions)."""
+    episodes: int = 20
+    """Expert episodes per task."""
+    max_steps: int | None = None
+    """Cap on episode length (default: each task's own; dm_control 1000)."""
+    seed: int = 0
+    """Base seed; the same seed gives the same bytes."""
+    workers: int = 2
+    """Processes."""
+    episodes_per_shard: int = 16
+    """Episodes per tar shard."""
+    normalizer_episodes: int = NORMALIZER_EPISODES
+    """Expert and random episodes per task for the return normalizers."""
+    overwrite: bool = False
+    """Replace an existing dataset in the output folder."""
+    pixels: bool = True
+    """Render camera frames; false writes proprioception-only episodes (the specs lose their image
+    keys), about 2.3x fewer tokens per control timestep."""
+    task_episodes: str | dict[str, int] | None = None
+    """Episodes of particular tasks instead of ``episodes``, e.g. "babyai-GoToLocal=200,babyai-PickupLoc=200"
+    (more of the short BabyAI episodes than of the 1000-step control ones)."""
+    task_hold: str | dict[str, int] | None = None
+    """The perturbation's hold for particular tasks, e.g. "dmc-cartpole-balance=1" beside --hold 50."""
+
+
+def _counts(value: str | dict[str, int] | None, name: str) -> dict[str, int] | None:
+    """``"a=200, b=50"`` (or a dict) -> ``{"a": 200, "b": 50}``; a malformed entry is named."""
+    if value is None or isinstance(value, dict):
+        return value
+    out = {}
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        task, _, count = part.partition("=")
+        if not count.strip().isdigit():
+            raise ValueError(f"{name}: expected TASK=COUNT, got {part!r}")
+        out[task.strip()] = int(count)
+    return out or None
+
+
 def generate(
     out: str | Path,
-    suite: str | None = "default",
-    tasks: list[str] | None = None,
-    episodes: int = 20,
-    max_steps: int | None = None,
-    seed: int = 0,
-    workers: int = 2,
-    episodes_per_shard: int = 16,
-    normalizer_episodes: int = NORMALIZER_EPISODES,
-    overwrite: bool = False,
-    progress: bool = True,
-    pixels: bool = True,
+    config: GenerateConfig | None = None,
+    *,
     perturbation: Perturbation | None = DEFAULT_PERTURBATION,
-    task_episodes: dict[str, int] | None = None,
-    task_hold: dict[str, int] | None = None,
+    progress: bool = True,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Generate expert episodes of a suite into shards under ``out`` and write its index.
 
-    Args:
-        out: output directory.
-        suite: a named suite (``default``, ``control``, ``babyai``, ``heldout``, ``smoke``).
-        tasks: explicit task names instead of a suite.
-        episodes: expert episodes per task.
-        max_steps: cap on episode length (default: each task's own; dm_control 1000).
-        seed: base seed.
-        workers: processes.
-        episodes_per_shard: episodes per tar shard.
-        normalizer_episodes: expert and random episodes per task for the return normalizers.
-        overwrite: replace an existing dataset in ``out``.
-        progress: show a progress bar.
-        pixels: render camera frames; ``False`` writes proprioception-only episodes (the specs
-            lose their image keys), about 2.3x fewer tokens per control timestep.
-        perturbation: DART-style perturbation of the data episodes (executed action perturbed,
-            the expert's clean action recorded); ``None`` or zeros for the expert's own path.
-            The return normalizers are always the clean expert's and the uniform-random policy's.
-        task_episodes: episodes of particular tasks instead of ``episodes`` (e.g. more of the
-            short BabyAI episodes than of the 1000-step control ones).
-        task_hold: the perturbation's ``hold`` for particular tasks (e.g. 1 for cartpole balance,
-            which long random pushes tip over beyond what its expert recovers from).
+    ``config``: what to generate (:class:`GenerateConfig`; ``fields`` replace some of it, so
+    ``generate(out, tasks=["captions"], episodes=2)`` works too). ``perturbation``: DART-style
+    perturbation of the data episodes (executed action perturbed, the expert's clean action
+    recorded); ``None`` or zeros for the expert's own path. The return normalizers are always the
+    clean expert's and the uniform-random policy's. ``progress``: show a progress bar.
 
     Returns:
         The index written to ``out/index.json``.
     """
+    c = replace(config or GenerateConfig(), **fields)
+    suite, episodes, max_steps, seed, workers = c.suite, c.episodes, c.max_steps, c.seed, c.workers
+    episodes_per_shard, normalizer_episodes, pixels = c.episodes_per_shard, c.normalizer_episodes, c.pixels
+    tasks = [t.strip() for t in c.tasks.split(",") if t.strip()] if isinstance(c.tasks, str) else c.tasks
+    task_episodes, task_hold = _counts(c.task_episodes, "task_episodes"), _counts(c.task_hold, "task_hold")
     root = Path(out)
-    if (root / INDEX_FILE).exists() and not overwrite:
+    if (root / INDEX_FILE).exists() and not c.overwrite:
         raise FileExistsError(
             f"{root} already holds a dataset ({INDEX_FILE}); pass --overwrite to replace it"
         )

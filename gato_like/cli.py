@@ -15,76 +15,34 @@ from jsonargparse import ArgumentParser, set_parsing_settings
 
 from gato_like import __version__
 from gato_like import demo as demo_module
-from gato_like.training.settings import FinetuneConfig, TrainConfig
+from gato_like.data_pipelines.convert import ConvertConfig
+from gato_like.data_pipelines.generate import GenerateConfig
+from gato_like.envs.base import Perturbation
+from gato_like.envs.control import DEFAULT_PERTURBATION
+from gato_like.serving.config import EngineConfig, ServerConfig
+from gato_like.training.settings import EvalConfig, FinetuneConfig, TrainConfig
 
 # the settings dataclasses document each field in a docstring under it: that is the flag's help
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
-def data_generate(
-    out: Path,
-    suite: str = "default",
-    tasks: str | None = None,
-    episodes: int = 20,
-    max_steps: int | None = None,
-    seed: int = 0,
-    workers: int = 2,
-    episodes_per_shard: int = 16,
-    normalizer_episodes: int = 20,
-    overwrite: bool = False,
-    pixels: bool = True,
-    noise: float = 0.3,
-    random_prob: float = 0.1,
-    hold: int = 1,
-    task_episodes: str | None = None,
-    task_hold: str | None = None,
-) -> None:
+def data_generate(out: Path, config: GenerateConfig, perturbation: Perturbation) -> None:
     """Generate expert episodes of a suite into WebDataset shards, with return normalizers.
 
     Episodes are DART-style by default: the simulator executes the expert's action plus Gaussian
     noise (or, with probability random_prob, a random action) and the episode records the expert's
-    clean action, so the data shows how to recover from states off the expert's path.
+    clean action, so the data shows how to recover from states off the expert's path. The flags
+    are the fields of ``GenerateConfig`` (data_pipelines/generate.py) and ``Perturbation``
+    (gato_like/envs/base.py).
 
     Args:
         out: output directory (shards, embodiment specs, index.json).
-        suite: default, control, babyai, heldout or smoke.
-        tasks: comma-separated task names instead of a suite (e.g. dmc-reacher-easy,captions).
-        episodes: expert episodes per task.
-        max_steps: cap on episode length (default: each task's own).
-        seed: base seed; the same seed gives the same bytes.
-        workers: processes.
-        episodes_per_shard: episodes per tar shard.
-        normalizer_episodes: expert and random episodes per task for the normalizers.
-        overwrite: replace an existing dataset.
-        pixels: render camera frames; false writes proprioception-only episodes (no image keys).
-        noise: std of the Gaussian added to continuous expert actions (action range scaled to [-1, 1]); 0: none.
-        random_prob: probability of executing a uniformly random action instead of the expert's; 0: none.
-        hold: a random action is held for 1..hold steps (continuous tasks), a push that leaves the expert's path.
-        task_episodes: episodes of particular tasks, e.g. "babyai-GoToLocal=200,babyai-PickupLoc=200".
-        task_hold: hold of particular tasks, e.g. "dmc-cartpole-balance=1" beside --hold 50.
+        config: what to generate (its flags follow).
+        perturbation: the DART perturbation of the data episodes (--noise, --random_prob, --hold).
     """
     from gato_like.data_pipelines.generate import generate
-    from gato_like.envs.base import Perturbation
 
-    perturbation = Perturbation(noise, random_prob, hold)  # checked before any work starts
-
-    names = _task_list(tasks)
-    index = generate(
-        out,
-        suite,
-        names,
-        episodes,
-        max_steps,
-        seed,
-        workers,
-        episodes_per_shard,
-        normalizer_episodes,
-        overwrite,
-        pixels=pixels,
-        perturbation=perturbation,
-        task_episodes=_counts(task_episodes),
-        task_hold=_counts(task_hold, "--task_hold"),
-    )
+    index = generate(out, config, perturbation=perturbation)
     timing = index["timing"]
     episodes_total = sum(t["episodes"] for t in index["tasks"].values())
     print(
@@ -93,55 +51,21 @@ def data_generate(
     )
 
 
-def data_convert(
-    source: str,
-    out: Path,
-    from_: str = "npz",
-    spec: Path | None = None,
-    task: str | None = None,
-    instruction: str = "",
-    episodes_per_shard: int = 16,
-    overwrite: bool = False,
-    max_episodes: int | None = None,
-) -> None:
+def data_convert(source: str, out: Path, config: ConvertConfig) -> None:
     """Convert demonstrations (a folder of .npz files, a Minari or a LeRobot dataset) into shards of one task.
 
     ``gato-like data convert --from minari DATASET --out DIR`` or ``--from lerobot PATH --out DIR``
-    (the dataset may also be given as --source).
+    (the dataset may also be given as --source). The flags besides these are the fields of
+    ``ConvertConfig`` (data_pipelines/convert.py).
 
     Args:
         source: npz: a folder of .npz files, one episode each (obs.<key>, actions, rewards); minari: a dataset id in the local Minari store or a dataset folder; lerobot: a LeRobot dataset folder (meta/info.json, data/, videos/).
         out: dataset directory (created, or the task is added to its index).
-        from_: the source's format: npz, minari or lerobot (--from).
-        spec: the embodiment spec (JSON) the episodes follow; required for npz; for minari and lerobot it is derived from the dataset and this replaces it.
-        task: task name (default: the spec's name).
-        instruction: text instruction of the task, stored with every episode (lerobot: default the dataset's task text).
-        episodes_per_shard: episodes per tar shard.
-        overwrite: replace the task if the dataset already has it.
-        max_episodes: convert at most this many episodes (minari, lerobot).
+        config: how to read the source (its flags follow).
     """
-    kinds = ("npz", "minari", "lerobot")
-    if from_ not in kinds:
-        raise ValueError(f"--from: expected one of {', '.join(kinds)}, got {from_!r}")
-    if from_ == "npz":
-        from gato_like.data_pipelines.convert import convert_npz
+    from gato_like.data_pipelines.convert import convert
 
-        if spec is None:
-            raise ValueError("--spec: a folder of .npz episodes needs the embodiment spec (JSON) they follow")
-        index = convert_npz(source, spec, out, task, instruction, episodes_per_shard, overwrite)
-    elif from_ == "minari":
-        from gato_like.data_pipelines.minari_import import convert_minari
-
-        index = convert_minari(
-            source, out, task, spec, instruction, episodes_per_shard, overwrite, max_episodes
-        )
-    else:
-        from gato_like.data_pipelines.lerobot_import import convert_lerobot
-
-        index = convert_lerobot(
-            source, out, task, spec, instruction, episodes_per_shard, overwrite, max_episodes
-        )
-    name = task or list(index["tasks"])[-1]
+    index, name = convert(source, out, config)
     entry = index["tasks"][name]
     print(f"wrote {entry['episodes']} episodes ({entry['timesteps']} timesteps) of task {name!r} to {out}")
 
@@ -221,94 +145,44 @@ def _gym_hint(task: str) -> str:
     return f" --gym {task[4:]}" if task.startswith("gym-") and task not in TASKS else ""
 
 
-def evaluate(ckpt: Path, out: Path | None = None, tasks: str | None = None, episodes: int = 10, max_steps: int | None = None, seed: int = 0, prompt: Path | None = None, gym: str | None = None) -> None:  # fmt: skip
+def evaluate(ckpt: Path, config: EvalConfig, out: Path | None = None) -> None:
     """Roll a checkpoint's policy out in the real simulators: expert-normalized scores, success rates, plot, GIFs.
+
+    The flags besides these are the fields of ``EvalConfig`` (training/settings.py).
 
     Args:
         ckpt: checkpoint directory (e.g. RUN/checkpoint).
+        config: what to evaluate (its flags follow).
         out: where eval.json, scores.png and the GIFs go (default: CKPT/../eval).
-        tasks: comma-separated task names (default: every task the checkpoint was trained on).
-        episodes: episodes per task.
-        max_steps: episode length cap (default: the training data's).
-        seed: seed of the evaluation episodes (disjoint from the training seeds).
-        prompt: a demos folder: prompt every episode with the end of one of its demos of the task.
-        gym: a gymnasium environment id (e.g. InvertedPendulum-v5): roll the checkpoint's task with
-            that environment's spaces out in it; mean return beside a uniform-random policy's.
     """
-
+    from gato_like.console import print_evaluation
     from gato_like.training.evaluate import evaluate as run
 
-    names = _task_list(tasks)
     destination = out or Path(ckpt).resolve().parent / "eval"
-    summary = run(
-        ckpt,
-        destination,
-        names,
-        episodes,
-        max_steps,
-        seed,
-        command=shlex.join(["gato-like", *sys.argv[1:]]),
-        prompt=prompt,
-        gym=gym,
-    )
-    from gato_like.console import print_evaluation
-
+    summary = run(ckpt, destination, config, command=shlex.join(["gato-like", *sys.argv[1:]]))
     print_evaluation(summary, destination)
 
 
-def serve(
-    ckpt: Path,
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    token: str | None = None,
-    max_sessions: int = 64,
-    max_batch: int = 64,
-    queue_size: int = 256,
-    step_deadline_ms: float = 1000.0,
-    idle_timeout_s: float = 300.0,
-    device: str = "cpu",
-    log_level: str = "info",
-    threads: int | None = None,
-    detached_grace_s: float = 10.0,
-    hello_timeout_s: float = 10.0,
-    max_pending_connections: int = 64,
-    send_timeout_s: float = 10.0,
-) -> None:
+def serve(ckpt: Path, engine: EngineConfig, server: ServerConfig, log_level: str = "info") -> None:
     """Serve a checkpoint's policy over WebSocket (msgpack frames; see docs/protocol.md).
+
+    The flags besides these are the fields of ``EngineConfig`` and ``ServerConfig``
+    (gato_like/serving/config.py).
 
     Args:
         ckpt: checkpoint directory.
-        host: interface to bind (0.0.0.0 exposes the server to the network: set a token).
-        port: TCP port (also /healthz, /readyz and /metrics).
-        token: bearer token required at the WebSocket upgrade (default: $GATO_LIKE_TOKEN, else none).
-        max_sessions: live sessions at most.
-        max_batch: steps per forward pass at most (1: no batching).
-        queue_size: steps waiting for the model at most; more are answered OVERLOADED.
-        step_deadline_ms: how long a step may wait for its forward pass before DEADLINE_EXCEEDED.
-        idle_timeout_s: sessions with no message for this long are closed.
-        device: where the model runs (cpu, cuda).
+        engine: sessions, batching, deadlines and threads of the model's engine (flags follow).
+        server: the socket and its limits (flags follow; --token default: $GATO_LIKE_TOKEN, else none).
         log_level: debug, info, warning or error (JSON lines on stderr).
-        threads: intra-op threads of the model's worker (default: 1 up to 4 cores, else half, at most 8).
-        detached_grace_s: a dropped connection's session may be resumed this long, then it is closed.
-        hello_timeout_s: a new connection must say hello within this long.
-        max_pending_connections: connections that have not said hello yet, at most.
-        send_timeout_s: a client that does not read its replies for this long is disconnected.
     """
     import os
 
-    from gato_like.serving.engine import EngineConfig
-    from gato_like.serving.server import ServerConfig, configure_logging, serve_checkpoint
+    from gato_like.serving.server import configure_logging, serve_checkpoint
 
     configure_logging(log_level)
-    engine = EngineConfig(
-        max_sessions=max_sessions, max_batch=max_batch, queue_size=queue_size, step_deadline_ms=step_deadline_ms,
-        idle_timeout_s=idle_timeout_s, device=device, detached_grace_s=detached_grace_s, threads=threads,
-    )  # fmt: skip
-    config = ServerConfig(
-        host, port, token or os.environ.get("GATO_LIKE_TOKEN") or None, hello_timeout_s=hello_timeout_s,
-        max_pending_connections=max_pending_connections, send_timeout_s=send_timeout_s,
-    )  # fmt: skip
-    serve_checkpoint(ckpt, config, engine)
+    if server.token is None and os.environ.get("GATO_LIKE_TOKEN"):
+        server = replace(server, token=os.environ["GATO_LIKE_TOKEN"])
+    serve_checkpoint(ckpt, server, engine)
 
 
 def bench_serve(
@@ -350,38 +224,43 @@ def bench_serve(
     print(f"results: {Path(out) / 'serve_load.json'}, plot: {Path(out) / 'serve_load.png'}")
 
 
-def _counts(text: str | None, flag: str = "--task_episodes") -> dict[str, int] | None:
-    """``"a=200, b=50"`` -> ``{"a": 200, "b": 50}``; a malformed entry is named with its ``flag``."""
-    if not text:
-        return None
-    out = {}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        name, _, count = part.partition("=")
-        if not count.strip().isdigit():
-            raise ValueError(f"{flag}: expected TASK=COUNT, got {part!r}")
-        out[name.strip()] = int(count)
-    return out
+def _settings(function: Any) -> dict[str, tuple[type, Any]]:
+    """The settings dataclasses whose fields are ``function``'s further flags: parameter name ->
+    (dataclass, the instance whose values are the flags' defaults, or None for the class's own)."""
+    table: dict[Any, dict[str, tuple[type, Any]]] = {
+        train: {"config": (TrainConfig, None)},
+        finetune: {"config": (FinetuneConfig, None)},
+        evaluate: {"config": (EvalConfig, None)},
+        data_convert: {"config": (ConvertConfig, None)},
+        data_generate: {
+            "config": (GenerateConfig, None),
+            "perturbation": (Perturbation, DEFAULT_PERTURBATION),
+        },
+        serve: {"engine": (EngineConfig, None), "server": (ServerConfig, None)},
+    }
+    return table.get(function, {})
 
 
-def _task_list(tasks: str | None) -> list[str] | None:
-    """``"a, b"`` -> ``["a", "b"]``; None stays None (every task)."""
-    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+def _instance(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)``, building nested dataclass fields (``--limits.max_keys``) from their dicts."""
+    import typing
 
-
-def _settings_class(function: Any) -> type | None:
-    """The settings dataclass whose fields are ``function``'s further flags (train, finetune)."""
-    return {train: TrainConfig, finetune: FinetuneConfig}.get(function)
+    hints = typing.get_type_hints(cls)
+    nested = {
+        k: _instance(hints[k], v) for k, v in values.items() if isinstance(v, dict) and dataclasses.is_dataclass(hints[k])
+    }  # fmt: skip
+    return cls(**(values | nested))
 
 
 def _function_parser(function: Any, positional: bool = False) -> ArgumentParser:
     parser = ArgumentParser(description=_summary(function))
-    settings = _settings_class(function)
-    if settings is None:
-        parser.add_function_arguments(function, fail_untyped=True, as_positional=positional)
-        return parser
-    # the command's own arguments, then the dataclass's fields as its further flags
-    parser.add_function_arguments(function, fail_untyped=True, skip={"config"}, as_group=False)
-    parser.add_class_arguments(settings)
+    settings = _settings(function)
+    # the command's own arguments, then each dataclass's fields as further flags, as it declares them
+    parser.add_function_arguments(function, fail_untyped=True, as_positional=positional, skip=set(settings), as_group=not settings)  # fmt: skip
+    for cls, defaults in settings.values():
+        parser.add_class_arguments(cls)
+        if defaults is not None:
+            parser.set_defaults({f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)})
     return parser
 
 
@@ -432,11 +311,6 @@ COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {
 }
 
 
-@dataclasses.dataclass
-class _NoSettings:
-    pass
-
-
 def _underscored(argument: str) -> str:
     """``--max-steps=5`` -> ``--max_steps=5``: options take dashes or underscores alike."""
     if not argument.startswith("--"):
@@ -457,7 +331,8 @@ def _normalized(argv: list[str]) -> list[str]:
     } | {
         f"--{field.name}"
         for function in COMMANDS.values()
-        for field in dataclasses.fields(_settings_class(function) or _NoSettings)
+        for cls, _ in _settings(function).values()
+        for field in dataclasses.fields(cls)
         if field.type in (bool, "bool")
     }
     out = []
@@ -485,13 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         path += (arguments.action,)
         arguments = arguments[arguments.action]
     given = arguments.as_dict()
-    settings = _settings_class(COMMANDS[path])
-    if settings is not None:  # the dataclass's flags become its instance
-        names = {f.name for f in dataclasses.fields(settings)}
-        given = {k: v for k, v in given.items() if k not in names} | {
-            "config": settings(**{k: v for k, v in given.items() if k in names})
-        }
     try:
+        for name, (cls, _) in _settings(COMMANDS[path]).items():  # each dataclass's flags become its instance
+            fields = {f.name for f in dataclasses.fields(cls)}
+            given = {k: v for k, v in given.items() if k not in fields} | {
+                name: cls(
+                    **{k: v for k, v in given.items() if k in fields}
+                )  # checked here: bad values exit 2
+            }
         COMMANDS[path](**given)
     except (OSError, KeyError, ValueError) as error:
         # errors a user can act on: one clear line, no traceback

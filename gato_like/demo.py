@@ -96,7 +96,7 @@ def run(
 
     from gato_like.console import console as make_console
     from gato_like.console import print_dataset
-    from gato_like.data_pipelines.generate import generate
+    from gato_like.data_pipelines.generate import GenerateConfig, generate
     from gato_like.data_pipelines.shards import iter_shard, load_spec, read_index
     from gato_like.tokenizers import SequenceBuilder, TextTokenizer, TokenType
 
@@ -105,8 +105,9 @@ def run(
     started = time.perf_counter()
     console.rule("1. generate the default suite (real simulators, scripted experts)")
     index = generate(
-        root, "default", None, episodes, max_steps, seed, workers, 8, normalizer_episodes, overwrite=True
-    )
+        root, GenerateConfig(suite="default", episodes=episodes, max_steps=max_steps, seed=seed, workers=workers,
+                             episodes_per_shard=8, normalizer_episodes=normalizer_episodes, overwrite=True)
+    )  # fmt: skip
     console.print(
         f"{sum(t['episodes'] for t in index['tasks'].values())} episodes in {index['timing']['seconds']:.1f}s -> {root}"
     )
@@ -154,8 +155,9 @@ def run(
     console.rule(f"4. generate the acting data ({', '.join(names)}) and train on it")
     babyai = [n for n in names if n.startswith("babyai")]
     act_index = generate(
-        act_root, None, names, act_episodes, act_max_steps, seed, workers, 16, normalizer_episodes,
-        overwrite=True, pixels=False, task_episodes={n: 15 * act_episodes for n in babyai},
+        act_root, GenerateConfig(suite=None, tasks=names, episodes=act_episodes, max_steps=act_max_steps, seed=seed,
+                                 workers=workers, normalizer_episodes=normalizer_episodes, overwrite=True, pixels=False,
+                                 task_episodes={n: 15 * act_episodes for n in babyai}),
     )  # fmt: skip
     entry = next(iter(act_index["tasks"].values()))
     console.print(

@@ -216,7 +216,11 @@ def test_finetune_cli_then_eval_with_a_demo_prompt(
     run = tmp_path / "run"
     args = ["finetune", "--from", str(base), "--data", str(demos), "--out", str(run), "--max_steps", "6", "--val-every", "3"]  # fmt: skip
     assert main(args) == 0
-    assert "fine-tuned lora on 2 demos of arm3-reach (1 held out)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fine-tuned lora on 2 demos of arm3-reach (1 held out)" in out
+    # captured output is no terminal: plain progress lines, the first step's and the last
+    lines = [line for line in out.splitlines() if line.startswith("[finetune] ")]
+    assert lines[0].startswith("[finetune] step 1/6") and lines[-1].endswith("(done)")
     assert main(["eval", "--ckpt", str(run / "checkpoint"), "--tasks", "arm3-reach", "--episodes", "1",
                  "--max_steps", "10", "--prompt", str(demos)]) == 0  # fmt: skip
     summary = json.loads((run / "eval" / "eval.json").read_text())

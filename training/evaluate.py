@@ -12,6 +12,7 @@ import json
 import shlex
 import shutil
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +23,24 @@ from gato_like.data_pipelines.inspect import save_gif
 from gato_like.data_pipelines.shards import atomic_write_bytes
 from gato_like.envs import Env, from_gymnasium, get_task
 from gato_like.policy import Policy
+from gato_like.training.settings import EvalConfig
 
 
 def evaluate(
     checkpoint: str | Path,
     out: str | Path,
-    tasks: list[str] | None = None,
-    episodes: int = 10,
-    max_steps: int | None = None,
-    seed: int = 0,
+    config: EvalConfig | None = None,
+    *,
     command: str | None = None,
-    prompt: str | Path | None = None,
     write_card_file: bool = True,
     media: bool = True,
-    gym: str | None = None,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Evaluate every task (default: every task the checkpoint was trained on that has a reward),
     and write ``eval.json``, ``scores.png``, a GIF per task and ``model_card.md``.
+
+    ``config``: what to evaluate (:class:`~gato_like.training.settings.EvalConfig`; ``fields``
+    replace some of it, so ``evaluate(ckpt, out, episodes=3)`` works too).
 
     ``command``: the command line to print in the card (default: the equivalent ``gato-like eval``).
     ``prompt``: a dataset folder (e.g. the fine-tuning demos): each episode is prompted with the
@@ -55,6 +57,15 @@ def evaluate(
     is rolled out in it (``tasks`` names it when several match). It has no expert, so the result
     is the mean return beside a uniform-random policy's, not an expert-normalized score.
     """
+    c = replace(config or EvalConfig(), **fields)
+    tasks, episodes, max_steps, seed, prompt, gym = (
+        c.task_names,
+        c.episodes,
+        c.max_steps,
+        c.seed,
+        c.prompt,
+        c.gym,
+    )
     if episodes < 1:
         raise ValueError(f"episodes: expected >= 1, got {episodes}")
     policy = Policy.from_checkpoint(checkpoint)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from gato_like.model import GatoModel, _action_targets
 from gato_like.tokenizers import EmbodimentSpec, TokenSequence
 from gato_like.tokenizers.spec import SpecError, SpecMismatchError
 from gato_like.training.module import GatoLightning, OptimConfig, lr_factor
+from gato_like.training.progress import PlainProgress
 from gato_like.training.settings import FinetuneConfig, Mode
 
 MODES = ("lora", "head", "full")
@@ -389,6 +391,10 @@ def finetune(
 
     from gato_like.training.train import default_precision, plot_losses
 
+    # the bar draws only on a terminal; to a file or a CI log, a plain line every 30 s instead
+    plain = (
+        [PlainProgress(every_seconds=30.0, label="finetune")] if progress and not sys.stdout.isatty() else []
+    )
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=1,
@@ -401,8 +407,8 @@ def finetune(
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         logger=[L.pytorch.loggers.CSVLogger(out, name="logs", version="")],
-        callbacks=[keep, stop],
-        enable_progress_bar=progress,
+        callbacks=[keep, stop, *plain],
+        enable_progress_bar=progress and not plain,
         enable_checkpointing=False,
         log_every_n_steps=max(1, min(10, val_every)),
     )

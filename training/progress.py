@@ -18,8 +18,11 @@ class PlainProgress(L.Callback):
     ``score`` is the last closed-loop mean score (``rollout/mean_score``) and the step it was taken
     at, once a validation has rolled out; ETA is the nearer of ``max_steps`` and the time budget."""
 
-    def __init__(self, every_seconds: float = 60.0, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, every_seconds: float = 60.0, stream: TextIO | None = None, label: str = "train"
+    ) -> None:
         self.every_seconds = every_seconds
+        self.label = label
         self.stream = stream
         self._started = 0.0
         self._last = 0.0
@@ -58,7 +61,11 @@ class PlainProgress(L.Callback):
             f"step {step}/{total} ({100.0 * step / total:.0f}%)" if total and total > 0 else f"step {step}"
         ]
         metrics = trainer.callback_metrics
-        for key, name in (("train/loss", "loss"), ("train/policy_loss", "policy")):
+        for key, name in (
+            ("train/loss", "loss"),
+            ("train/policy_loss", "policy"),
+            ("val/policy_loss", "held-out policy"),
+        ):
             if key in metrics:
                 parts.append(f"{name} {float(metrics[key]):.3f}")
         parts.append(f"{self._tokens / elapsed:,.0f} tokens/s")
@@ -76,7 +83,7 @@ class PlainProgress(L.Callback):
         elif remaining:
             clock += f", ETA {min(remaining) / 60.0:.1f} min"
         parts.append(clock)
-        return "[train] " + " | ".join(parts)
+        return f"[{self.label}] " + " | ".join(parts)
 
     def emit(self, trainer: L.Trainer, now: float, final: bool = False) -> None:
         print(self.line(trainer, now, final), file=self.stream, flush=True)

@@ -1,11 +1,12 @@
-"""The settings of ``gato-like train`` and ``gato-like finetune``, one dataclass each: the
-library's :func:`~gato_like.training.train.train` and :func:`~gato_like.training.finetune.finetune`
-take them, and the command line reads their fields as its flags (with their docstrings as help),
+"""The settings of ``gato-like train``, ``finetune`` and ``eval``, one dataclass each: the
+library's :func:`~gato_like.training.train.train`, :func:`~gato_like.training.finetune.finetune`
+and :func:`~gato_like.training.evaluate.evaluate` take them, and the command line reads their fields as its flags (with their docstrings as help),
 so a setting is written once. Importing this module imports no torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 Mode = Literal["lora", "head", "full"]
@@ -13,8 +14,10 @@ Mode = Literal["lora", "head", "full"]
 
 @dataclass
 class TrainConfig:
-    """How to train: everything ``gato-like train`` takes besides ``--data`` and ``--out``, read by
-    the command line as it is (``--lr 1e-3``, ``--model.n_layer 8``).
+    """How to train.
+
+    Everything ``gato-like train`` takes besides ``--data`` and ``--out``, read by the command
+    line as it is (``--lr 1e-3``, ``--model.n_layer 8``).
 
     ``recipe`` names settings (:mod:`gato_like.training.recipes`) that fill every field left
     ``None``; ``gato-like train`` uses ``cpu`` without a GPU and ``gato`` with one, the library the
@@ -138,3 +141,28 @@ class FinetuneConfig:
     seed: int = 0
     max_minutes: float | None = None
     """Wall-time cap; the best weights so far are exported."""
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate.
+
+    The flags of ``gato-like eval`` besides ``--ckpt`` and ``--out``."""
+
+    tasks: str | list[str] | None = None
+    """Task names, comma-separated or a list (default: every task the checkpoint was trained on)."""
+    episodes: int = 10
+    """Episodes per task."""
+    max_steps: int | None = None
+    """Episode length cap (default: the training data's)."""
+    seed: int = 0
+    """Seed of the evaluation episodes (disjoint from the training seeds)."""
+    prompt: Path | None = None
+    """A demos folder: prompt every episode with the end of one of its demos of the task."""
+    gym: str | None = None
+    """A gymnasium environment id (e.g. InvertedPendulum-v5): roll the checkpoint's task with that
+    environment's spaces out in it; mean return beside a uniform-random policy's."""
+
+    @property
+    def task_names(self) -> list[str] | None:
+        return _names(self.tasks)

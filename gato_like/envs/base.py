@@ -31,9 +31,11 @@ Actor = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 @dataclass(frozen=True)
 class Perturbation:
-    """DART-style perturbation of an expert rollout (Laskey et al., 2017): the environment executes
-    a perturbed action, the episode records the expert's clean action as the label. The data then
-    shows states off the expert's own path and how the expert recovers from them.
+    """DART-style perturbation of an expert rollout (Laskey et al., 2017).
+
+    The environment executes a perturbed action, the episode records the expert's clean action as
+    the label. The data then shows states off the expert's own path and how the expert recovers
+    from them.
 
     Attributes:
         noise: standard deviation of the Gaussian noise added to a continuous expert action, in

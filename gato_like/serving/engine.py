@@ -39,6 +39,7 @@ import torch
 from gato_like.acting import ActingCore, Row, episode_seed
 from gato_like.checkpoint import Checkpoint
 from gato_like.serving import protocol as p
+from gato_like.serving.config import EngineConfig
 from gato_like.serving.protocol import ProtocolError
 from gato_like.tokenizers import EmbodimentSpec, SpecMismatchError
 
@@ -51,40 +52,6 @@ DEADLINE_MS_RANGE = (1.0, 60_000.0)
 """The ``deadline_ms`` a step may ask for, inclusive; outside it the step is refused (BAD_MESSAGE)."""
 MIN_RETRY_AFTER_MS = 10
 """The shortest OVERLOADED ``retry_after_ms``: sooner, a retry would only meet the same full queue."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Limits of the serving engine (announced to clients in ``welcome.limits``)."""
-
-    max_sessions: int = 64
-    """Live sessions at most (attached or awaiting a resume). When full, a new session closes the
-    longest-detached one; with every session attached it gets SESSION_LIMIT."""
-    max_batch: int = 64
-    """Steps per forward pass at most; 1 serves one request at a time (no batching)."""
-    queue_size: int = 256
-    """Steps waiting for the model at most; more get OVERLOADED with retry_after_ms."""
-    step_deadline_ms: float = 1000.0
-    """Default time a step may wait before its forward pass starts; later ones get DEADLINE_EXCEEDED."""
-    idle_timeout_s: float = 300.0
-    """A session with no message for this long is closed (its KV cache freed)."""
-    device: str = "cpu"
-    """Where the model runs."""
-    detached_grace_s: float = 10.0
-    """A session whose connection dropped is closed this long after the drop unless resumed first,
-    so dropped connections do not hold ``max_sessions`` for the whole ``idle_timeout_s``."""
-    threads: int | None = None
-    """Intra-op threads of the model's worker (None: :func:`worker_threads`, from the cores)."""
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
-            raise ValueError(f"threads: expected a positive integer or None (auto), got {self.threads!r}")
-        for name in ("max_sessions", "max_batch", "queue_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("step_deadline_ms", "idle_timeout_s", "detached_grace_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
 
 
 def worker_threads(cores: int | None = None) -> int:

@@ -24,7 +24,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,9 @@ from websockets.protocol import State
 from gato_like import __version__
 from gato_like.checkpoint import Checkpoint, load_checkpoint
 from gato_like.serving import protocol as p
-from gato_like.serving.engine import Engine, EngineConfig, Session
-from gato_like.serving.protocol import Limits, ProtocolError
+from gato_like.serving.config import EngineConfig, ServerConfig
+from gato_like.serving.engine import Engine, Session
+from gato_like.serving.protocol import ProtocolError
 
 log = logging.getLogger("gato_like.serving")
 
@@ -118,51 +118,6 @@ class Metrics:
             self.compute.observe(value)
         elif name == "queue_seconds":
             self.queue_wait.observe(value)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Where and how the server listens."""
-
-    host: str = "127.0.0.1"
-    """Interface to bind; 0.0.0.0 exposes the server to the network (set a token)."""
-    port: int = 8765
-    """TCP port (0: any free port)."""
-    token: str | None = None
-    """Bearer token required at the WebSocket upgrade and for /metrics (None: no authentication)."""
-    limits: Limits = field(default_factory=Limits)
-    """Frame and array size limits."""
-    write_limit: int = 1 << 20
-    """High-water mark (bytes) of a connection's unsent replies: above it the server reads none of
-    that connection's frames until the client has read enough of its replies (backpressure)."""
-    send_timeout_s: float = 10.0
-    """A connection whose unsent replies stay above ``write_limit`` this long is closed (1008
-    ``SLOW_CONSUMER``; cut off if it does not read the close frame within a second) and its buffers
-    are freed."""
-    max_queued_frames: int = 16
-    """Received frames buffered per connection while its handler is busy; beyond, its socket is not
-    read (at most this many frames of up to 4x ``limits.max_frame_bytes`` each)."""
-    hello_timeout_s: float = 10.0
-    """Seconds a connection has for a successful hello once upgraded, else it is closed
-    (``HELLO_TIMEOUT``, 1008); also the time it has to complete the HTTP upgrade."""
-    max_pending_connections: int = 64
-    """Connections that have not said hello yet, at most; more are refused (HTTP 503 at the upgrade,
-    or ``CONNECTION_LIMIT`` and close 1013)."""
-
-    max_errors: int = 50
-    """Error replies a connection may cause within ``errors_window_s``; one more closes it
-    (``TOO_MANY_ERRORS``, 1008): a client sending nothing but bad frames cannot keep the server's
-    CPU busy answering it."""
-    errors_window_s: float = 10.0
-    """The sliding window of ``max_errors``."""
-
-    def __post_init__(self) -> None:
-        for name in ("write_limit", "max_queued_frames", "max_pending_connections", "max_errors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        for name in ("send_timeout_s", "hello_timeout_s", "errors_window_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
 
 
 class PolicyServer:
