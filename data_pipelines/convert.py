@@ -68,12 +68,23 @@ def convert(
             raise ValueError("--spec: a folder of .npz episodes needs the embodiment spec (JSON) they follow")
         index = convert_npz(source, c.spec, out, c.task, c.instruction, c.episodes_per_shard, c.overwrite)
         return index, c.task or EmbodimentSpec.from_file(c.spec).name
+    random_returns = None
     if c.from_ == "minari":
-        from gato_like.data_pipelines.minari_import import convert_minari as run
+        from gato_like.data_pipelines.minari_import import load_minari
+
+        spec, episodes, meta = load_minari(source, c.task, c.spec, c.max_episodes)
+        if meta.get("ref_min_score") is not None:  # the dataset's own random-policy reference
+            random_returns = {"mean": round(float(meta["ref_min_score"]), 4), "std": 0.0, "episodes": 0}
     else:
-        from gato_like.data_pipelines.lerobot_import import convert_lerobot as run
-    index = run(source, out, c.task, c.spec, c.instruction, c.episodes_per_shard, c.overwrite, c.max_episodes)
-    return index, list(index["tasks"])[-1]  # the task written is the index's last
+        from gato_like.data_pipelines.lerobot_import import load_lerobot
+
+        spec, episodes = load_lerobot(source, c.task, c.spec, c.max_episodes)
+    for episode in episodes:  # lerobot: each episode keeps its own task text unless one is given
+        episode.instruction = c.instruction or episode.instruction
+    task = episodes[0].task
+    return write_task(
+        Path(out), task, spec, episodes, c.episodes_per_shard, c.overwrite, random_returns
+    ), task
 
 
 class ConversionError(ValueError):

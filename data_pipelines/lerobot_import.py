@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.convert import ConversionError, write_task
+from gato_like.data_pipelines.convert import ConversionError
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import check_task_name
 from gato_like.tokenizers.spec import EmbodimentSpec, SpecMismatchError
@@ -281,22 +281,3 @@ def load_lerobot(
     if not episodes:
         raise ValueError(f"{data.root}: no episodes")
     return spec, episodes
-
-
-def convert_lerobot(
-    root: str | Path,
-    out: str | Path,
-    task: str | None = None,
-    spec_file: str | Path | None = None,
-    instruction: str = "",
-    episodes_per_shard: int = 16,
-    overwrite: bool = False,
-    max_episodes: int | None = None,
-) -> dict[str, Any]:
-    """Convert a LeRobot dataset into shards of one task under ``out`` (added to its index); each
-    episode's instruction is its LeRobot task text unless ``instruction`` is given. Returns the index."""
-    spec, episodes = load_lerobot(root, task, spec_file, max_episodes)
-    if instruction:
-        for episode in episodes:
-            episode.instruction = instruction
-    return write_task(Path(out), episodes[0].task, spec, episodes, episodes_per_shard, overwrite)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.convert import ConversionError, write_task
+from gato_like.data_pipelines.convert import ConversionError
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import check_task_name
 from gato_like.tokenizers.gym_spaces import SpaceMapping
@@ -176,26 +176,3 @@ def load_minari(
         raise ValueError(f"Minari dataset {meta.get('dataset_id', dataset)}: no episodes")
     meta["env_id"] = env_id
     return spec, episodes, meta
-
-
-def convert_minari(
-    dataset: str | Path,
-    out: str | Path,
-    task: str | None = None,
-    spec_file: str | Path | None = None,
-    instruction: str = "",
-    episodes_per_shard: int = 16,
-    overwrite: bool = False,
-    max_episodes: int | None = None,
-) -> dict[str, Any]:
-    """Convert a Minari dataset into shards of one task under ``out`` (added to its index); the
-    dataset's ``ref_min_score``, when it has one, is the task's random-policy normalizer. Returns
-    the index."""
-    spec, episodes, meta = load_minari(dataset, task, spec_file, max_episodes)
-    for episode in episodes:
-        episode.instruction = instruction
-    random = meta.get("ref_min_score")
-    random_returns = None if random is None else {"mean": round(float(random), 4), "std": 0.0, "episodes": 0}
-    return write_task(
-        Path(out), episodes[0].task, spec, episodes, episodes_per_shard, overwrite, random_returns
-    )
