@@ -363,11 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, (cls, _) in _settings(COMMANDS[path]).items():  # each dataclass's flags become its instance
             fields = {f.name for f in dataclasses.fields(cls)}
-            given = {k: v for k, v in given.items() if k not in fields} | {
-                name: cls(
-                    **{k: v for k, v in given.items() if k in fields}
-                )  # checked here: bad values exit 2
-            }
+            # __post_init__ checks the values here: a bad one exits 2 with its message
+            values = {k: v for k, v in given.items() if k in fields}
+            given = {k: v for k, v in given.items() if k not in fields} | {name: _instance(cls, values)}
         COMMANDS[path](**given)
     except (OSError, KeyError, ValueError) as error:
         # errors a user can act on: one clear line, no traceback

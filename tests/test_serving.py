@@ -312,6 +312,27 @@ def test_invalid_observations_name_each_violation_and_change_nothing(server, che
         assert client.act(obs).shape == (1,)
 
 
+def test_gato_like_serve_reads_its_settings_flags(checkpoint: Path) -> None:
+    """The command line builds EngineConfig and ServerConfig from their flags, nested ones included,
+    and serves: a real `gato-like serve` process on a loopback port."""
+    from gato_like.serving.loadgen import free_port, launch_server
+
+    port = free_port()
+    process = launch_server(checkpoint, port, max_batch=4, max_sessions=3, token="s3cret",
+                            server_args=["--limits.max_keys", "12", "--hello_timeout_s", "5"])  # fmt: skip
+    try:
+        raw = Raw(f"ws://127.0.0.1:{port}", additional_headers={"Authorization": "Bearer s3cret"})
+        limits = raw.welcome["limits"]
+        assert limits["max_keys"] == 12 and limits["max_sessions"] == 3 and limits["max_batch"] == 4
+        raw.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    result = subprocess.run([sys.executable, "-m", "gato_like.cli", "serve", "--ckpt", str(checkpoint), "--max_batch", "0"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "max_batch: expected a positive integer, got 0" in result.stderr
+
+
 def test_bearer_token_is_checked_at_the_upgrade(checkpoint: Path) -> None:
     config = ServerConfig(port=0, token="s3cret-token")
     with background_server(load_checkpoint(checkpoint), EngineConfig(max_sessions=4), config) as server:
