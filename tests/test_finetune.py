@@ -163,6 +163,21 @@ def test_a_base_whose_tokenizer_differs_is_refused_before_training(tmp_path: Pat
     assert code == 2
 
 
+@pytest.mark.parametrize(("max_steps", "steps_run", "early"), [(24, 12, True), (12, 12, False)])
+def test_early_stopping_is_reported_only_when_it_ended_the_run(
+    tmp_path: Path, max_steps: int, steps_run: int, early: bool
+) -> None:
+    """Weights that cannot move (lr 1e-30: below float32's resolution) never improve the held-out
+    loss: with patience 1 the second validation (step 12) ends the run, which is early only when
+    the step budget was larger."""
+    base = _base(tmp_path / "base")
+    demos = _demos(tmp_path, count=3, steps=10)
+    config = FinetuneConfig(mode="head", lr=1e-30, max_steps=max_steps, val_every=6, patience=1, batch_size=2)
+    finetune(base, demos, tmp_path / "run", config, progress=False)
+    info = json.loads((tmp_path / "run" / "finetune.json").read_text())
+    assert (info["steps_run"], info["early_stopped"]) == (steps_run, early)
+
+
 def test_an_embodiment_name_the_base_uses_differently(tmp_path: Path) -> None:
     point = without_images(get_task("dmc-point_mass-easy").spec)
     base = _base(tmp_path / "base")

@@ -469,7 +469,8 @@ def finetune(
             if not math.isfinite(keep.best)
             else round(keep.best, 5),
             "validation": keep.history,
-            "early_stopped": stop.wait_count >= cfg.patience,
+            # patience ran out before the step budget (at the last validation it ends nothing)
+            "early_stopped": stop.wait_count >= cfg.patience and trainer.global_step < max_steps,
             "config": {k: v for k, v in asdict(cfg).items()},
         },
     }
