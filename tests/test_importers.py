@@ -191,3 +191,43 @@ def test_lerobot_bad_input_is_named_and_writes_nothing(
 def test_unknown_source_format_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "convert", "--from", "rlds", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--from: expected one of npz, minari, lerobot, got 'rlds'" in capsys.readouterr().err
+
+
+def test_minari_dict_observations_with_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nested (Dict) observations with a Text mission, as BabyAI's, map to one key each."""
+    import string
+    import warnings
+
+    gym = pytest.importorskip("gymnasium")
+    minari = pytest.importorskip("minari")
+    import minigrid  # noqa: F401  (registers BabyAI)
+    from gymnasium import spaces
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    env = gym.make("BabyAI-GoToRedBall-v0")
+    space = spaces.Dict({"image": env.observation_space["image"], "direction": env.observation_space["direction"],
+                         "mission": spaces.Text(max_length=100, charset=string.ascii_lowercase + " ")})  # fmt: skip
+    obs, _ = env.reset(seed=3)
+    seen = {"image": [obs["image"]], "direction": [obs["direction"]], "mission": [obs["mission"]]}
+    actions = [0, 2, 1, 2, 2]
+    for action in actions:
+        obs, *_ = env.step(action)
+        for key in seen:
+            seen[key].append(obs[key])
+    buffer = EpisodeBuffer(id=0, seed=3, observations={"image": np.asarray(seen["image"]), "direction": np.asarray(seen["direction"]),
+                                                       "mission": seen["mission"]},
+                           actions=np.asarray(actions), rewards=[0.0] * 5, terminations=[False] * 5, truncations=[False] * 4 + [True])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers("gatolike/babyai/dict-v0", [buffer], env="BabyAI-GoToRedBall-v0",
+                                           observation_space=space, action_space=env.action_space)  # fmt: skip
+    out = tmp_path / "demos"
+    assert main(["data", "convert", "--from", "minari", "gatolike/babyai/dict-v0", "--out", str(out)]) == 0
+    [episode] = _episodes(out, "gym-BabyAI-GoToRedBall-v0")
+    assert episode.observations["mission"].tolist() == seen["mission"][:5]
+    np.testing.assert_array_equal(episode.observations["image"], np.asarray(seen["image"][:5]))
+    np.testing.assert_array_equal(
+        episode.observations["direction"].reshape(-1), np.asarray(seen["direction"][:5])
+    )
+    np.testing.assert_array_equal(episode.actions.reshape(-1), actions)
