@@ -5,7 +5,8 @@ package is not needed.
 The embodiment spec is derived from ``meta/info.json``'s features:
 
 - ``observation.images.<camera>`` (``video`` or ``image``, ``[H, W, 3]``): an image key
-  ``<camera>``; videos are decoded frame by frame and matched to each episode's timestamps;
+  ``<camera>``; videos are decoded frame by frame and matched to each episode's timestamps, images
+  (PNG or JPEG bytes in the data parquet) decoded with Pillow;
 - any other ``observation.<name>`` of floats with one dimension: a proprio key ``<name>``;
 - ``action`` (floats, one dimension): a continuous action, bounded by the dataset's own min and
   max (``meta/stats.json``);
@@ -104,6 +105,19 @@ def _video_frames(path: Path) -> tuple[np.ndarray, np.ndarray]:
             frames.append(frame.to_ndarray(format="rgb24"))
             times.append(float(frame.pts * stream.time_base))
     return np.stack(frames), np.asarray(times)
+
+
+def _picture(cell: Any, feature: str) -> np.ndarray:
+    """One image cell of a data parquet (``{"bytes": PNG or JPEG, "path": ...}``) as uint8 RGB."""
+    import io
+
+    from PIL import Image
+
+    data = cell.get("bytes") if isinstance(cell, dict) else None
+    if not data:
+        raise ValueError(f"{feature}: an image cell without bytes ({str(cell)[:80]})")
+    with Image.open(io.BytesIO(data)) as picture:
+        return np.asarray(picture.convert("RGB"), dtype=np.uint8)
 
 
 def derive_spec(data: LeRobotDataset, name: str) -> tuple[EmbodimentSpec, dict[str, str]]:
@@ -223,7 +237,11 @@ def load_lerobot(
             observations: dict[str, np.ndarray] = {}
             for key, (feature, part) in sources.items():
                 kind = spec.observations[key].kind
-                if kind == "image":
+                if (
+                    kind == "image" and data.features[feature].get("dtype") == "image"
+                ):  # PNG/JPEG in the parquet
+                    observations[key] = np.stack([_picture(cell, feature) for cell in columns[feature][rows]])
+                elif kind == "image":
                     prefix = f"videos/{feature}/"
                     path = data.root / data.info["video_path"].format(
                         video_key=feature, chunk_index=int(meta[prefix + "chunk_index"]), file_index=int(meta[prefix + "file_index"])

@@ -1,4 +1,4 @@
-"""Write tests/fixtures/lerobot_cartpole/: a tiny LeRobot (v3.0) dataset made by lerobot's own writer.
+"""Write the LeRobot test fixtures: tiny LeRobot (v3.0) datasets made by lerobot's own writer.
 
 The fixture for ``gato-like data convert --from lerobot PATH``. Its episodes are real gato-like expert
 episodes of ``dmc-cartpole-balance`` (64x64 camera + proprio), re-written with
@@ -45,9 +45,20 @@ Then:
     PYTHONHASHSEED=0 /tmp/lrvenv/bin/python scripts/make_lerobot_fixture.py --src /tmp/lr_src \\
         --out tests/fixtures/lerobot_cartpole --overwrite
 
+The other two fixtures (same venv):
+
+    PYTHONHASHSEED=0 /tmp/lrvenv/bin/python scripts/make_lerobot_fixture.py --src /tmp/lr_src \
+        --out tests/fixtures/lerobot_cartpole_images --episodes 2 --max_steps 4 --images --overwrite
+    PYTHONHASHSEED=0 /tmp/lrvenv/bin/python scripts/make_lerobot_fixture.py --synthetic \
+        --out tests/fixtures/lerobot_gray_levels --overwrite
+
+``--images`` stores the frames as PNG images in the data parquet (``dtype: image``) instead of a
+video; ``--synthetic`` writes 3 episodes (7, 11, 5 frames) whose every frame is one uniform gray
+level, distinct across the dataset, so a reader's video frame -> timestep mapping is checked exactly.
+
 PYTHONHASHSEED=0 makes the output byte-identical from run to run (the video and parquet files are
 anyway; only the key order of meta/stats.json follows the string hash seed).
-.gitignore's ``data/`` also matches the fixture's ``data/`` folder: ``git add -f`` it.
+(.gitignore re-includes ``tests/fixtures/**``, which its ``data/`` pattern would hide.)
 
 Mapping (gato-like episode -> LeRobot frame):
     observation.state          float32 (5,) = concat(obs.position (3,), obs.velocity (2,)), with names
@@ -132,7 +143,55 @@ STATE_NAMES = {  # dm_control cartpole: position = (cart x, cos, sin of pole ang
 }
 
 
+#: ``--synthetic``: episode lengths, and the uniform gray level of global frame g (all distinct).
+SYNTHETIC_LENGTHS = (7, 11, 5)
+
+
+def gray_level(g: int) -> int:
+    return 20 + 9 * g
+
+
+def write_synthetic(args: argparse.Namespace) -> None:
+    """Episodes whose every camera frame is one uniform gray level, distinct for each frame of the
+    dataset (which survives video compression), so a reader's frame-to-timestep mapping can be
+    checked exactly; the state holds (episode, frame, 0, 0, 0)."""
+    _stub_torchvision()
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    features = {
+        "observation.state": {"dtype": "float32", "shape": (5,), "names": ["episode", "frame", "a", "b", "c"]},
+        "observation.images.camera": {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]},
+        "action": {"dtype": "float32", "shape": (1,), "names": ["force"]},
+    }  # fmt: skip
+    if args.out.exists():
+        if not args.overwrite:
+            raise SystemExit(f"{args.out} exists (pass --overwrite)")
+        shutil.rmtree(args.out)
+    dataset = LeRobotDataset.create(repo_id="gato-like/gray_levels", fps=30, features=features, root=args.out,
+                                    robot_type="gray", use_videos=True, vcodec=args.vcodec, encoder_threads=1)  # fmt: skip
+    g = 0
+    for e, length in enumerate(SYNTHETIC_LENGTHS):
+        for k in range(length):
+            dataset.add_frame(
+                {
+                    "observation.state": np.array([e, k, 0, 0, 0], dtype=np.float32),
+                    "observation.images.camera": np.full((64, 64, 3), gray_level(g), dtype=np.uint8),
+                    "action": np.zeros(1, dtype=np.float32),
+                    "task": "show gray levels",
+                }
+            )
+            g += 1
+        dataset.save_episode()
+    dataset.finalize()
+    images = args.out / "images"
+    if images.is_dir() and not any(p.is_file() for p in images.rglob("*")):
+        shutil.rmtree(images)
+    print(f"wrote {len(SYNTHETIC_LENGTHS)} synthetic episodes to {args.out} (30 fps, {args.vcodec})")
+
+
 def write(args: argparse.Namespace) -> None:
+    if args.synthetic:
+        return write_synthetic(args)
     _stub_torchvision()
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
@@ -147,7 +206,7 @@ def write(args: argparse.Namespace) -> None:
     features = {
         "observation.state": {"dtype": "float32", "shape": (len(state_names),), "names": state_names},
         "observation.images.camera": {
-            "dtype": "video",
+            "dtype": "image" if args.images else "video",
             "shape": (h, w, c),
             "names": ["height", "width", "channels"],
         },
@@ -165,7 +224,7 @@ def write(args: argparse.Namespace) -> None:
         features=features,
         root=args.out,
         robot_type=spec["name"],
-        use_videos=True,
+        use_videos=not args.images,
         vcodec=args.vcodec,
         encoder_threads=1,
     )
@@ -189,8 +248,11 @@ def write(args: argparse.Namespace) -> None:
     images = args.out / "images"
     if images.is_dir() and not any(p.is_file() for p in images.rglob("*")):
         shutil.rmtree(images)
-    print(f"wrote {len(episodes)} episodes to {args.out} ({fps} fps, {args.vcodec})")
-    check(args, episodes, proprio)
+    print(
+        f"wrote {len(episodes)} episodes to {args.out} ({fps} fps, {'PNG images' if args.images else args.vcodec})"
+    )
+    if not args.images:  # the check decodes videos; PNG frames are lossless
+        check(args, episodes, proprio)
 
 
 def check(args: argparse.Namespace, episodes: list[dict], proprio: list[str]) -> None:
@@ -252,6 +314,12 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=None, help="truncate each episode")
     parser.add_argument("--instruction", default=None, help="task string (default: the episode's)")
     parser.add_argument("--vcodec", default="libsvtav1", choices=["libsvtav1", "h264"])
+    parser.add_argument(
+        "--images", action="store_true", help="frames as PNG images in the parquet, not videos"
+    )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="uniform gray frames, one level per frame (no --src)"
+    )
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--check_only", action="store_true", help="only compare --out with --src")
     args = parser.parse_args()

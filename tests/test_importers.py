@@ -231,3 +231,39 @@ def test_minari_dict_observations_with_text(tmp_path: Path, monkeypatch: pytest.
         episode.observations["direction"].reshape(-1), np.asarray(seen["direction"][:5])
     )
     np.testing.assert_array_equal(episode.actions.reshape(-1), actions)
+
+
+def test_lerobot_image_frames_match_the_video_frames(tmp_path: Path) -> None:
+    """``tests/fixtures/lerobot_cartpole_images``: the first 4 frames of the same 2 episodes, written
+    by lerobot's writer as PNG images in the parquet (``make_lerobot_fixture.py --images``). Decoded,
+    they match the video fixture's frames within the video's compression error. (Balance barely
+    moves from frame to frame: which frame each video frame is, the gray-level test checks.)"""
+    images, video = tmp_path / "images", tmp_path / "video"
+    assert main(["data", "convert", "--from", "lerobot", str(FIXTURE.parent / "lerobot_cartpole_images"), "--out", str(images)]) == 0  # fmt: skip
+    argv = ["data", "convert", "--from", "lerobot", str(FIXTURE), "--out", str(video), "--max_episodes", "2"]
+    assert main(argv) == 0
+    lossless = sorted(_episodes(images, "cartpole"), key=lambda e: e.seed)
+    lossy = sorted(_episodes(video, "cartpole"), key=lambda e: e.seed)
+    assert [e.length for e in lossless] == [4, 4]
+    for png, mp4 in zip(lossless, lossy, strict=True):
+        np.testing.assert_array_equal(png.observations["state"], mp4.observations["state"][:4])
+        error = np.abs(png.observations["camera"].astype(np.int16) - mp4.observations["camera"][:4])
+        error = error.mean(axis=(1, 2, 3))
+        assert (error < 6.0).all(), error  # AV1 at crf 30: ~2.5 on average
+
+
+def test_lerobot_video_frames_land_on_their_timesteps(tmp_path: Path) -> None:
+    """``tests/fixtures/lerobot_gray_levels`` (``make_lerobot_fixture.py --synthetic``): 3 episodes
+    of 7, 11 and 5 frames in one AV1 file, every frame one uniform gray level, distinct across the
+    dataset (20 + 9 g for global frame g). Each decoded frame is the one of its (episode, frame)."""
+    out = tmp_path / "demos"
+    assert main(["data", "convert", "--from", "lerobot", str(FIXTURE.parent / "lerobot_gray_levels"), "--out", str(out)]) == 0  # fmt: skip
+    episodes = sorted(_episodes(out, "gray"), key=lambda e: e.seed)
+    assert [e.length for e in episodes] == [7, 11, 5]
+    g = 0
+    for e, episode in enumerate(episodes):
+        for k in range(episode.length):
+            assert episode.observations["state"][k, :2].tolist() == [e, k]
+            level = float(episode.observations["camera"][k].mean())
+            assert abs(level - (20 + 9 * g)) < 3.0, (e, k, level)  # neighbours are 9 levels apart
+            g += 1
