@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from gato_like.serving.loadgen import sweep
+from gato_like.serving.loadgen import LoadConfig, sweep
 
 
 def main() -> None:
@@ -28,20 +28,14 @@ def main() -> None:
     parser.add_argument("--hz", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per robot count")
     parser.add_argument("--task", default=None, help="task or embodiment (default: the first embodiment)")
-    parser.add_argument("--modes", nargs="+", default=["batched", "unbatched"])
+    parser.add_argument("--unbatched", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="runs/serve_bench")
     parser.add_argument("--token", default=None)
     args = parser.parse_args()
     sweep(
         args.ckpt,
         args.out,
-        args.sessions,
-        args.hz,
-        args.duration,
-        args.task,
-        args.modes,
-        args.url,
-        args.token,
+        LoadConfig(args.sessions, args.hz, args.duration, args.task, args.unbatched, args.url, args.token),
     )
 
 

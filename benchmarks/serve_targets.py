@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from acting_speed import save_untrained
 
-from gato_like.serving.loadgen import sweep
+from gato_like.serving.loadgen import LoadConfig, sweep
 
 CASES = [  # name, body with pixels, encoder, robots, target
     ("pixels-1", True, "resnet", 1, {"p50": 7.0}),
@@ -65,12 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     paths = checkpoints(out / "checkpoints")
-    modes = ("batched", "unbatched") if args.unbatched else ("batched",)
     rows = []
     for threads in args.threads:
         for name, pixels, encoder, robots, target in CASES:
-            report = sweep(paths[(pixels, encoder)], out / f"{name}-{encoder}-t{threads}", [robots], args.hz,
-                           args.duration, None, modes, server_args=["--threads", str(threads)])  # fmt: skip
+            load = LoadConfig(sessions=[robots], hz=args.hz, duration=args.duration, unbatched=args.unbatched, threads=threads)  # fmt: skip
+            report = sweep(paths[(pixels, encoder)], out / f"{name}-{encoder}-t{threads}", load)
             for row in report["results"]:
                 rows.append({"case": name, "encoder": encoder if pixels else "-", "threads": threads,
                              "mode": row["mode"], "robots": robots, "latency_ms": row["latency_ms"],

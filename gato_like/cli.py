@@ -20,6 +20,7 @@ from gato_like.data_pipelines.generate import GenerateConfig
 from gato_like.envs.base import Perturbation
 from gato_like.envs.control import DEFAULT_PERTURBATION
 from gato_like.serving.config import EngineConfig, ServerConfig
+from gato_like.serving.loadgen import LoadConfig
 from gato_like.training.settings import EvalConfig, FinetuneConfig, TrainConfig
 
 # the settings dataclasses document each field in a docstring under it: that is the flag's help
@@ -185,42 +186,19 @@ def serve(ckpt: Path, engine: EngineConfig, server: ServerConfig, log_level: str
     serve_checkpoint(ckpt, server, engine)
 
 
-def bench_serve(
-    ckpt: Path | None = None,
-    out: Path = Path("serve_bench"),
-    sessions: str = "1,4,16,32,64",
-    hz: float = 20.0,
-    duration: float = 10.0,
-    task: str | None = None,
-    unbatched: bool = True,
-    url: str | None = None,
-    token: str | None = None,
-    threads: int | None = None,
-) -> None:
+def bench_serve(config: LoadConfig, ckpt: Path | None = None, out: Path = Path("serve_bench")) -> None:
     """Load test: N simulated robots at a fixed rate; latency p50/p90/p99/max, missed deadlines, throughput.
 
+    The flags besides these are the fields of ``LoadConfig`` (gato_like/serving/loadgen.py).
+
     Args:
+        config: what the load test runs (its flags follow).
         ckpt: checkpoint to serve (a server is launched per mode); or give --url.
         out: where serve_load.json and serve_load.png go.
-        sessions: comma-separated robot counts to sweep.
-        hz: steps per second per robot.
-        duration: seconds per robot count.
-        task: task (or embodiment) the robots act in (default: the first embodiment).
-        unbatched: also measure the same model served one request at a time (--max-batch 1).
-        url: a running server (ws://host:port) instead of launching one.
-        token: bearer token (default: $GATO_LIKE_TOKEN).
-        threads: the launched servers' worker threads (default: theirs, from the cores).
     """
-    import os
-
     from gato_like.serving.loadgen import sweep
 
-    counts = [int(n) for n in sessions.split(",") if n.strip()]
-    modes = ("batched", "unbatched") if unbatched else ("batched",)
-    sweep(
-        ckpt, out, counts, hz, duration, task, modes, url, token or os.environ.get("GATO_LIKE_TOKEN") or None,
-        ["--threads", str(threads)] if threads else [],
-    )  # fmt: skip
+    sweep(ckpt, out, config)
     print(f"results: {Path(out) / 'serve_load.json'}, plot: {Path(out) / 'serve_load.png'}")
 
 
@@ -237,6 +215,7 @@ def _settings(function: Any) -> dict[str, tuple[type, Any]]:
             "perturbation": (Perturbation, DEFAULT_PERTURBATION),
         },
         serve: {"engine": (EngineConfig, None), "server": (ServerConfig, None)},
+        bench_serve: {"config": (LoadConfig, None)},
     }
     return table.get(function, {})
 

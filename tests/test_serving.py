@@ -10,6 +10,7 @@ decoder under property-based fuzzing; the client imports without torch; the load
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -331,6 +332,17 @@ def test_gato_like_serve_reads_its_settings_flags(checkpoint: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "gato_like.cli", "serve", "--ckpt", str(checkpoint), "--max_batch", "0"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "max_batch: expected a positive integer, got 0" in result.stderr
+
+
+def test_bench_serve_reads_its_settings_flags(checkpoint: Path, tmp_path: Path) -> None:
+    from gato_like.cli import main
+
+    argv = ["bench", "serve", "--ckpt", str(checkpoint), "--out", str(tmp_path), "--sessions", "1,2",
+            "--duration", "0.5", "--unbatched", "false", "--threads", "1", "--task", TASKS[0]]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "serve_load.json").read_text())["results"]
+    assert [(r["mode"], r["sessions"]) for r in rows] == [("batched", 1), ("batched", 2)]
+    assert all(r["errors"] == {} and r["steps"] == r["scheduled"] > 0 for r in rows)
 
 
 def test_bearer_token_is_checked_at_the_upgrade(checkpoint: Path) -> None:

@@ -27,6 +27,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,26 +220,54 @@ def launch_server(
     raise TimeoutError("the server did not become ready within 120 s")
 
 
+@dataclass
+class LoadConfig:
+    """What a load test runs.
+
+    The flags of ``gato-like bench serve`` besides ``--ckpt`` and ``--out``."""
+
+    sessions: str | list[int] = "1,4,16,32,64"
+    """Robot counts to sweep, comma-separated or a list."""
+    hz: float = 20.0
+    """Steps per second per robot."""
+    duration: float = 10.0
+    """Seconds per robot count."""
+    task: str | None = None
+    """Task (or embodiment) the robots act in (default: the first embodiment)."""
+    unbatched: bool = True
+    """Also measure the same model served one request at a time (--max_batch 1), as openpi serves."""
+    url: str | None = None
+    """A running server (ws://host:port) instead of launching one (one mode: as it is configured)."""
+    token: str | None = None
+    """Bearer token (default: $GATO_LIKE_TOKEN)."""
+    threads: int | None = None
+    """The launched servers' worker threads (default: theirs, from the cores)."""
+
+    @property
+    def counts(self) -> list[int]:
+        if isinstance(self.sessions, str):
+            return [int(n) for n in self.sessions.split(",") if n.strip()]
+        return [int(n) for n in self.sessions]
+
+
 def sweep(
     ckpt: str | Path | None,
     out: str | Path,
-    sessions: Sequence[int] = (1, 4, 16, 32, 64),
-    hz: float = 20.0,
-    duration: float = 10.0,
-    task: str | None = None,
-    modes: Sequence[str] = ("batched", "unbatched"),
-    url: str | None = None,
-    token: str | None = None,
+    config: LoadConfig | None = None,
     server_args: Sequence[str] = (),
+    **fields: Any,
 ) -> dict[str, Any]:
-    """The sweep, for each mode against a fresh server (or ``url``, one mode, as it is configured;
-    ``server_args`` are added to each launched ``gato-like serve``). Writes ``OUT/serve_load.json``
-    and ``OUT/serve_load.png``; returns the JSON."""
+    """The sweep, for each mode against a fresh server (or ``config.url``, one mode, as it is
+    configured; ``server_args`` are added to each launched ``gato-like serve``, after
+    ``--threads``). ``fields`` replace some of ``config``. Writes ``OUT/serve_load.json`` and
+    ``OUT/serve_load.png``; returns the JSON."""
+    c = replace(config or LoadConfig(), **fields)
+    sessions, hz, duration, task, url = c.counts, c.hz, c.duration, c.task, c.url
+    token = c.token or os.environ.get("GATO_LIKE_TOKEN") or None
+    modes = ("batched", "unbatched") if c.unbatched else ("batched",)
+    server_args = [*(["--threads", str(c.threads)] if c.threads else []), *server_args]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {sorted(MODES)}, got {mode!r}")
     if url is None and ckpt is None:
         raise ValueError("bench serve: give --ckpt (servers are launched) or --url (a running server)")
     results: list[dict[str, Any]] = []
