@@ -11,6 +11,7 @@ reports raw returns beside a uniform-random policy's instead of an expert-normal
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,12 @@ class GymTask:
         self.max_steps = int(registered or DEFAULT_MAX_STEPS)
 
     def _make(self, render_mode: str | None) -> Any:
+        if render_mode == "rgb_array" and not (
+            os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+        ):
+            # offscreen frames need no display; without this, pygame-drawn environments (CartPole)
+            # print SDL's "error: XDG_RUNTIME_DIR is invalid" on a headless machine
+            os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         if self._factory is not None:
             return self._factory(render_mode=render_mode)
         import gymnasium as gym
