@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,23 @@ class ConversionError(ValueError):
         )
 
 
+def gather(loaders: Iterable[tuple[str, Callable[[], Episode]]]) -> list[Episode]:
+    """Run every ``(label, load)``; raise :class:`ConversionError` listing each one that fails
+    (labelled: a file name, ``episode 3``), so a user sees every problem at once, before anything
+    is written. ``KeyError``/``IndexError`` count as malformed input too."""
+    episodes, problems = [], []
+    for label, load in loaders:
+        try:
+            episodes.append(load())
+        except SpecMismatchError as error:
+            problems.append(f"{label}: " + "; ".join(str(v) for v in error.violations))
+        except (ValueError, KeyError, IndexError) as error:
+            problems.append(f"{label}: {error}")
+    if problems:
+        raise ConversionError(problems)
+    return episodes
+
+
 def _success(value: np.ndarray | None) -> bool:
     if value is None:
         return False
@@ -166,18 +185,9 @@ def convert_npz(
     files = sorted(source.glob("*.npz")) if source.is_dir() else []
     if not files:
         raise FileNotFoundError(f"{source}: no .npz episode files found")
-    episodes, problems = [], []
-    for path in files:
-        try:
-            episode = load_npz_episode(path, spec, task)
-            episode.instruction = instruction
-            episodes.append(episode)
-        except SpecMismatchError as error:
-            problems.append(f"{path.name}: " + "; ".join(str(v) for v in error.violations))
-        except ValueError as error:
-            problems.append(f"{path.name}: {error}")
-    if problems:
-        raise ConversionError(problems)
+    episodes = gather((path.name, partial(load_npz_episode, path, spec, task)) for path in files)
+    for episode in episodes:
+        episode.instruction = instruction
     return write_task(out, task, spec, episodes, episodes_per_shard, overwrite)
 
 

@@ -24,15 +24,16 @@ before anything is written.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.convert import ConversionError
+from gato_like.data_pipelines.convert import gather
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import check_task_name
-from gato_like.tokenizers.spec import EmbodimentSpec, SpecMismatchError
+from gato_like.tokenizers.spec import EmbodimentSpec
 
 #: The LeRobot dataset format versions this reader knows.
 SUPPORTED_VERSIONS = ("v3.0",)
@@ -201,14 +202,87 @@ def _sources_for(spec: EmbodimentSpec, data: LeRobotDataset) -> dict[str, tuple[
     return out
 
 
+class _Reader:
+    """Episodes of one dataset in a spec, each data file and video decoded once."""
+
+    def __init__(self, data: LeRobotDataset, spec: EmbodimentSpec, sources: dict[str, tuple[str, list[int] | None]], task: str) -> None:  # fmt: skip
+        self.data, self.spec, self.sources, self.task = data, spec, sources, task
+        self.texts = data.tasks()
+        self.files: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.videos: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+
+    def episode(self, meta: dict[str, Any]) -> Episode:
+        index = int(meta["episode_index"])
+        where = (int(meta["data/chunk_index"]), int(meta["data/file_index"]))
+        if where not in self.files:
+            self.files[where] = self.data.frames(*where)
+        columns = self.files[where]
+        rows = np.flatnonzero(columns["episode_index"] == index)
+        if len(rows) == 0:
+            raise ValueError("no frames in its data file")
+        rows = rows[np.argsort(columns["frame_index"][rows])]
+
+        def column(name: str) -> np.ndarray:
+            return np.stack(list(columns[name][rows]))
+
+        observations: dict[str, np.ndarray] = {}
+        for key, (feature, part) in self.sources.items():
+            if self.spec.observations[key].kind != "image":
+                values = column(feature).astype(np.float32)
+                observations[key] = values[:, part] if part is not None else values
+            elif self.data.features[feature].get("dtype") == "image":  # PNG/JPEG in the parquet
+                observations[key] = np.stack([_picture(cell, feature) for cell in columns[feature][rows]])
+            else:
+                observations[key] = self._video(feature, meta, columns["timestamp"][rows].astype(np.float64))
+        actions = column("action").astype(np.float32).reshape(len(rows), *self.spec.action.shape)
+        rewards = (
+            column("next.reward").astype(np.float32).reshape(len(rows))
+            if "next.reward" in columns
+            else np.zeros(len(rows), np.float32)
+        )
+        flag = next((f for f in ("next.success", "next.done") if f in columns), None)
+        success = bool(column(flag).reshape(-1)[-1]) if flag is not None else False
+        self.spec.check_episode(observations, actions)
+        task_index = int(columns["task_index"][rows[0]]) if "task_index" in columns else None
+        return Episode(
+            task=self.task,
+            embodiment=self.spec.name,
+            observations=observations,
+            actions=actions,
+            rewards=rewards,
+            instruction=self.texts.get(task_index, "") if task_index is not None else "",
+            success=success,
+            source=f"lerobot {self.data.root.name} episode {index}",
+            seed=index,
+        )
+
+    def _video(self, feature: str, meta: dict[str, Any], timestamps: np.ndarray) -> np.ndarray:
+        """The frames of ``feature`` at an episode's ``timestamps`` (seconds from its start)."""
+        prefix = f"videos/{feature}/"
+        chunk, file = int(meta[prefix + "chunk_index"]), int(meta[prefix + "file_index"])
+        path = self.data.root / self.data.info["video_path"].format(video_key=feature, chunk_index=chunk, file_index=file)  # fmt: skip
+        if path not in self.videos:
+            self.videos[path] = _video_frames(path)
+        pictures, times = self.videos[path]
+        wanted = float(meta[prefix + "from_timestamp"]) + timestamps  # episodes share one file
+        nearest = np.abs(times[None, :] - wanted[:, None]).argmin(axis=1)
+        off = np.abs(times[nearest] - wanted).max()
+        if off > max(TOLERANCE_S, 0.5 / self.data.fps):
+            raise ValueError(
+                f"{feature}: no video frame within {off:.4f} s of a frame's timestamp ({path.name})"
+            )
+        return pictures[nearest]
+
+
 def load_lerobot(
     root: str | Path,
     task: str | None = None,
     spec_file: str | Path | None = None,
     max_episodes: int | None = None,
 ) -> tuple[EmbodimentSpec, list[Episode]]:
-    """The spec and the converted, checked episodes. Raises :class:`ConversionError` listing every
-    episode that fails, ``ValueError`` for features that cannot map to a spec."""
+    """The spec and the converted, checked episodes. Raises
+    :class:`~gato_like.data_pipelines.convert.ConversionError` listing every episode that fails,
+    ``ValueError`` for features that cannot map to a spec."""
     data = LeRobotDataset(root)
     derived_name = str(data.info.get("robot_type") or data.root.name)
     if spec_file is not None:
@@ -218,84 +292,9 @@ def load_lerobot(
         spec, plain = derive_spec(data, derived_name)
         sources = {k: (f, None) for k, f in plain.items()}
     task = check_task_name(task or spec.name)
-    texts = data.tasks()
-    chosen = data.episodes[: max_episodes if max_episodes is not None else None]
-    frames_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-    videos: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
-    episodes, problems = [], []
-    for meta in chosen:
-        index = int(meta["episode_index"])
-        try:
-            where = (int(meta["data/chunk_index"]), int(meta["data/file_index"]))
-            if where not in frames_cache:
-                frames_cache[where] = data.frames(*where)
-            columns = frames_cache[where]
-            rows = np.flatnonzero(columns["episode_index"] == index)
-            if len(rows) == 0:
-                raise ValueError("no frames in its data file")
-            rows = rows[np.argsort(columns["frame_index"][rows])]
-            observations: dict[str, np.ndarray] = {}
-            for key, (feature, part) in sources.items():
-                kind = spec.observations[key].kind
-                if (
-                    kind == "image" and data.features[feature].get("dtype") == "image"
-                ):  # PNG/JPEG in the parquet
-                    observations[key] = np.stack([_picture(cell, feature) for cell in columns[feature][rows]])
-                elif kind == "image":
-                    prefix = f"videos/{feature}/"
-                    path = data.root / data.info["video_path"].format(
-                        video_key=feature, chunk_index=int(meta[prefix + "chunk_index"]), file_index=int(meta[prefix + "file_index"])
-                    )  # fmt: skip
-                    if path not in videos:
-                        videos[path] = _video_frames(path)
-                    pictures, times = videos[path]
-                    wanted = float(meta[prefix + "from_timestamp"]) + columns["timestamp"][rows].astype(
-                        np.float64
-                    )
-                    nearest = np.abs(times[None, :] - wanted[:, None]).argmin(axis=1)
-                    off = np.abs(times[nearest] - wanted).max()
-                    if off > max(TOLERANCE_S, 0.5 / data.fps):
-                        raise ValueError(f"{feature}: no video frame within {off:.4f} s of a frame's timestamp ({path.name})")  # fmt: skip
-                    observations[key] = pictures[nearest]
-                else:
-                    values = np.stack(list(columns[feature][rows])).astype(np.float32)
-                    observations[key] = values[:, part] if part is not None else values
-            actions = (
-                np.stack(list(columns["action"][rows]))
-                .astype(np.float32)
-                .reshape(len(rows), *spec.action.shape)
-            )
-            reward_column = columns.get("next.reward")
-            rewards = (
-                np.asarray(np.stack(list(reward_column[rows])), np.float32).reshape(len(rows))
-                if reward_column is not None
-                else np.zeros(len(rows), np.float32)
-            )
-            flags = columns.get("next.success", columns.get("next.done"))
-            success = (
-                bool(np.asarray(np.stack(list(flags[rows]))).reshape(-1)[-1]) if flags is not None else False
-            )
-            spec.check_episode(observations, actions)
-            task_index = int(columns["task_index"][rows[0]]) if "task_index" in columns else None
-            episodes.append(
-                Episode(
-                    task=task,
-                    embodiment=spec.name,
-                    observations=observations,
-                    actions=actions,
-                    rewards=rewards,
-                    instruction=texts.get(task_index, "") if task_index is not None else "",
-                    success=success,
-                    source=f"lerobot {data.root.name} episode {index}",
-                    seed=index,
-                )
-            )
-        except SpecMismatchError as error:
-            problems.append(f"episode {index}: " + "; ".join(str(v) for v in error.violations))
-        except (ValueError, KeyError, IndexError) as error:
-            problems.append(f"episode {index}: {error}")
-    if problems:
-        raise ConversionError(problems)
+    reader = _Reader(data, spec, sources, task)
+    chosen = data.episodes[:max_episodes]
+    episodes = gather((f"episode {m['episode_index']}", partial(reader.episode, m)) for m in chosen)
     if not episodes:
         raise ValueError(f"{data.root}: no episodes")
     return spec, episodes

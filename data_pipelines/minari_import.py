@@ -16,16 +16,18 @@ anything is written.
 
 from __future__ import annotations
 
+import itertools
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gato_like.data_pipelines.convert import ConversionError
+from gato_like.data_pipelines.convert import gather
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import check_task_name
 from gato_like.tokenizers.gym_spaces import SpaceMapping
-from gato_like.tokenizers.spec import EmbodimentSpec, SpecError, SpecMismatchError
+from gato_like.tokenizers.spec import EmbodimentSpec, SpecError
 
 #: The control rate given to a dataset whose environment states none (and cannot be made here).
 FALLBACK_HZ = 50.0
@@ -137,7 +139,8 @@ def load_minari(
     max_episodes: int | None = None,
 ) -> tuple[EmbodimentSpec, list[Episode], dict[str, Any]]:
     """The spec, the converted episodes and the dataset's metadata (``dataset_id``, ``env_id``,
-    ``ref_min_score``, ...). Raises :class:`ConversionError` listing every episode that fails."""
+    ``ref_min_score``, ...). Raises :class:`~gato_like.data_pipelines.convert.ConversionError`
+    listing every episode that fails."""
     data = open_dataset(dataset)
     meta = dict(data.storage.metadata)
     env_spec = data.env_spec
@@ -160,18 +163,8 @@ def load_minari(
         spec = given
     task = check_task_name(task or spec.name)
     source = f"minari {meta.get('dataset_id', dataset)} ({meta.get('algorithm_name') or 'unknown policy'})"
-    episodes, problems = [], []
-    for i, episode in enumerate(data.iterate_episodes()):
-        if max_episodes is not None and i >= max_episodes:
-            break
-        try:
-            episodes.append(_episode(episode, mapping, spec, task, source))
-        except SpecMismatchError as error:
-            problems.append(f"episode {episode.id}: " + "; ".join(str(v) for v in error.violations))
-        except (ValueError, KeyError, IndexError) as error:
-            problems.append(f"episode {episode.id}: {error}")
-    if problems:
-        raise ConversionError(problems)
+    chosen = itertools.islice(data.iterate_episodes(), max_episodes)
+    episodes = gather((f"episode {e.id}", partial(_episode, e, mapping, spec, task, source)) for e in chosen)
     if not episodes:
         raise ValueError(f"Minari dataset {meta.get('dataset_id', dataset)}: no episodes")
     meta["env_id"] = env_id
