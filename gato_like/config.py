@@ -241,7 +241,7 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-_GATO = {"text_vocab_size": GATO_TEXT_VOCAB_SIZE, "context_length": 1024}
+_GATO: dict[str, Any] = {"text_vocab_size": GATO_TEXT_VOCAB_SIZE, "context_length": 1024}
 PRESETS: dict[str, Config] = {
     c.name: c
     for c in [

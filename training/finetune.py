@@ -401,7 +401,7 @@ def finetune(
         max_time=None if cfg.max_minutes is None else timedelta(minutes=cfg.max_minutes),
         accelerator="auto",
         devices=1,
-        precision=default_precision(),
+        precision=default_precision(),  # type: ignore[arg-type]  # one of Lightning's precision names
         gradient_clip_val=1.0,
         val_check_interval=val_every,
         check_val_every_n_epoch=None,

@@ -80,6 +80,14 @@ class TrainConfig:
     log_every: int = 10
     """Log the losses every this many steps."""
 
+    @property
+    def task_names(self) -> list[str] | None:
+        return _names(self.tasks)
+
+    @property
+    def rollout_task_names(self) -> list[str] | None:
+        return _names(self.rollout_tasks)
+
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` the recipe sets filled in (``recipe`` None: ``base``), the
         recipe's model overrides under the given ones, and the task lists split. Raises
@@ -104,6 +112,7 @@ class TrainConfig:
 
 
 def _names(value: str | list[str] | None) -> list[str] | None:
+    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; empty or None -> None (every task)."""
     if isinstance(value, str):
         return [n.strip() for n in value.split(",") if n.strip()] or None
     return list(value) if value else None

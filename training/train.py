@@ -214,8 +214,7 @@ def _domain_weights(data: str | Path, c: TrainConfig) -> dict[str, float] | None
     if weights:
         from gato_like.data_pipelines.loader import DatasetSource
 
-        assert c.tasks is None or isinstance(c.tasks, list)
-        present = set(DatasetSource.open(str(data), c.tasks).tasks)
+        present = set(DatasetSource.open(str(data), c.task_names).tasks)
         weights = {k: v for k, v in weights.items() if k in present}
     weights |= dict(c.domain_weights or {})
     return weights or None
@@ -252,6 +251,7 @@ def train(
     assert c.preset is not None and c.max_steps is not None and c.batch_size is not None  # resolved
     assert c.lr is not None and c.warmup_steps is not None and c.workers is not None
     assert c.val_every is not None and c.rollout_episodes is not None and c.goal_every is not None
+    assert c.batch_tokens is not None
     precision = c.precision
     if c.rollout_episodes < 0:
         raise ValueError(f"rollout_episodes: expected >= 0, got {c.rollout_episodes}")
@@ -265,14 +265,14 @@ def train(
     )
     model_config = Config.from_name(c.preset, **fields)
     domain_weights = _domain_weights(data, c)
-    datamodule = GatoData(data, c.batch_size, model_config.context_length, c.workers, tasks=c.tasks, seed=c.seed,
+    datamodule = GatoData(data, c.batch_size, model_config.context_length, c.workers, tasks=c.task_names, seed=c.seed,
                           history_steps=model_config.history_steps, batch_tokens=c.batch_tokens,
                           domain_weights=domain_weights)  # fmt: skip
     check_domain_weights(domain_weights, datamodule.task_names)  # before any work, not when the loader starts
     export = ExportCheckpoint(out, datamodule, c.val_every, {})
     specs, task_entries = export.specs_and_tasks()
     scored = (
-        rollout_tasks_of(task_entries, c.rollout_tasks) if c.rollout_episodes else []
+        rollout_tasks_of(task_entries, c.rollout_task_names) if c.rollout_episodes else []
     )  # fails before any work
     probe = None
     if (
