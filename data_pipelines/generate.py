@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import INDEX_FILE, TaskShardWriter, returns_summary, write_index
 from gato_like.envs.control import DEFAULT_PERTURBATION, Perturbation
-from gato_like.envs.registry import get_task, resolve_tasks
+from gato_like.envs.registry import get_task, resolve_tasks, split_names
 from gato_like.tokenizers.spec import EmbodimentSpec
 
 #: Episodes per policy used for the expert and random return normalizers.
@@ -141,7 +141,6 @@ def generate(
     c = replace(config or GenerateConfig(), **fields)
     suite, episodes, max_steps, seed, workers = c.suite, c.episodes, c.max_steps, c.seed, c.workers
     episodes_per_shard, normalizer_episodes, pixels = c.episodes_per_shard, c.normalizer_episodes, c.pixels
-    tasks = [t.strip() for t in c.tasks.split(",") if t.strip()] if isinstance(c.tasks, str) else c.tasks
     task_episodes, task_hold = _counts(c.task_episodes, "task_episodes"), _counts(c.task_hold, "task_hold")
     root = Path(out)
     if (root / INDEX_FILE).exists() and not c.overwrite:
@@ -157,7 +156,7 @@ def generate(
     if episodes_per_shard < 1:
         raise ValueError(f"episodes_per_shard: expected >= 1, got {episodes_per_shard}")
     perturbation = perturbation if perturbation is not None else Perturbation()
-    selected = list({t.name: t for t in resolve_tasks(suite, tasks)}.values())  # each task once
+    selected = list({t.name: t for t in resolve_tasks(suite, c.tasks)}.values())  # each task once
     counts = {t.name: episodes for t in selected} | dict(task_episodes or {})
     unknown = sorted(set(counts) - {t.name for t in selected})
     if unknown or any(not isinstance(n, int) or n < 1 for n in counts.values()):
@@ -256,7 +255,7 @@ def generate(
     frames = sum(
         e["timesteps"] for name, e in entries.items() if "pixels" in task_spec(name, pixels).observations
     )
-    index = write_index(root, entries, seed=seed, suite=suite if not tasks else None)
+    index = write_index(root, entries, seed=seed, suite=suite if not split_names(c.tasks) else None)
     # timings vary from run to run, so they stay out of the index (whose bytes are reproducible)
     index["timing"] = {"seconds": round(elapsed, 2), "rendered_frames": frames, "workers": workers}
     return index

@@ -26,7 +26,7 @@ import numpy as np
 from gato_like.data_pipelines.convert import gather
 from gato_like.data_pipelines.episodes import Episode
 from gato_like.data_pipelines.shards import check_task_name
-from gato_like.tokenizers.gym_spaces import SpaceMapping
+from gato_like.tokenizers.gym_spaces import SpaceMapping, control_hz_of
 from gato_like.tokenizers.spec import EmbodimentSpec, SpecError
 
 #: The control rate given to a dataset whose environment states none (and cannot be made here).
@@ -70,7 +70,7 @@ def open_dataset(dataset: str | Path) -> Any:
 
 
 def _control_hz(env_spec: Any) -> float:
-    """1 / dt of the dataset's environment when it can be made here, else its ``render_fps``."""
+    """The control rate of the dataset's environment when it can be made here, else the fallback."""
     if env_spec is None:
         return FALLBACK_HZ
     try:
@@ -80,11 +80,7 @@ def _control_hz(env_spec: Any) -> float:
     except Exception:  # the environment's package may be absent here; the rate is all we need
         return FALLBACK_HZ
     try:
-        unwrapped = env.unwrapped
-        dt = getattr(unwrapped, "dt", None) or getattr(unwrapped, "tau", None)
-        if isinstance(dt, (int, float)) and dt > 0:
-            return 1.0 / float(dt)
-        return float((env.metadata or {}).get("render_fps") or FALLBACK_HZ)
+        return control_hz_of(env) or FALLBACK_HZ
     finally:
         env.close()
 

@@ -63,6 +63,17 @@ def _key(parts: tuple[str | int, ...], leaf_default: str) -> str:
     return key if KEY_PATTERN.match(key) else "_" + key
 
 
+def control_hz_of(env: Any) -> float | None:
+    """A gymnasium environment's control rate: ``1 / dt`` (or ``1 / tau``), else its metadata's
+    ``render_fps``; None when it states neither."""
+    unwrapped = getattr(env, "unwrapped", env)
+    dt = getattr(unwrapped, "dt", None) or getattr(unwrapped, "tau", None)
+    if isinstance(dt, (int, float)) and dt > 0:
+        return 1.0 / float(dt)
+    fps = (getattr(env, "metadata", {}) or {}).get("render_fps")
+    return float(fps) if fps else None
+
+
 class SpaceMapping:
     """A gymnasium observation and action space, read as an embodiment spec (module doc)."""
 
@@ -99,10 +110,7 @@ class SpaceMapping:
         else:
             observation_space, action_space = env.observation_space, env.action_space
             env_id = getattr(getattr(env, "spec", None), "id", None)
-            unwrapped = getattr(env, "unwrapped", env)
-            dt = getattr(unwrapped, "dt", None) or getattr(unwrapped, "tau", None)
-            hz = 1.0 / float(dt) if isinstance(dt, (int, float)) and dt > 0 else None
-            hz = hz or (getattr(env, "metadata", {}) or {}).get("render_fps")
+            hz = control_hz_of(env)
         name = name or (f"gym-{env_id}" if env_id else None)
         if not name:
             raise ValueError("SpaceMapping.of: the environment has no id; pass name=")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from gato_like.envs.registry import split_names
+
 Mode = Literal["lora", "head", "full"]
 
 
@@ -82,15 +84,15 @@ class TrainConfig:
 
     @property
     def task_names(self) -> list[str] | None:
-        return _names(self.tasks)
+        return split_names(self.tasks)
 
     @property
     def rollout_task_names(self) -> list[str] | None:
-        return _names(self.rollout_tasks)
+        return split_names(self.rollout_tasks)
 
     def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` the recipe sets filled in (``recipe`` None: ``base``), the
-        recipe's model overrides under the given ones, and the task lists split. Raises
+        """A copy with every ``None`` the recipe sets filled in (``recipe`` None: ``base``), and
+        the recipe's model overrides under the given ones. Raises
         ``KeyError`` for an unknown recipe."""
         from gato_like.training.recipes import BASE, get_recipe
 
@@ -105,17 +107,8 @@ class TrainConfig:
             self,
             recipe=chosen.name,
             model=dict(chosen.model) | dict(self.model or {}),
-            tasks=_names(self.tasks),
-            rollout_tasks=_names(self.rollout_tasks),
             **filled,
         )
-
-
-def _names(value: str | list[str] | None) -> list[str] | None:
-    """``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; empty or None -> None (every task)."""
-    if isinstance(value, str):
-        return [n.strip() for n in value.split(",") if n.strip()] or None
-    return list(value) if value else None
 
 
 @dataclass
@@ -174,4 +167,4 @@ class EvalConfig:
 
     @property
     def task_names(self) -> list[str] | None:
-        return _names(self.tasks)
+        return split_names(self.tasks)

@@ -55,10 +55,19 @@ def get_task(name: str) -> Env:
     return TASKS[name]
 
 
-def resolve_tasks(suite: str | None = None, tasks: list[str] | None = None) -> list[Env]:
-    """Tasks of a named suite, or of an explicit list of task names (not both)."""
-    if tasks:
-        return [get_task(name) for name in tasks]
+def split_names(value: str | list[str] | None) -> list[str] | None:
+    """Task names given as ``"a, b"`` or ``["a", "b"]`` -> ``["a", "b"]``; empty or None -> None
+    (every task)."""
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()] or None
+    return list(value) if value else None
+
+
+def resolve_tasks(suite: str | None = None, tasks: str | list[str] | None = None) -> list[Env]:
+    """Tasks of a named suite, or of explicit task names (a list or comma-separated; not both)."""
+    names = split_names(tasks)
+    if names:
+        return [get_task(name) for name in names]
     name = suite or "default"
     if name not in SUITES:
         raise _unknown("suite", name, sorted(SUITES))
