@@ -65,13 +65,12 @@ def convert(
     c = config or ConvertConfig()
     if c.from_ not in FORMATS:
         raise ValueError(f"--from: expected one of {', '.join(FORMATS)}, got {c.from_!r}")
+    random_returns = None
     if c.from_ == "npz":
         if c.spec is None:
             raise ValueError("--spec: a folder of .npz episodes needs the embodiment spec (JSON) they follow")
-        index = convert_npz(source, c.spec, out, c.task, c.instruction, c.episodes_per_shard, c.overwrite)
-        return index, c.task or EmbodimentSpec.from_file(c.spec).name
-    random_returns = None
-    if c.from_ == "minari":
+        spec, episodes = load_npz(source, c.spec, c.task)
+    elif c.from_ == "minari":
         from gato_like.data_pipelines.minari_import import load_minari
 
         spec, episodes, meta = load_minari(source, c.task, c.spec, c.max_episodes)
@@ -166,6 +165,20 @@ def load_npz_episode(path: Path, spec: EmbodimentSpec, task: str) -> Episode:
     return episode
 
 
+def load_npz(
+    source: str | Path, spec_file: str | Path, task: str | None = None
+) -> tuple[EmbodimentSpec, list[Episode]]:
+    """The spec and the checked episodes of a folder of ``.npz`` files (task: ``task``, default
+    the spec's name). Raises :class:`ConversionError` listing every file that fails."""
+    source = Path(source)
+    spec = EmbodimentSpec.from_file(spec_file)
+    task = check_task_name(task or spec.name)
+    files = sorted(source.glob("*.npz")) if source.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{source}: no .npz episode files found")
+    return spec, gather((path.name, partial(load_npz_episode, path, spec, task)) for path in files)
+
+
 def convert_npz(
     source: str | Path,
     spec_file: str | Path,
@@ -179,16 +192,8 @@ def convert_npz(
 
     Returns the dataset index.
     """
-    source, out = Path(source), Path(out)
-    spec = EmbodimentSpec.from_file(spec_file)
-    task = check_task_name(task or spec.name)
-    files = sorted(source.glob("*.npz")) if source.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"{source}: no .npz episode files found")
-    episodes = gather((path.name, partial(load_npz_episode, path, spec, task)) for path in files)
-    for episode in episodes:
-        episode.instruction = instruction
-    return write_task(out, task, spec, episodes, episodes_per_shard, overwrite)
+    config = ConvertConfig("npz", Path(spec_file), task, instruction, episodes_per_shard, overwrite)
+    return convert(source, out, config)[0]
 
 
 def write_task(

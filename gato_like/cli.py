@@ -205,19 +205,7 @@ def bench_serve(config: LoadConfig, ckpt: Path | None = None, out: Path = Path("
 def _settings(function: Any) -> dict[str, tuple[type, Any]]:
     """The settings dataclasses whose fields are ``function``'s further flags: parameter name ->
     (dataclass, the instance whose values are the flags' defaults, or None for the class's own)."""
-    table: dict[Any, dict[str, tuple[type, Any]]] = {
-        train: {"config": (TrainConfig, None)},
-        finetune: {"config": (FinetuneConfig, None)},
-        evaluate: {"config": (EvalConfig, None)},
-        data_convert: {"config": (ConvertConfig, None)},
-        data_generate: {
-            "config": (GenerateConfig, None),
-            "perturbation": (Perturbation, DEFAULT_PERTURBATION),
-        },
-        serve: {"engine": (EngineConfig, None), "server": (ServerConfig, None)},
-        bench_serve: {"config": (LoadConfig, None)},
-    }
-    return table.get(function, {})
+    return SETTINGS.get(function, {})
 
 
 def _instance(cls: type, values: dict[str, Any]) -> Any:
@@ -275,6 +263,17 @@ def build_parser() -> ArgumentParser:
 
 def _summary(function: Callable[..., Any]) -> str:
     return (function.__doc__ or "").strip().split("\n")[0]
+
+
+SETTINGS: dict[Callable[..., None], dict[str, tuple[type, Any]]] = {
+    train: {"config": (TrainConfig, None)},
+    finetune: {"config": (FinetuneConfig, None)},
+    evaluate: {"config": (EvalConfig, None)},
+    data_convert: {"config": (ConvertConfig, None)},
+    data_generate: {"config": (GenerateConfig, None), "perturbation": (Perturbation, DEFAULT_PERTURBATION)},
+    serve: {"engine": (EngineConfig, None), "server": (ServerConfig, None)},
+    bench_serve: {"config": (LoadConfig, None)},
+}
 
 
 COMMANDS: dict[tuple[str, ...], Callable[..., None]] = {

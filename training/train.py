@@ -210,7 +210,8 @@ def _domain_weights(data: str | Path, c: TrainConfig) -> dict[str, float] | None
     exist: checked with the dataset's tasks)."""
     from gato_like.training.recipes import get_recipe
 
-    weights = dict(get_recipe(c.recipe or "base").domain_weights)
+    assert c.recipe is not None  # resolved
+    weights = dict(get_recipe(c.recipe).domain_weights)
     if weights:
         from gato_like.data_pipelines.loader import DatasetSource
 
