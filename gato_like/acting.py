@@ -217,9 +217,10 @@ class ActingCore:
         def t(a: np.ndarray | None) -> Tensor | None:
             return None if a is None else torch.from_numpy(a).to(self.device)
 
-        types_t = t(types)
-        assert types_t is not None
-        x = self.model.embed(t(ids), types_t, t(local), t(patch_array), t(patch_positions), t(patch_mask))  # type: ignore[arg-type]
+        types_t, local_t = t(types), t(local)
+        assert types_t is not None and local_t is not None
+        local_t = self.model.input_positions(types_t, local_t)
+        x = self.model.embed(t(ids), types_t, local_t, t(patch_array), t(patch_positions), t(patch_mask))  # type: ignore[arg-type]
         if goal:
             x = x + self.model.goal_segment
         out = []
@@ -277,6 +278,9 @@ class ActingCore:
                 continue
             try:
                 builder = self.builder(spec)
+                problem = self.model.position_problem(spec.name, builder.group_sizes())
+                if problem is not None:
+                    raise ValueError(f"reset: {problem}")
                 prefix = self.encode_prefix(builder, prompt, goal)
             except (ValueError, TypeError) as error:
                 errors.append(error)
@@ -377,9 +381,10 @@ class ActingCore:
         select = torch.tensor([r - lo for r in order], device=self.device)
         logits = logits[select]  # (R, V) in the order of `order`
         sizes = [rows[r].builder.action_size for r in order]  # type: ignore[union-attr]
-        # the first action's local position is the observation's token count (separator included),
-        # not its backbone input count (the Perceiver folds observation tokens into latents)
-        local = torch.tensor([len(built[r]) for r in order], device=self.device)
+        # the first action's local position follows the separator's, as the model numbers them
+        # (the layout's count of observation tokens, or 1 in a pooled timestep), not the backbone
+        # input count (the Perceiver and pooled timesteps fold observation tokens)
+        local = torch.tensor([self.action_position(built[r]) for r in order], device=self.device)
         chosen: list[list[int]] = [[] for _ in order]
         self.last_logits |= {r: [] for r in order}
         self.last_vocab |= dict.fromkeys(order, vocab)
@@ -412,6 +417,13 @@ class ActingCore:
             assert row.builder is not None
             row.steps.append(steps[r])
             out[index[r]] = row.builder.decode_actions(np.asarray([chosen[k]], dtype=np.int64))[0]
+
+    def action_position(self, tokens: TokenSequence) -> int:
+        """The local position the model reads for the first action token after ``tokens`` (one
+        timestep's observation and separator)."""
+        types = torch.from_numpy(np.asarray(tokens.types, np.int64))[None]
+        local = torch.from_numpy(np.asarray(tokens.local_positions, np.int64))[None]
+        return int(self.model.input_positions(types, local)[0, -1]) + 1
 
     def _pick(self, rows: list[Row], logits: Tensor, offset: int = 0) -> Tensor:
         """The chosen action ids ``(R,)`` from logits ``(R, n)`` of ids ``[offset, offset + n)``, each

@@ -97,6 +97,22 @@ def save_checkpoint(
     return directory
 
 
+#: Parameter prefixes only one timestep representation (``Config.backbone``) has.
+_BACKBONE_WEIGHTS = {"perceiver": ("latents", "cross."), "pooled": ("pool.",)}
+
+
+def _representation_hint(config: Config, missing: list[str], unexpected: list[str]) -> str:
+    """``: the weights are of backbone X ...`` when the mismatch is the timestep representation."""
+    for backbone, prefixes in _BACKBONE_WEIGHTS.items():
+        if backbone != config.backbone and any(k.startswith(prefixes) for k in unexpected):
+            return (f": the weights are of backbone {backbone!r} but config.json says backbone "
+                    f"{config.backbone!r} (the timestep representation must be the one trained)")  # fmt: skip
+    if config.backbone in _BACKBONE_WEIGHTS and any(k.startswith(_BACKBONE_WEIGHTS[config.backbone]) for k in missing):  # fmt: skip
+        return (f": config.json says backbone {config.backbone!r} but the weights have none of its "
+                f"parameters (the timestep representation must be the one trained)")  # fmt: skip
+    return ""
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint directory (weights through safetensors; nothing is unpickled)."""
     directory = Path(directory)
@@ -115,7 +131,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{directory}: weights do not fit the config (missing {missing}, unexpected {unexpected})"
+            f"{directory}: weights do not fit the config{_representation_hint(config, missing, unexpected)} "
+            f"(missing {missing}, unexpected {unexpected})"
         )
     model.to(device).eval()
     specs = {p.stem: EmbodimentSpec.from_file(p) for p in sorted((directory / "embodiments").glob("*.json"))}

@@ -23,6 +23,8 @@ from gato_like.tokenizers.vocab import (
 )
 
 CONFIG_FILE = "config.json"
+BACKBONES = ("decoder", "perceiver", "pooled")
+"""The timestep representations (``Config.backbone``)."""
 
 
 @dataclass
@@ -31,9 +33,15 @@ class Config:
 
     name: str = "debug"
     """Preset name."""
-    backbone: Literal["decoder", "perceiver"] = "decoder"
-    """Causal decoder over all tokens (Gato), or Perceiver: each timestep's observation tokens
-    cross-attended into ``perceiver_latents`` latents, then causal attention over time."""
+    backbone: Literal["decoder", "perceiver", "pooled"] = "decoder"
+    """How a timestep reaches the causal transformer. ``decoder``: every token is an input (Gato).
+    ``perceiver``: each timestep's observation tokens cross-attended into ``perceiver_latents``
+    latents. ``pooled``: each timestep's observation tokens of one group (text, image patches,
+    proprio and discrete values) become one token, a sum of a shared MLP over each token's
+    embedding (its id, its value and its position inside the group: DeepSets), so a control
+    timestep is one input and a new body needs no new parameters (docs/model.md). The separator
+    and action tokens stay inputs in the last two; the token ids and layout are Gato's in all
+    three."""
     n_layer: int = 2
     """Transformer blocks."""
     n_embd: int = 64
@@ -140,8 +148,10 @@ class Config:
                 problems.append(f"{name}: expected a positive integer, got {value!r}")
         if not problems and self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.backbone not in ("decoder", "perceiver"):
-            problems.append(f"backbone: expected 'decoder' or 'perceiver', got {self.backbone!r}")
+        if self.backbone not in BACKBONES:
+            problems.append(
+                f"backbone: expected one of {', '.join(map(repr, BACKBONES))}, got {self.backbone!r}"
+            )
         if self.value_frequencies not in ("linear", "geometric"):
             problems.append(
                 f"value_frequencies: expected 'linear' or 'geometric', got {self.value_frequencies!r}"

@@ -265,6 +265,84 @@ class CrossAttention(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+#: Token type -> group of a timestep: text 0, image 1, values (continuous and discrete) 2, the
+#: separator and actions 3, padding 4.
+_GROUP_OF_TYPE = (0, 1, 2, 2, 3, 3, 4)
+POOLED_GROUPS = 3
+"""Observation groups a ``pooled`` timestep folds into one token each (text, image, values)."""
+
+
+def token_groups(types: Tensor) -> Tensor:
+    """Group of every position ``(B, L)`` (see ``_GROUP_OF_TYPE``)."""
+    table = torch.tensor(_GROUP_OF_TYPE, device=types.device)
+    return table[types.long().clamp(0, len(_GROUP_OF_TYPE) - 1)]
+
+
+def group_positions(types: Tensor, local_positions: Tensor) -> Tensor:
+    """Each token's index inside its group of its timestep ``(B, L)``: the n-th value of an
+    observation is n whatever text or image precedes it; the separator is 0 and action j is j + 1.
+    A group starts where the local position is 0 (a new timestep) or the group changes, so whole
+    timesteps must be given (the acting core numbers single action tokens itself)."""
+    groups = token_groups(types)
+    start = torch.ones_like(groups, dtype=torch.bool)
+    start[:, 1:] = (groups[:, 1:] != groups[:, :-1]) | (local_positions[:, 1:] == 0)
+    index = torch.arange(types.shape[1], device=types.device).expand_as(types)
+    first = torch.where(start, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
+
+
+def position_problem(config: Config, body: str, sizes: dict[str, int]) -> str | None:
+    """Why a body's timesteps would not fit the model's position table, or None. ``sizes``: tokens
+    per timestep of each fixed-size group (``SequenceBuilder.group_sizes``). A pooled timestep
+    numbers each group from 0; the other backbones number the whole timestep."""
+    rows = config.max_local_positions
+    if config.backbone == "pooled":
+        group, largest = max(sizes.items(), key=lambda item: item[1])
+        if largest > rows:
+            return (f"{body}: its {group} group has {largest} tokens per timestep but the model's "
+                    f"position table (max_local_positions) has {rows} rows")  # fmt: skip
+        return None
+    total = sum(sizes.values())
+    if total > rows:
+        return (f"{body}: one timestep has {total} tokens ({sizes}) but the model's position "
+                f"table (max_local_positions) has {rows} rows")  # fmt: skip
+    return None
+
+
+class TimestepPool(nn.Module):
+    """The ``pooled`` representation's fold: each (timestep, group) of observation tokens becomes
+    one token, ``LayerNorm(sum_i MLP(LayerNorm(e_i))) + group embedding`` (DeepSets), where ``e_i`` is the token's
+    input embedding (id, value, position inside its group). Summing a per-token nonlinearity lets
+    the one token carry a nonlinear function of every value and its dimension, which an attention
+    average over linear values does only slowly (docs/model.md)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        d = config.n_embd
+        # pre-norm: the embeddings start ~0.1 in scale, where GELU is nearly linear and the sum
+        # would start as the linear average an attention pool computes
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.group = nn.Parameter(torch.zeros(POOLED_GROUPS, d))
+
+    def forward(self, x: Tensor, slot: Tensor, observation: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+        """Fold token embeddings ``x`` (B, L, D) whose ``observation`` (B, L) is True into ``slots``
+        tokens per row at ``slot`` (B, L; slot = step * groups + group).
+
+        Returns:
+            ``(B, slots, D)`` pooled tokens and ``(B, slots)`` True where a slot received a token.
+        """
+        b, _, d = x.shape
+        z = self.mlp(x) * observation[..., None].to(x.dtype)
+        where = slot.masked_fill(~observation, 0)
+        pooled = x.new_zeros(b, slots, d).scatter_add_(1, where[..., None].expand(-1, -1, d), z)
+        filled = torch.zeros(b, slots, device=x.device).scatter_add_(1, where, observation.float()) > 0
+        group = torch.arange(slots, device=x.device) % POOLED_GROUPS
+        return self.norm(pooled) + self.group[group], filled
+
+
 class GatoModel(nn.Module):
     """Embeddings + causal decoder + policy, dynamics and goal heads."""
 
@@ -293,6 +371,8 @@ class GatoModel(nn.Module):
         if config.backbone == "perceiver":
             self.latents = nn.Parameter(torch.randn(config.perceiver_latents, d) * 0.02)
             self.cross = CrossAttention(config)
+        if config.backbone == "pooled":
+            self.pool = TimestepPool(config)
         self.ln_f = nn.LayerNorm(d)
         rank = max(d // 8, 16)  # small bottleneck adapters: the heads share the trunk and the output layer
         self.dynamics_adapter = nn.Sequential(nn.Linear(d, rank), nn.GELU(), nn.Linear(rank, d))
@@ -321,6 +401,25 @@ class GatoModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- embedding -----------------------------------------------------------------------------
+
+    def position_problem(self, body: str, sizes: dict[str, int]) -> str | None:
+        """:func:`position_problem` for this model's config."""
+        return position_problem(self.config, body, sizes)
+
+    def input_positions(self, types: Tensor, local_positions: Tensor) -> Tensor:
+        """The local positions ``(B, L)`` the embedding reads for whole timesteps of tokens: the
+        layout's own (decoder, perceiver), or each token's index inside its group (``pooled``: a
+        value's embedding names its dimension, whatever precedes it). Raises ``ValueError`` when a
+        position does not fit the position table (``max_local_positions``)."""
+        if self.config.backbone == "pooled":
+            local_positions = group_positions(types, local_positions)
+        if local_positions.numel() and int(local_positions.max()) >= self.config.max_local_positions:
+            raise ValueError(
+                f"a timestep holds a token at local position {int(local_positions.max())} but the model's "
+                f"position table (max_local_positions) has {self.config.max_local_positions} rows: "
+                f"a body with fewer values per observation group, or a model with a larger table"
+            )
+        return local_positions
 
     def embed(
         self,
@@ -381,6 +480,9 @@ class GatoModel(nn.Module):
         ``logits=True``), reading ``executed_ids`` (B, L; ``ids`` if absent) with every action
         token an input.
         """
+        batch = dict(batch)  # the embedding's positions (a pooled timestep numbers tokens per group)
+        for prefix in ("", "goal_") if goal else ("",):
+            batch[f"{prefix}local_positions"] = self.input_positions(batch[f"{prefix}types"], batch[f"{prefix}local_positions"])  # fmt: skip
         x = self.embed(batch["ids"], batch["types"], batch["local_positions"], batch.get("patches"),
                        batch.get("patch_positions"), batch.get("patch_mask"))  # fmt: skip
         if self.training and self.masked_action is not None and self.config.action_input_dropout < 1.0:
@@ -455,14 +557,41 @@ class GatoModel(nn.Module):
                 dynamics_mask = dynamics_mask & (dynamics_ids >= 0)  # -1: no target (loader.NO_TARGET)
             else:  # a hand-made batch (e.g. for logits only): no change targets, discrete ones only
                 dynamics_mask = dynamics_mask & (batch["types"] != int(TokenType.CONTINUOUS))
+        if self.config.backbone == "pooled":
+            return self._readout_dynamics_loss(h, batch, dynamics_ids, dynamics_mask, predicts)
         return self._next_token_loss(h, "dynamics", dynamics_ids, dynamics_mask, predicts)
+
+    def _readout_dynamics_loss(
+        self, h: Tensor, batch: dict[str, Any], ids: Tensor, target_mask: Tensor, predicts: Tensor
+    ) -> Tensor:
+        """A pooled timestep's dynamics loss: every value of timestep t is predicted at once from
+        the hidden state of timestep t-1's last action token plus the embedding of the value's
+        position in its group (``batch["local_positions"]``, as :meth:`input_positions` numbers
+        them), through the dynamics head; the folded value tokens make no predictions of their own.
+
+        Args:
+            h: ``(B, L, D)`` hidden states aligned with the tokens; ``ids``, ``target_mask``,
+                ``predicts``: ``(B, L)``.
+        """
+        timesteps = batch["timesteps"]
+        index = torch.arange(timesteps.shape[1], device=h.device).expand_as(timesteps)
+        starts = torch.ones_like(target_mask)
+        starts[:, 1:] = timesteps[:, 1:] != timesteps[:, :-1]
+        before = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values - 1  # (B, L)
+        mask = target_mask & (before >= 0) & predicts.gather(1, before.clamp(min=0))
+        if not bool(mask.any()):
+            return h.sum() * 0.0
+        readout = h.gather(1, before.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))[mask]  # (N, D)
+        local = batch["local_positions"][mask].clamp(max=self.config.max_local_positions - 1)
+        logits = self.head_logits(readout + self.local(local), "dynamics").float()  # (N, V)
+        return self.token_losses(logits, ids[mask], 1.0, self.config.dynamics_sigma_bins)
 
     def trunk(self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone over embedded tokens ``(B, L, D)``: hidden states ``(B, L, D)`` aligned with the
         input, and ``(B, L)`` True where a position makes a prediction (every valid token for the
         decoder; only separator and action tokens for the Perceiver, whose observation tokens are
         folded into latents)."""
-        if self.config.backbone == "perceiver":
+        if self.config.backbone != "decoder":
             sequence, sequence_valid, back = self.perceive(x, types, timesteps, valid)
             h = self._blocks(sequence, sequence_valid)
             out = torch.gather(h, 1, back.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))
@@ -487,8 +616,9 @@ class GatoModel(nn.Module):
     def perceive(
         self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Perceiver input: each timestep's observation tokens cross-attended into K latents, then
-        the timestep's separator and action tokens, timesteps in order.
+        """Perceiver or pooled input: each timestep's observation tokens folded into K tokens
+        (Perceiver: cross-attended into K latents; pooled: one per group, K = 3, empty groups
+        dropped), then the timestep's separator and action tokens, timesteps in order.
 
         Args:
             x: ``(B, L, D)`` token embeddings; ``types``, ``timesteps``, ``valid``: ``(B, L)``.
@@ -498,7 +628,8 @@ class GatoModel(nn.Module):
             input token its index in the sequence (``-1`` for observation tokens and padding).
         """
         b, length, d = x.shape
-        k = self.config.perceiver_latents
+        pooled = self.config.backbone == "pooled"
+        k = POOLED_GROUPS if pooled else self.config.perceiver_latents
         action_like = (types == int(TokenType.SEPARATOR)) | (types == int(TokenType.ACTION))
         observation = valid & ~action_like
         step = (timesteps - timesteps.masked_fill(~valid, 1 << 30).min(dim=1, keepdim=True).values).clamp(
@@ -506,10 +637,18 @@ class GatoModel(nn.Module):
         )
         steps = int(step.masked_fill(~valid, 0).max()) + 1
         query_step = torch.arange(steps, device=x.device).repeat_interleave(k)  # (T*K,)
-        cross_mask = observation[:, None, :] & (step[:, None, :] == query_step[None, :, None])  # (B, T*K, L)
-        latent_valid = cross_mask.any(-1)
-        queries = self.latents.repeat(steps, 1).expand(b, -1, -1)
-        latents = self.cross(queries, x, cross_mask | ~latent_valid[..., None])  # empty rows: finite, unused
+        if pooled:
+            slot = step * k + token_groups(types).clamp(max=k - 1)
+            latents, latent_valid = self.pool(x, slot, observation, steps * k)
+        else:
+            cross_mask = observation[:, None, :] & (
+                step[:, None, :] == query_step[None, :, None]
+            )  # (B, T*K, L)
+            latent_valid = cross_mask.any(-1)
+            queries = self.latents.repeat(steps, 1).expand(b, -1, -1)
+            latents = self.cross(
+                queries, x, cross_mask | ~latent_valid[..., None]
+            )  # empty rows: finite, unused
         token_valid = valid & action_like
         big = (steps + 1) * (k + length)
         latent_key = (query_step * (k + length) + torch.arange(k, device=x.device).repeat(steps)).expand(
@@ -607,7 +746,7 @@ class GatoModel(nn.Module):
     def backbone_inputs(self, x: Tensor, types: Tensor, timesteps: Tensor) -> Tensor:
         """What one row of tokens ``(1, L, D)`` feeds the backbone when acting: the embeddings
         themselves (decoder), or the Perceiver's latents and action-side tokens."""
-        if self.config.backbone != "perceiver":
+        if self.config.backbone == "decoder":
             return x
         valid = torch.ones_like(types, dtype=torch.bool)
         sequence, sequence_valid, _ = self.perceive(x, types, timesteps, valid)

@@ -47,12 +47,12 @@ PLANS = [
 ]
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled"])
 def test_server_actions_equal_local_policy_actions_for_every_head(tmp_path: Path, backbone: str) -> None:
     """Six concurrent sessions (two embodiments, the policy and goal heads, a prompt, greedy and
     sampled) share the server's forward passes; each gets exactly the actions a local Policy
     computes alone on the same observations. The contexts are short, so windows roll over."""
-    context = {"decoder": 512, "perceiver": 48}[backbone]
+    context = {"decoder": 512, "perceiver": 48, "pooled": 24}[backbone]
     path = _checkpoint(tmp_path / backbone, backbone=backbone, context_length=context)
     steps = 7
     observations = [[_obs(task, 100 * i + t) for t in range(steps)] for i, (task, _, _) in enumerate(PLANS)]

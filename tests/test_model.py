@@ -9,7 +9,7 @@ import torch
 
 from gato_like.config import PRESETS, Config
 from gato_like.envs.registry import get_task
-from gato_like.model import GatoModel, KVCache, patch_intervals
+from gato_like.model import GatoModel, KVCache, group_positions, patch_intervals, position_problem
 from gato_like.tokenizers import SequenceBuilder, TokenType, patch_position_intervals
 
 
@@ -75,7 +75,7 @@ def _slice(batch: dict, start: int, stop: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled"])
 def test_forward_backward_and_initial_loss(backbone: str) -> None:
     torch.manual_seed(0)
     model = GatoModel(Config.from_name("debug", backbone=backbone))
@@ -84,9 +84,9 @@ def test_forward_backward_and_initial_loss(backbone: str) -> None:
     assert out["policy_logits"].shape == (1, 8 * 25, model.config.vocab_size)
     # an untrained model is uniform-ish over the 3075 ids: loss near log(3075) = 8.03
     assert 7.5 < float(out["policy_loss"]) < 8.6
-    if backbone == "decoder":
+    if backbone != "perceiver":  # next-token (decoder), or every value from the last action (pooled)
         assert 7.5 < float(out["dynamics_loss"]) < 8.6
-    else:  # observation tokens are folded into latents: no next-observation-token targets
+    else:  # observation tokens are folded: no next-observation-token targets after an image
         assert float(out["dynamics_loss"]) == 0.0
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -94,20 +94,23 @@ def test_forward_backward_and_initial_loss(backbone: str) -> None:
     assert model.patches.stem.weight.grad.abs().sum() > 0  # images reach the loss
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled"])
 @pytest.mark.parametrize(("task", "context"), [("dmc-cartpole-swingup", 400), ("babyai-GoToLocal", 700)])
 def test_cached_acting_matches_recomputation_across_a_roll_over(
     task: str, context: int, backbone: str
 ) -> None:
     torch.manual_seed(0)
-    if backbone == "perceiver":  # a timestep is 4 latents + separator + actions: a shorter context rolls
-        context = 24 if task.startswith("dmc") else 28
+    if (
+        backbone != "decoder"
+    ):  # a timestep is a few folded tokens + separator + actions: a shorter context rolls
+        context = (24 if task.startswith("dmc") else 28) if backbone == "perceiver" else 16
     config = Config.from_name("debug", context_length=context, backbone=backbone)
     model = GatoModel(config).eval()
     _, batch = _episode_tokens(task, 30 if task.startswith("dmc") else 12, seed=2)
     ts = batch["timesteps"][0]
     bounds = [0, *(torch.nonzero(torch.diff(ts)).flatten() + 1).tolist(), len(ts)]
-    x_all = model.embed(batch["ids"], batch["types"], batch["local_positions"], batch["patches"],
+    local = model.input_positions(batch["types"], batch["local_positions"])
+    x_all = model.embed(batch["ids"], batch["types"], local, batch["patches"],
                         batch["patch_positions"], batch["patch_mask"])  # fmt: skip
     inputs = [model.backbone_inputs(x_all[:, a:b], batch["types"][:, a:b], ts[None, a:b]) for a, b in itertools.pairwise(bounds)]  # fmt: skip
     sizes = [i.shape[1] for i in inputs]
@@ -307,3 +310,69 @@ def test_strided_patch_encoder_trains_and_costs_a_fraction_of_gatos() -> None:
     assert conv_macs(model.patches) * 10 < conv_macs(gato)
     with pytest.raises(ValueError, match="image_encoder: expected 'resnet', 'strided' or 'timm'"):
         Config.from_name("debug", image_encoder="fast")
+
+
+def test_pooled_timesteps_number_each_group_and_fold_it_into_one_input() -> None:
+    """A pooled timestep numbers its tokens inside their group (so a value's position names its
+    dimension whatever text precedes it) and reaches the backbone as one token per group, then
+    the separator and the actions."""
+    T, P, C, D, S, A = (int(TokenType[n]) for n in ("TEXT", "IMAGE", "CONTINUOUS", "DISCRETE", "SEPARATOR", "ACTION"))  # fmt: skip
+    # two timesteps: 2 text, 1 image, 3 values (2 continuous, 1 discrete), separator, 2 actions;
+    # then 3 text (a longer mission), the same groups
+    types = torch.tensor([[T, T, P, C, C, D, S, A, A, T, T, T, P, C, C, D, S, A, A]])
+    local = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    expected = [[0, 1, 0, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 1, 2, 0, 1, 2]]
+    assert group_positions(types, local).tolist() == expected
+    model = GatoModel(Config.from_name("debug", backbone="pooled"))
+    timesteps = torch.tensor([[0] * 9 + [1] * 10])
+    x = torch.randn(1, 19, model.config.n_embd)
+    inputs = model.backbone_inputs(x, types, timesteps)
+    assert inputs.shape == (1, 2 * (3 + 3), model.config.n_embd)  # 3 pooled groups + sep + 2 actions
+    torch.testing.assert_close(inputs[0, 3:6], x[0, 6:9])  # separator and actions pass as they are
+    # the values' token depends on every value and nothing else of the timestep
+    y = x.clone()
+    y[0, 4] += torch.randn(model.config.n_embd)
+    changed = model.backbone_inputs(y, types, timesteps)
+    assert not torch.allclose(changed[0, 2], inputs[0, 2])
+    torch.testing.assert_close(changed[0, :2], inputs[0, :2])
+    torch.testing.assert_close(changed[0, 3:], inputs[0, 3:])
+
+
+def test_a_body_too_large_for_the_position_table_is_refused_naming_the_field() -> None:
+    pooled = Config.from_name("debug", backbone="pooled", max_local_positions=8)
+    assert position_problem(pooled, "arm", {"image": 0, "values": 8, "action": 3}) is None
+    problem = position_problem(pooled, "arm", {"image": 0, "values": 9, "action": 3})
+    assert problem is not None and "values group has 9 tokens" in problem and "max_local_positions" in problem
+    decoder = Config.from_name("debug", max_local_positions=8)
+    assert "one timestep has 12 tokens" in str(
+        position_problem(decoder, "arm", {"image": 0, "values": 9, "action": 3})
+    )
+    model = GatoModel(pooled)
+    types = torch.full((1, 10), int(TokenType.CONTINUOUS))
+    with pytest.raises(ValueError, match="max_local_positions"):
+        model.input_positions(types, torch.arange(10)[None])
+
+
+def test_pooled_dynamics_reads_every_next_value_from_the_last_action(monkeypatch) -> None:
+    """Pooled timesteps make no prediction at a value token, so the dynamics head predicts each
+    value of timestep t from timestep t-1's last action token and the value's group position:
+    every value of every timestep after the first is a target, and the targets are the values' ids."""
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", backbone="pooled"))
+    builder, batch = _episode_tokens("dmc-cartpole-swingup", 6)
+    batch = {k: v for k, v in batch.items() if not k.startswith("patch")}
+    keep = batch["types"] != int(TokenType.IMAGE)  # proprio only: values right after the action
+    batch = {k: v[keep][None] if v.dim() == 2 else v for k, v in batch.items()}
+    seen = {}
+    original = model.token_losses
+
+    def spy(logits, targets, *args):
+        seen.setdefault("targets", []).append(targets)
+        return original(logits, targets, *args)
+
+    monkeypatch.setattr(model, "token_losses", spy)
+    model(batch)
+    values = (batch["types"] == int(TokenType.CONTINUOUS)) & (batch["timesteps"] > 0)
+    dynamics_targets = seen["targets"][1]  # the policy's loss comes first
+    assert dynamics_targets.tolist() == batch["ids"][values].tolist()
+    assert len(dynamics_targets) == 5 * builder.group_sizes()["values"]  # 5 timesteps after the first

@@ -30,6 +30,13 @@ def perceiver_checkpoint(tmp_path_factory):
     return _save(tmp_path_factory.mktemp("ckpt") / "perceiver", model)
 
 
+@pytest.fixture(scope="module")
+def pooled_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", context_length=24, backbone="pooled"))
+    return _save(tmp_path_factory.mktemp("ckpt") / "pooled", model)
+
+
 def _save(path, model):
     specs = {get_task(t).spec.name: get_task(t).spec for t in TASKS}
     tasks = {t: {"embodiment": get_task(t).spec.name} for t in TASKS}
@@ -60,6 +67,14 @@ def test_broken_checkpoints_are_named(tmp_path, checkpoint) -> None:
     Config.from_name("debug", n_layer=3, context_length=config.context_length).save(bad / "config.json")
     with pytest.raises(CheckpointError, match="weights do not fit the config"):
         load_checkpoint(bad)
+    # the weights of one timestep representation under another's config: the field is named
+    Config.from_name("debug", backbone="pooled", context_length=config.context_length).save(
+        bad / "config.json"
+    )
+    with pytest.raises(
+        CheckpointError, match=r"config\.json says backbone 'pooled' but the weights have none"
+    ):
+        load_checkpoint(bad)
 
 
 def _reference_action_logits(
@@ -86,10 +101,10 @@ def _reference_action_logits(
     return logits[len(seq) - 1 - builder.action_size : len(seq) - 1, low:high]
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled"])
 @pytest.mark.parametrize("task", TASKS)
 def test_acting_in_the_simulator_matches_recomputation(request, task: str, backbone: str) -> None:
-    checkpoint = request.getfixturevalue("checkpoint" if backbone == "decoder" else "perceiver_checkpoint")
+    checkpoint = request.getfixturevalue("checkpoint" if backbone == "decoder" else f"{backbone}_checkpoint")
     policy = Policy.from_checkpoint(checkpoint)
     spec = policy.reset(task)
     episode = get_task(task).rollout(4, "expert", max_steps=12)
@@ -110,8 +125,9 @@ def test_acting_in_the_simulator_matches_recomputation(request, task: str, backb
         )
         torch.testing.assert_close(acted, reference, rtol=1e-4, atol=1e-4)
         history.append((observation, action))
-    # decoder: 156 tokens a BabyAI step roll the 320-token context; perceiver: 4 latents + 3 a step, context 24
-    assert rolled == (task == "babyai-GoToLocal" or backbone == "perceiver")
+    # decoder: 156 tokens a BabyAI step roll the 320-token context; perceiver: 4 latents + 3 a step,
+    # pooled: 1-2 group tokens + 2-3 a step, context 24
+    assert rolled == (task == "babyai-GoToLocal" or backbone != "decoder")
 
 
 def test_batched_acting_equals_one_at_a_time(checkpoint) -> None:

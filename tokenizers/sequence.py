@@ -177,6 +177,17 @@ class SequenceBuilder:
             size += self.image.num_patches(height, width)
         return size + sum(int(np.prod(self.spec.observations[k].shape)) for k in self.tensor_keys)
 
+    def group_sizes(self) -> dict[str, int]:
+        """Tokens per timestep of each group whose size the spec fixes: ``image`` (patches of every
+        image key), ``values`` (proprio and discrete values) and ``action`` (the separator and the
+        action tokens). Text is left out: its length varies with the string."""
+        images = 0
+        for key in self.image_keys:
+            height, width, _ = self.spec.observations[key].shape
+            images += self.image.num_patches(height, width)
+        values = sum(int(np.prod(self.spec.observations[k].shape)) for k in self.tensor_keys)
+        return {"image": images, "values": values, "action": 1 + self.action_size}
+
     # -- actions ---------------------------------------------------------------------------------
 
     def encode_actions(self, actions: np.ndarray) -> np.ndarray:

@@ -18,7 +18,8 @@ import torch
 from gato_like.checkpoint import save_checkpoint, tokenizer_sha256
 from gato_like.config import CONFIG_FILE, Config
 from gato_like.data_pipelines.loader import check_domain_weights
-from gato_like.tokenizers import TextTokenizer
+from gato_like.model import position_problem
+from gato_like.tokenizers import SequenceBuilder, TextTokenizer
 from gato_like.training.data import GatoData
 from gato_like.training.module import GatoLightning, OptimConfig
 from gato_like.training.progress import PlainProgress
@@ -272,6 +273,15 @@ def train(
     check_domain_weights(domain_weights, datamodule.task_names)  # before any work, not when the loader starts
     export = ExportCheckpoint(out, datamodule, c.val_every, {})
     specs, task_entries = export.specs_and_tasks()
+    problems = [
+        problem
+        for name, spec in specs.items()
+        if (problem := position_problem(model_config, name, SequenceBuilder(spec).group_sizes()))
+    ]
+    if problems:  # before any work: the embedding would otherwise clamp the positions it cannot hold
+        raise ValueError(
+            "; ".join(problems) + "; raise --model.max_local_positions or shrink the observations"
+        )
     scored = (
         rollout_tasks_of(task_entries, c.rollout_task_names) if c.rollout_episodes else []
     )  # fails before any work

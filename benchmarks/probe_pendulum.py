@@ -1,0 +1,119 @@
+"""Probe P1: how many minutes of 2-core training each timestep representation needs on pendulum
+swing-up alone (held-push data), scored in closed loop, beside a plain MLP on the same data.
+
+    .venv/bin/python benchmarks/probe_pendulum.py --out runs/probe_p1 --minutes 2,5 \\
+        --backbones decoder,pooled,perceiver --episodes 10
+
+For every backbone and every budget in ``--minutes`` it runs the real commands a user runs:
+``gato-like train`` (the ``cpu-demo`` recipe, ``debug`` preset, ``--model.backbone B``, the
+learning rate annealed by the clock over that budget, no validation rollouts, no goal passes)
+then ``gato-like eval`` on ``--episodes`` unseen full-length episodes. The MLP reference
+(benchmarks/mlp_reference.py) trains for ``--mlp_seconds`` on the same episodes. The data is made
+once with ``gato-like data generate --tasks dmc-pendulum-swingup --pixels false --episodes 60
+--hold 50`` unless ``--data`` names a dataset. Prints the table and writes ``OUT/probe_p1.json``.
+Run alone: two trainings at once on two cores measure nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TASK = "dmc-pendulum-swingup"
+
+
+def cli() -> list[str]:
+    return [str(Path(sys.executable).parent / "gato-like")]
+
+
+def run(args: list[str], log: Path) -> None:
+    """Run a ``gato-like`` command, its output to ``log``; raise with the log's tail on failure."""
+    with log.open("w") as out:
+        code = subprocess.call([*cli(), *args], stdout=out, stderr=subprocess.STDOUT)
+    if code:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise SystemExit(f"{' '.join(args[:2])} failed ({code}); {log}:\n{tail}")
+
+
+def ensure_data(out: Path, data: Path | None) -> Path:
+    if data is not None:
+        return data
+    data = out / "data"
+    if not (data / "index.json").exists():
+        run(["data", "generate", "--tasks", TASK, "--pixels", "false", "--episodes", "60",
+             "--hold", "50", "--out", str(data)], out / "generate.log")  # fmt: skip
+    return data
+
+
+def train_and_score(data: Path, out: Path, backbone: str, minutes: float, episodes: int, seed: int) -> dict[str, Any]:  # fmt: skip
+    run_dir = out / f"{backbone}-{minutes:g}min"
+    run(["train", "--data", str(data), "--out", str(run_dir), "--recipe", "cpu-demo",
+         "--model.backbone", backbone, "--max_steps", "1000000", "--max_minutes", str(minutes),
+         "--val_every", "1000000", "--rollout_episodes", "0", "--goal_every", "0",
+         "--batch_size", "1024", "--seed", str(seed)], out / f"{run_dir.name}.train.log")  # fmt: skip
+    run(["eval", "--ckpt", str(run_dir / "checkpoint"), "--out", str(run_dir / "eval"),
+         "--episodes", str(episodes)], out / f"{run_dir.name}.eval.log")  # fmt: skip
+    score = json.loads((run_dir / "eval" / "eval.json").read_text())["tasks"][TASK]
+    meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
+    return {
+        "backbone": backbone,
+        "minutes": minutes,
+        "steps": meta["step"],
+        "tokens": meta["tokens"],
+        "score": score["expert_normalized_score"],
+        "success_rate": score["success_rate"],
+        "returns": score["returns"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/probe_p1"))
+    parser.add_argument("--data", type=Path, default=None, help="a pendulum dataset (default: made once)")
+    parser.add_argument("--minutes", default="2", help="comma list of training budgets")
+    parser.add_argument("--backbones", default="decoder,pooled,perceiver")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--mlp_seconds", type=float, default=60.0, help="0: no MLP row")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = ensure_data(args.out, args.data)
+    rows = []
+    for minutes in [float(m) for m in args.minutes.split(",")]:
+        for backbone in args.backbones.split(","):
+            started = time.perf_counter()
+            row = train_and_score(data, args.out, backbone, minutes, args.episodes, args.seed)
+            rows.append(row)
+            print(f"{backbone:10s} {minutes:5.1f} min  {row['steps']:6d} steps  score {row['score']:.2f}  "
+                  f"success {row['success_rate']:.1f}  ({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    mlp = None
+    if args.mlp_seconds > 0:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import mlp_reference
+
+        subprocess.check_call([sys.executable, mlp_reference.__file__, "--data", str(data), "--seconds",
+                               str(args.mlp_seconds), "--episodes", str(args.episodes), "--out",
+                               str(args.out / "mlp"), "--seed", str(args.seed)])  # fmt: skip
+        mlp = json.loads((args.out / "mlp" / "mlp_reference.json").read_text())["tasks"][TASK]
+    print(
+        f"\nP1, {TASK} alone, {args.episodes} unseen episodes, expert-normalized (target: 0.68 within 2 min)"
+    )
+    print("| representation | minutes | steps | score | success |\n|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['backbone']} | {r['minutes']:g} | {r['steps']} | {r['score']:.2f} | {r['success_rate']:.1f} |"
+        )
+    if mlp is not None:
+        print(
+            f"| MLP 2x256 (reference) | {args.mlp_seconds / 60:g} | {mlp['train_steps']} | {mlp['score']:.2f} | |"
+        )
+    (args.out / "probe_p1.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "mlp": mlp}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
