@@ -377,9 +377,6 @@ class ActingCore:
                 chunks[r] = torch.cat([window, steps[r]], dim=1)
         ranges = [rows[r].builder.action_id_range() for r in order]  # type: ignore[union-attr]
         vocab = (min(low for low, _ in ranges), max(high for _, high in ranges))  # logits of action ids only
-        lo, logits = self.feed(chunks, head, vocab)
-        select = torch.tensor([r - lo for r in order], device=self.device)
-        logits = logits[select]  # (R, V) in the order of `order`
         sizes = [rows[r].builder.action_size for r in order]  # type: ignore[union-attr]
         # the first action's local position follows the separator's, as the model numbers them
         # (the layout's count of observation tokens, or 1 in a pooled timestep), not the backbone
@@ -388,6 +385,12 @@ class ActingCore:
         chosen: list[list[int]] = [[] for _ in order]
         self.last_logits |= {r: [] for r in order}
         self.last_vocab |= dict.fromkeys(order, vocab)
+        if self.model.masked_action is not None and self.config.action_input_dropout >= 1.0:
+            self._act_masked(head, group, out, chunks, vocab, local)
+            return
+        lo, logits = self.feed(chunks, head, vocab)
+        select = torch.tensor([r - lo for r in order], device=self.device)
+        logits = logits[select]  # (R, V) in the order of `order`
         active = list(range(len(order)))
         for j in range(max(sizes)):
             active = [k for k in active if j < sizes[k]]
@@ -416,6 +419,37 @@ class ActingCore:
             row = rows[r]
             assert row.builder is not None
             row.steps.append(steps[r])
+            out[index[r]] = row.builder.decode_actions(np.asarray([chosen[k]], dtype=np.int64))[0]
+
+    def _act_masked(self, head: str, group: _Group, out: list[np.ndarray | Exception], chunks: dict[int, Tensor], vocab: tuple[int, int], local: Tensor) -> None:  # fmt: skip
+        """Every action token of every row from one forward pass, when action tokens are never
+        inputs (``action_input_dropout`` 1: each is the mask embedding at its position, whatever
+        was chosen): the masked tokens of actions 0..n-2 follow the observation in the same pass,
+        and the logits after the separator and after each of them decide actions 0..n-1. The
+        cache ends as the token-by-token loop leaves it (the last action token pending)."""
+        order, rows, index, steps = group.order, group.rows, group.index, group.steps
+        sizes = [rows[r].builder.action_size for r in order]  # type: ignore[union-attr]
+        actions: dict[int, Tensor] = {}
+        for k, r in enumerate(order):
+            positions = (local[k] + torch.arange(sizes[k], device=self.device))[None]  # (1, n)
+            ids = torch.zeros_like(positions)  # masked: the id does not reach the embedding
+            actions[r] = self.model.embed(ids, torch.full_like(ids, int(TokenType.ACTION)), positions)
+            chunks[r] = torch.cat([chunks[r], actions[r][:, : sizes[k] - 1]], dim=1)
+        lo, logits = self.feed(chunks, head, vocab, last={r: sizes[k] for k, r in enumerate(order)})
+        logits = logits[torch.tensor([r - lo for r in order], device=self.device)]  # (R, M, V)
+        chosen: list[list[int]] = [[] for _ in order]
+        for j in range(max(sizes)):  # in token order, so each row's sampler draws as the loop would
+            active = [k for k in range(len(order)) if j < sizes[k]]
+            for k in active:
+                self.last_logits[order[k]].append(logits[k : k + 1, j])
+            picked = self._pick([rows[order[k]] for k in active], logits[active, j], vocab[0])
+            for n, k in enumerate(active):
+                chosen[k].append(int(picked[n]))
+        for k, r in enumerate(order):
+            row = rows[r]
+            assert row.builder is not None
+            row.steps.append(torch.cat([steps[r], actions[r]], dim=1))
+            row.pending = actions[r][:, -1:]
             out[index[r]] = row.builder.decode_actions(np.asarray([chosen[k]], dtype=np.int64))[0]
 
     def action_position(self, tokens: TokenSequence) -> int:
@@ -450,10 +484,12 @@ class ActingCore:
 
     # -- the cache -----------------------------------------------------------------------------
 
-    def feed(self, chunks: Mapping[int, Tensor], head: str, vocab: tuple[int, int] | None = None) -> tuple[int, Tensor]:  # fmt: skip
+    def feed(self, chunks: Mapping[int, Tensor], head: str, vocab: tuple[int, int] | None = None, last: Mapping[int, int] | None = None) -> tuple[int, Tensor]:  # fmt: skip
         """Append ``chunks[row index]`` (1, n, D) to those rows in one forward pass over the span of
         rows they cover. Returns ``(first row of the span, logits (span, V))`` (of ids ``vocab =
-        [low, high)`` only, when given); a row of the span without a chunk gets meaningless logits."""
+        [low, high)`` only, when given); a row of the span without a chunk gets meaningless logits.
+        ``last``: per row, read the logits after its chunk's last that many tokens instead:
+        ``(span, max(last), V)`` (see :meth:`GatoModel.step`)."""
         lo, hi = min(chunks), max(chunks) + 1
         width = max(max(c.shape[1] for c in chunks.values()), 1)
         first = next(iter(chunks.values()))
@@ -466,7 +502,12 @@ class ActingCore:
         view = KVCache(
             [k[lo:hi] for k in self.cache.k], [v[lo:hi] for v in self.cache.v], self.cache.lengths[lo:hi]
         )
-        return lo, self.model.step(x, valid, view, head=head, vocab=vocab)
+        reads = None
+        if last is not None:
+            reads = torch.ones(hi - lo, dtype=torch.long, device=self.device)
+            for r, m in last.items():
+                reads[r - lo] = m
+        return lo, self.model.step(x, valid, view, head=head, vocab=vocab, last=reads)
 
     def refill(self, row: Row, steps: Sequence[Tensor], head: str | None = None) -> Tensor | None:
         """Empty the row's cache and feed it its prefix followed by ``steps`` ((1, n, D) each).

@@ -709,6 +709,7 @@ class GatoModel(nn.Module):
         cache: KVCache,
         head: str = "policy",
         vocab: tuple[int, int] | None = None,
+        last: Tensor | None = None,
     ) -> Tensor:
         """Feed new token embeddings through the cache; logits of each row's last new token.
 
@@ -718,9 +719,12 @@ class GatoModel(nn.Module):
             cache: the rows' cache; ``lengths`` advance by each row's valid count.
             head: ``policy``, ``dynamics`` or ``goal``.
             vocab: only the logits of ids ``[low, high)`` (acting needs an action's id range only).
+            last: ``(B,)`` read the logits of each row's ``last[b]`` final valid tokens instead.
 
         Returns:
-            ``(B, V)`` logits at each row's last valid new token (``(B, high - low)`` with ``vocab``).
+            ``(B, V)`` logits at each row's last valid new token (``(B, high - low)`` with ``vocab``);
+            with ``last``, ``(B, max(last), V)``: entry ``[b, i]`` after new token
+            ``valid count - last[b] + i`` (rows with fewer than ``max(last)`` hold meaningless ones).
         """
         b, n, _ = x.shape
         counts = valid.sum(1)
@@ -740,8 +744,12 @@ class GatoModel(nn.Module):
             cached = (cache.k[layer], cache.v[layer])
             x = block(x, tables, mask=mask[:, None], cache=cached, write_at=write_at, upto=upto)
         cache.lengths += counts
-        last = self.ln_f(x[torch.arange(b, device=x.device), (counts - 1).clamp(min=0)])  # (B, D)
-        return self.head_logits(last, head, vocab)
+        if last is not None:
+            reads = (counts - last)[:, None] + torch.arange(int(last.max()), device=x.device)  # (B, M)
+            h = x.gather(1, reads.clamp(0, n - 1)[..., None].expand(-1, -1, x.shape[-1]))
+            return self.head_logits(self.ln_f(h), head, vocab)
+        final = self.ln_f(x[torch.arange(b, device=x.device), (counts - 1).clamp(min=0)])  # (B, D)
+        return self.head_logits(final, head, vocab)
 
     def backbone_inputs(self, x: Tensor, types: Tensor, timesteps: Tensor) -> Tensor:
         """What one row of tokens ``(1, L, D)`` feeds the backbone when acting: the embeddings

@@ -20,6 +20,7 @@ from gato_like.serving.engine import EngineConfig
 from gato_like.serving.protocol import example_observation
 from gato_like.serving.server import ServerConfig, background_server
 from gato_like.tokenizers import TextTokenizer
+from gato_like.training.recipes import ACTING
 
 TASKS = ("dmc-point_mass-easy", "babyai-GoToRedBall")  # continuous and discrete actions
 
@@ -47,13 +48,15 @@ PLANS = [
 ]
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled", "pooled-acting"])
 def test_server_actions_equal_local_policy_actions_for_every_head(tmp_path: Path, backbone: str) -> None:
     """Six concurrent sessions (two embodiments, the policy and goal heads, a prompt, greedy and
     sampled) share the server's forward passes; each gets exactly the actions a local Policy
-    computes alone on the same observations. The contexts are short, so windows roll over."""
-    context = {"decoder": 512, "perceiver": 48, "pooled": 24}[backbone]
-    path = _checkpoint(tmp_path / backbone, backbone=backbone, context_length=context)
+    computes alone on the same observations. The contexts are short, so windows roll over.
+    ``pooled-acting``: the CPU recipes' departures, every action token from one pass."""
+    context = {"decoder": 512, "perceiver": 48, "pooled": 24, "pooled-acting": 24}[backbone]
+    extra = ACTING if backbone == "pooled-acting" else {}
+    path = _checkpoint(tmp_path / backbone, backbone=backbone.split("-")[0], context_length=context, **extra)
     steps = 7
     observations = [[_obs(task, 100 * i + t) for t in range(steps)] for i, (task, _, _) in enumerate(PLANS)]
     goals = [_obs(task, 999 + i) for i, (task, _, _) in enumerate(PLANS)]

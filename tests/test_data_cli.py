@@ -45,6 +45,12 @@ def test_convert_npz_demos_and_train_on_them(tmp_path: Path) -> None:
     assert [e.source for e in episodes] == ["converted from demo_00.npz", "converted from demo_01.npz", "converted from demo_02.npz"]  # fmt: skip
     loaded = np.load(tmp_path / "demos" / "demo_01.npz")
     np.testing.assert_array_equal(episodes[1].observations["pixels"], loaded["obs.pixels"])
+    for episode, i in zip(episodes, range(3), strict=True):  # every demo's actions and rewards too
+        demo = np.load(tmp_path / "demos" / f"demo_{i:02d}.npz")
+        np.testing.assert_array_equal(episode.actions, demo["actions"])
+        np.testing.assert_array_equal(episode.rewards, demo["rewards"])
+        for key in episode.observations:
+            np.testing.assert_array_equal(episode.observations[key], demo[f"obs.{key}"])
     dataset = SequenceDataset(DatasetSource.open(tmp_path / "ds"), LoaderConfig(context_length=512))
     sample = next(iter(dataset))
     assert sample["loss_mask"].sum() > 0

@@ -12,6 +12,7 @@ from gato_like.envs.registry import get_task
 from gato_like.model import GatoModel
 from gato_like.policy import Policy
 from gato_like.tokenizers import SpecMismatchError, TextTokenizer, TokenType
+from gato_like.training.recipes import ACTING
 
 TASKS = ("dmc-reacher-easy", "babyai-GoToLocal")
 
@@ -33,8 +34,17 @@ def perceiver_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pooled_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = GatoModel(Config.from_name("debug", context_length=24, backbone="pooled"))
+    model = GatoModel(Config.from_name("debug", context_length=12, backbone="pooled"))
     return _save(tmp_path_factory.mktemp("ckpt") / "pooled", model)
+
+
+@pytest.fixture(scope="module")
+def acting_checkpoint(tmp_path_factory):
+    """The CPU recipes' departures (action tokens never inputs, 2 timesteps) on pooled timesteps:
+    every action token is decided in one forward pass."""
+    torch.manual_seed(0)
+    config = Config.from_name("debug", context_length=24, backbone="pooled", **ACTING)
+    return _save(tmp_path_factory.mktemp("ckpt") / "acting", GatoModel(config))
 
 
 def _save(path, model):
@@ -101,7 +111,7 @@ def _reference_action_logits(
     return logits[len(seq) - 1 - builder.action_size : len(seq) - 1, low:high]
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled", "acting"])
 @pytest.mark.parametrize("task", TASKS)
 def test_acting_in_the_simulator_matches_recomputation(request, task: str, backbone: str) -> None:
     checkpoint = request.getfixturevalue("checkpoint" if backbone == "decoder" else f"{backbone}_checkpoint")
@@ -126,7 +136,7 @@ def test_acting_in_the_simulator_matches_recomputation(request, task: str, backb
         torch.testing.assert_close(acted, reference, rtol=1e-4, atol=1e-4)
         history.append((observation, action))
     # decoder: 156 tokens a BabyAI step roll the 320-token context; perceiver: 4 latents + 3 a step,
-    # pooled: 1-2 group tokens + 2-3 a step, context 24
+    # pooled: 1-2 group tokens + 2-3 a step, context 12; acting: a window of 2 timesteps
     assert rolled == (task == "babyai-GoToLocal" or backbone != "decoder")
 
 
