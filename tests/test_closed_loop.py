@@ -15,15 +15,23 @@ from pathlib import Path
 import pytest
 
 from gato_like.data_pipelines.generate import generate
+from gato_like.training.recipes import ACTING
 
-#: Measured: 1.00 for both representations over 5 episodes (docs/results.md); well above the 0.53
-#: of a copying agent, below what both reach.
+#: Well above the 0.53 of a copying agent (a pooled model with action tokens as inputs scored exactly
+#: that here, and 0.33 with 16 windows a batch); both representations as set below pass it.
 TARGET_SCORE = 0.8
 EPISODES = 5
 TASK = "dmc-cartpole-balance"
 
 
-@pytest.fixture(scope="module", params=["decoder", "pooled"])
+#: Each representation with the settings it is used with (model fields, batch size): Gato's tokens as
+#: the paper has them, 16 windows of the whole context; pooled timesteps with the CPU recipes'
+#: departures (actions never inputs, 2 timesteps), so as many action targets a batch takes 256
+#: windows. With action tokens as inputs, a pooled model trained so copies the last action (0.53).
+SETTINGS = {"decoder": ({}, 16), "pooled": ({"backbone": "pooled", **ACTING}, 256)}
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gato_like.training.train import train
 
@@ -32,9 +40,10 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
              progress=False, pixels=False)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return train(root / "data", root / "run", preset="debug", max_steps=240, batch_size=16, lr=2e-3,
+        model, batch_size = SETTINGS[request.param]
+        return train(root / "data", root / "run", preset="debug", max_steps=240, batch_size=batch_size, lr=2e-3,
                      warmup_steps=24, val_every=120, workers=0, progress=False, rollout_episodes=2,
-                     model={"backbone": request.param})  # fmt: skip
+                     model=model)  # fmt: skip
 
 
 def test_training_logs_closed_loop_scores_and_keeps_the_best(run: Path) -> None:
