@@ -382,12 +382,12 @@ class ActingCore:
         # (the layout's count of observation tokens, or 1 in a pooled timestep), not the backbone
         # input count (the Perceiver and pooled timesteps fold observation tokens)
         local = torch.tensor([self.action_position(built[r]) for r in order], device=self.device)
-        chosen: list[list[int]] = [[] for _ in order]
         self.last_logits |= {r: [] for r in order}
         self.last_vocab |= dict.fromkeys(order, vocab)
         if self.model.masked_action is not None and self.config.action_input_dropout >= 1.0:
             self._act_masked(head, group, out, chunks, vocab, local)
             return
+        chosen: list[list[int]] = [[] for _ in order]
         lo, logits = self.feed(chunks, head, vocab)
         select = torch.tensor([r - lo for r in order], device=self.device)
         logits = logits[select]  # (R, V) in the order of `order`

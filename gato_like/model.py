@@ -278,6 +278,15 @@ def token_groups(types: Tensor) -> Tensor:
     return table[types.long().clamp(0, len(_GROUP_OF_TYPE) - 1)]
 
 
+def run_firsts(starts: Tensor) -> Tensor:
+    """Index ``(B, L)`` of the first position of each position's run, runs starting where
+    ``starts`` (B, L) is True (position 0 always starts one)."""
+    index = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
+    starts = starts.clone()
+    starts[:, 0] = True
+    return torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+
+
 def group_positions(types: Tensor, local_positions: Tensor) -> Tensor:
     """Each token's index inside its group of its timestep ``(B, L)``: the n-th value of an
     observation is n whatever text or image precedes it; the separator is 0 and action j is j + 1.
@@ -286,9 +295,7 @@ def group_positions(types: Tensor, local_positions: Tensor) -> Tensor:
     groups = token_groups(types)
     start = torch.ones_like(groups, dtype=torch.bool)
     start[:, 1:] = (groups[:, 1:] != groups[:, :-1]) | (local_positions[:, 1:] == 0)
-    index = torch.arange(types.shape[1], device=types.device).expand_as(types)
-    first = torch.where(start, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - first
+    return torch.arange(types.shape[1], device=types.device) - run_firsts(start)
 
 
 def position_problem(config: Config, body: str, sizes: dict[str, int]) -> str | None:
@@ -574,10 +581,9 @@ class GatoModel(nn.Module):
                 ``predicts``: ``(B, L)``.
         """
         timesteps = batch["timesteps"]
-        index = torch.arange(timesteps.shape[1], device=h.device).expand_as(timesteps)
         starts = torch.ones_like(target_mask)
         starts[:, 1:] = timesteps[:, 1:] != timesteps[:, :-1]
-        before = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values - 1  # (B, L)
+        before = run_firsts(starts) - 1  # (B, L): the last token of the timestep before
         mask = target_mask & (before >= 0) & predicts.gather(1, before.clamp(min=0))
         if not bool(mask.any()):
             return h.sum() * 0.0
