@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,133 @@ def test_the_cache_grows_with_the_rows_and_gives_memory_back(tmp_path: Path) -> 
     assert core.cache.k[0].shape[0] == 2 and survivor.index == 0  # halved down to its start
     (after,) = core.act([(survivor, _obs(TASKS[0], 99))])  # its history survived the shrinking
     np.testing.assert_array_equal(after, expected.act([(twin, _obs(TASKS[0], 99))])[0])
+
+
+async def _gated(engine) -> tuple[asyncio.Future, threading.Event]:
+    """Hold the engine's worker on a call until the event is set, so that every request queued
+    meanwhile is taken in its next tick (one shared batch), which starts after the gate opens."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        gate.wait()
+
+    held = asyncio.ensure_future(engine._call(hold))
+    await asyncio.to_thread(entered.wait)
+    return held, gate
+
+
+def test_a_refused_session_in_a_shared_batch_leaves_its_bystander_as_a_local_policy(tmp_path: Path) -> None:
+    """In one tick: the bystander's step, a step of another session refused past its deadline and
+    a reset refused for a prompt longer than half the context; then a reset refused for a bad goal
+    beside the bystander's next step and the late step's resend. The bystander's actions stay a local Policy's, and each
+    refused session carries on as if its refused request had never been sent."""
+    from gato_like.serving import protocol as p
+    from gato_like.serving.engine import Engine
+    from gato_like.serving.protocol import ProtocolError
+
+    path = _checkpoint(tmp_path / "ckpt", context_length=256)
+    task = TASKS[0]
+    long_prompt = get_task(task).rollout(3, "expert", max_steps=60)  # 60 x 7 tokens > 128
+    prompt = {"obs": long_prompt.observations, "actions": long_prompt.actions}
+    steps = 5
+    observations = {name: [_obs(task, 10 * i + t) for t in range(steps)] for i, name in enumerate("abc")}
+
+    async def scenario() -> tuple[dict[str, list[np.ndarray]], dict[str, str]]:
+        engine = Engine(load_checkpoint(path))
+        await engine.start(warmup=False)
+        refused: dict[str, str] = {}
+
+        async def refusal(name: str, request) -> None:
+            with pytest.raises(ProtocolError) as error:
+                await request
+            refused[name] = error.value.code
+
+        try:
+            a, b, c = (engine.open_session(object()) for _ in range(3))
+            for session in (a, b, c):
+                await engine.reset(session, task=task)
+            actions: dict[str, list[np.ndarray]] = {"a": [], "b": [], "c": []}
+
+            async def step(session, name: str, t: int) -> None:
+                reply = await engine.step(session, t, observations[name][t])
+                actions[name].append(p.decode_array(reply["action"], "action"))
+
+            held, gate = await _gated(engine)
+            tasks = [
+                asyncio.ensure_future(step(a, "a", 0)),
+                asyncio.ensure_future(
+                    refusal("late step", engine.step(b, 0, observations["b"][0], deadline_ms=1))
+                ),
+                asyncio.ensure_future(refusal("long prompt", engine.reset(c, task=task, prompt=prompt))),
+            ]
+            await asyncio.sleep(0.05)  # every request is queued behind the held worker, past b's deadline
+            gate.set()
+            await asyncio.gather(held, *tasks)
+            bad_goal = {**observations["a"][0], "position": np.zeros(7, np.float32)}
+            await asyncio.gather(step(a, "a", 1), step(b, "b", 0), refusal("bad goal", engine.reset(c, task=task, goal=bad_goal)))  # fmt: skip
+            for t in range(2, steps):
+                await asyncio.gather(step(a, "a", t), step(b, "b", t - 1), step(c, "c", t - 2))
+            await asyncio.gather(step(b, "b", steps - 1), step(c, "c", steps - 2))
+            await step(c, "c", steps - 1)
+            return actions, refused
+        finally:
+            await engine.stop()
+
+    actions, refused = asyncio.run(scenario())
+    assert refused == {
+        "late step": "DEADLINE_EXCEEDED",
+        "long prompt": "INVALID_PROMPT",
+        "bad goal": "INVALID_PROMPT",
+    }
+    for name in "abc":
+        local = Policy.from_checkpoint(path)
+        local.reset(task)
+        for t in range(steps):
+            np.testing.assert_array_equal(
+                actions[name][t], local.act(observations[name][t]), err_msg=f"{name} {t}"
+            )
+
+
+def test_a_reset_queued_behind_its_sessions_close_is_refused_and_frees_nothing_twice(tmp_path: Path) -> None:
+    """A reset taken in the same tick as its session's close is refused (SESSION_EXPIRED), the
+    session's cache row is given back once, and another session keeps its row and its actions."""
+    from gato_like.serving import protocol as p
+    from gato_like.serving.engine import Engine
+    from gato_like.serving.protocol import ProtocolError
+
+    path = _checkpoint(tmp_path / "ckpt")
+    task = TASKS[0]
+    observations = [_obs(task, t) for t in range(3)]
+
+    async def scenario() -> tuple[str, list[np.ndarray], int]:
+        engine = Engine(load_checkpoint(path))
+        await engine.start(warmup=False)
+        try:
+            keep, gone = engine.open_session(object()), engine.open_session(object())
+            await engine.reset(keep, task=task)
+            await engine.reset(gone, task=task)
+            actions = [p.decode_array((await engine.step(keep, 0, observations[0]))["action"], "action")]
+            held, gate = await _gated(engine)
+            reset = asyncio.ensure_future(engine.reset(gone, task=task))
+            await asyncio.sleep(0.05)  # the reset is queued behind the held worker
+            engine.close_session(gone, "bye")  # ... and its close behind it
+            gate.set()
+            await held
+            with pytest.raises(ProtocolError) as error:
+                await reset
+            for t in (1, 2):
+                actions.append(
+                    p.decode_array((await engine.step(keep, t, observations[t]))["action"], "action")
+                )
+            live = await engine._call(lambda: sum(engine.pool.live(s.slot) for s in (keep, gone)))
+            return error.value.code, actions, live
+        finally:
+            await engine.stop()
+
+    code, actions, live = asyncio.run(scenario())
+    assert code == "SESSION_EXPIRED" and live == 1
+    local = Policy.from_checkpoint(path)
+    local.reset(task)
+    for t, observation in enumerate(observations):
+        np.testing.assert_array_equal(actions[t], local.act(observation), err_msg=f"step {t}")
