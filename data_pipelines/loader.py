@@ -34,6 +34,7 @@ import torch
 
 from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
 from gato_like.data_pipelines.shards import INDEX_FILE, DatasetError, check_index, read_index
+from gato_like.timestep import sequence_cost, timestep_cost
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TextTokenizer, TokenSequence, TokenType
 from gato_like.tokenizers.spec import SpecMismatchError
 
@@ -46,7 +47,13 @@ class LoaderConfig:
     """How sequences are cut and mixed."""
 
     context_length: int = 1024
-    """Tokens per sequence (prompt included)."""
+    """Backbone inputs per sequence (prompt included): tokens for Gato's ``decoder``; for the
+    folding backbones each timestep costs what :func:`gato_like.timestep.timestep_cost` says, so
+    a window holds the timesteps the model attends over when it acts."""
+    backbone: str = "decoder"
+    """The model's ``backbone``: how a timestep's cost is counted."""
+    perceiver_latents: int = 0
+    """The model's ``perceiver_latents`` (the ``perceiver`` backbone's cost of an observation)."""
     prompt_probability: float = 0.25
     """Share of sequences that get a prompt from another episode of the same task (Gato: 25 %)."""
     prompt_max_fraction: float = 0.5
@@ -212,22 +219,32 @@ class WindowSampler:
             raise ValueError(f"on_error: expected 'raise' or 'skip', got {config.on_error!r}")
         check_domain_weights(config.domain_weights, source.tasks)
         for task, builder in self.builders.items():
-            per_step = builder.fixed_observation_size() + 1 + builder.action_size
+            per_step = self._step_cost(builder, 0)
             if per_step > config.context_length:
                 raise ValueError(
                     f"context_length {config.context_length} is shorter than one timestep of {task} "
-                    f"({per_step}+ tokens); raise it or shrink the observations"
+                    f"({per_step}+ backbone inputs); raise it or shrink the observations"
                 )
 
+    def _step_cost(self, builder: SequenceBuilder, text: int) -> int:
+        sizes = builder.group_sizes()
+        cfg = self.config
+        return timestep_cost(cfg.backbone, cfg.perceiver_latents, text, sizes["image"], sizes["values"], sizes["action"])  # fmt: skip
+
     def bounds(self, episode: Episode) -> np.ndarray:
-        """int64 ``(T + 1,)``: timestep t of the tokenized episode spans ``[bounds[t], bounds[t + 1])``."""
+        """int64 ``(T + 1,)``: cumulative backbone inputs (tokens for the decoder) of the episode's
+        timesteps; timestep t costs ``bounds[t + 1] - bounds[t]``."""
         builder = self.builders[episode.task]
-        lengths = np.full(
-            episode.length, builder.fixed_observation_size() + 1 + builder.action_size, np.int64
-        )
+        text = np.zeros(episode.length, np.int64)
         for key in builder.text_keys:
-            lengths += [self._text_length(str(s)) for s in episode.observations[key]]
+            text += [self._text_length(str(s)) for s in episode.observations[key]]
+        costs = {int(n): self._step_cost(builder, int(n)) for n in np.unique(text)}
+        lengths = np.array([costs[int(n)] for n in text], np.int64)
         return np.concatenate([[0], np.cumsum(lengths)])
+
+    def cost(self, tokens: TokenSequence) -> int:
+        """Backbone inputs of a tokenized run of whole timesteps (a prompt)."""
+        return sequence_cost(self.config.backbone, self.config.perceiver_latents, tokens.types, tokens.timesteps)  # fmt: skip
 
     def _text_length(self, text: str) -> int:
         if text not in self._text_lengths:
@@ -305,9 +322,9 @@ class WindowSampler:
             if others and rng.random() < cfg.prompt_probability:
                 end, uniform = rng.choice(others)
                 prompt = end if rng.random() < 0.5 else uniform
-            if prompt is not None and cfg.context_length - len(prompt) < longest:
+            if prompt is not None and cfg.context_length - self.cost(prompt) < longest:
                 prompt = None  # the window must still hold any whole timestep
-            budget = cfg.context_length - (len(prompt) if prompt is not None else 0)
+            budget = cfg.context_length - (self.cost(prompt) if prompt is not None else 0)
             start, stop = _window_steps(bounds, budget, rng)
             if cfg.history_steps and stop - start > cfg.history_steps:
                 start = rng.randrange(start, stop - cfg.history_steps + 1)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gato_like.config import Config
+from gato_like.timestep import GROUP_OF_TYPE as _GROUP_OF_TYPE
+from gato_like.timestep import POOLED_GROUPS
 from gato_like.tokenizers.vocab import TokenType
 
 
@@ -263,13 +265,6 @@ class CrossAttention(nn.Module):
         y, _ = self.attention(q, k, v, attn_mask=attn_mask, need_weights=False)
         x = queries + y
         return x + self.mlp(self.ln_2(x))
-
-
-#: Token type -> group of a timestep: text 0, image 1, values (continuous and discrete) 2, the
-#: separator and actions 3, padding 4.
-_GROUP_OF_TYPE = (0, 1, 2, 2, 3, 3, 4)
-POOLED_GROUPS = 3
-"""Observation groups a ``pooled`` timestep folds into one token each (text, image, values)."""
 
 
 def token_groups(types: Tensor) -> Tensor:

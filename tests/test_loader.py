@@ -3,6 +3,7 @@ named errors for broken shards, and URLs."""
 
 import functools
 import http.server
+import itertools
 import shutil
 import threading
 from collections import Counter
@@ -231,3 +232,39 @@ def test_one_pass_tokenization_equals_tokenizing_each_window(smoke_dataset: Path
     assert checked == 5 * 3 * len(source.tasks)
     # the prompts drawn from the pool were exercised too
     assert any(p is not None for p, _ in plans)
+
+
+@pytest.mark.parametrize("backbone", ["pooled", "perceiver", "decoder"])
+def test_training_windows_and_the_acting_window_hold_the_same_timesteps(smoke_dataset: Path, tmp_path: Path, backbone: str) -> None:  # fmt: skip
+    """``context_length`` counts backbone inputs for the loader as for the acting core: a folding
+    backbone is trained on windows of as many timesteps as it attends over when it acts (before,
+    the loader counted raw tokens, so a pooled model acted over several times the history it had
+    been trained on)."""
+    from gato_like.checkpoint import save_checkpoint
+    from gato_like.config import Config
+    from gato_like.data_pipelines.shards import iter_task
+    from gato_like.model import GatoModel
+    from gato_like.policy import Policy
+    from gato_like.timestep import sequence_cost
+    from gato_like.tokenizers import TextTokenizer
+
+    task = "dmc-point_mass-easy"  # pixels and proprio: two groups, 4 latents, or 16 patches + 4 values
+    config = Config.from_name("debug", backbone=backbone, context_length=64)
+    source = DatasetSource.open(smoke_dataset, [task])
+    loader = LoaderConfig(context_length=64, backbone=backbone, perceiver_latents=config.perceiver_latents,
+                          prompt_probability=0.0, hindsight_goals=False)  # fmt: skip
+    samples = list(itertools.islice(SequenceDataset(source, loader), 40))
+    costs = [sequence_cost(backbone, config.perceiver_latents, s["types"], s["timesteps"]) for s in samples]
+    trained = max(len(np.unique(s["timesteps"])) for s in samples)
+    assert max(costs) <= 64
+
+    path = save_checkpoint(tmp_path / "ckpt", GatoModel(config), TextTokenizer(), {task: source.specs[task]}, {task: {}})  # fmt: skip
+    policy = Policy.from_checkpoint(path)
+    policy.reset(task)
+    episode = next(iter_task(smoke_dataset, task))
+    acted = 0
+    for t in range(episode.length):
+        policy.act({k: v[t] for k, v in episode.observations.items()})
+        acted = max(acted, len(policy.envs[0].steps))
+    per_step = {"pooled": 2 + 3, "perceiver": config.perceiver_latents + 3}.get(backbone, costs[0] // trained)
+    assert trained == acted == 64 // per_step, (trained, acted, per_step)

@@ -26,8 +26,11 @@ class GatoData(L.LightningDataModule):
         history_steps: int = 0,
         task_batches: bool = True,
         batch_tokens: int = 0,
+        backbone: str = "decoder",
+        perceiver_latents: int = 0,
     ) -> None:
         super().__init__()
+        self.backbone, self.perceiver_latents = backbone, perceiver_latents
         self.task_batches = task_batches
         self.batch_tokens = batch_tokens
         self.history_steps = history_steps
@@ -47,6 +50,8 @@ class GatoData(L.LightningDataModule):
     def _loader(self, seed: int, skip_batches: int = 0, workers: int | None = None) -> Any:
         config = LoaderConfig(
             context_length=self.context_length,
+            backbone=self.backbone,
+            perceiver_latents=self.perceiver_latents,
             domain_weights=self.domain_weights,
             seed=seed,
             history_steps=self.history_steps,

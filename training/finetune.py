@@ -40,6 +40,7 @@ from gato_like.checkpoint import (
     save_checkpoint,
     tokenizer_sha256,
 )
+from gato_like.config import Config
 from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
 from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, WindowSampler, collate
 from gato_like.data_pipelines.shards import DatasetError
@@ -218,11 +219,15 @@ class DemoStream(torch.utils.data.IterableDataset):
 
 
 class DemoData(L.LightningDataModule):
-    def __init__(self, demos: Demos, text: Any, context_length: int, batch_size: int, prompt_probability: float, seed: int, goal_last: bool = False) -> None:  # fmt: skip
+    def __init__(self, demos: Demos, text: Any, model: Config, batch_size: int, prompt_probability: float, seed: int, goal_last: bool = False) -> None:  # fmt: skip
+        """Windows of the demos cut as the base model was trained and acts: ``model``'s context
+        (in its backbone's inputs) and ``history_steps``."""
         super().__init__()
         index = {"tasks": {demos.task: demos.index_entry}}
         source = DatasetSource(str(demos.root), index, {demos.task: demos.spec})
-        config = LoaderConfig(context_length=context_length, prompt_probability=prompt_probability, seed=seed)
+        config = LoaderConfig(context_length=model.context_length, prompt_probability=prompt_probability, seed=seed,
+                              history_steps=model.history_steps, backbone=model.backbone,
+                              perceiver_latents=model.perceiver_latents)  # fmt: skip
         self.sampler = WindowSampler(source, config, text)
         self.demos, self.batch_size, self.seed = demos, batch_size, seed
         self.pad_id = self.sampler.builders[demos.task].layout.pad_id
@@ -372,7 +377,7 @@ def finetune(
         raise FinetuneError([f"monitor: expected 'policy' or 'goal', got {cfg.monitor!r}"])
     if cfg.monitor == "goal" and cfg.goal_every < 1:
         raise FinetuneError(["monitor 'goal' follows the goal head, which goal_every 0 never trains"])
-    data = DemoData(data_demos, loaded.text, base_config.context_length, cfg.batch_size, cfg.prompt_probability, cfg.seed, goal_last=cfg.monitor == "goal")  # fmt: skip
+    data = DemoData(data_demos, loaded.text, base_config, cfg.batch_size, cfg.prompt_probability, cfg.seed, goal_last=cfg.monitor == "goal")  # fmt: skip
     tokens_per_pass = data.tokens_per_pass()
     batches_per_pass = max(1, math.ceil(tokens_per_pass / (cfg.batch_size * base_config.context_length)))
     max_steps = cfg.max_steps or int(np.clip(30 * batches_per_pass, 100, 1500))

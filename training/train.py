@@ -269,7 +269,8 @@ def train(
     domain_weights = _domain_weights(data, c)
     datamodule = GatoData(data, c.batch_size, model_config.context_length, c.workers, tasks=c.task_names, seed=c.seed,
                           history_steps=model_config.history_steps, batch_tokens=c.batch_tokens,
-                          domain_weights=domain_weights)  # fmt: skip
+                          domain_weights=domain_weights, backbone=model_config.backbone,
+                          perceiver_latents=model_config.perceiver_latents)  # fmt: skip
     check_domain_weights(domain_weights, datamodule.task_names)  # before any work, not when the loader starts
     export = ExportCheckpoint(out, datamodule, c.val_every, {})
     specs, task_entries = export.specs_and_tasks()
