@@ -135,3 +135,31 @@ def test_training_meta_records_compute_and_tokens(trained: Path) -> None:
         faster = "bf16-mixed" if probe["bf16_s"] < probe["fp32_s"] else "32-true"
         assert chosen == faster and probe["fp32_s"] > 0 and probe["bf16_s"] > 0
     assert (trained.parent / "losses.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("stderr", "kept"), [(0.05, 200), (0.01, 100), (None, 200)])
+def test_the_final_weights_are_exported_unless_a_validation_beat_them_beyond_the_noise(tmp_path: Path, stderr, kept: int) -> None:  # fmt: skip
+    """A validation 0.05 ahead of the final score keeps its weights only when that lead is more
+    than two standard errors of the difference; with no spread measured (one episode per task)
+    the annealed final weights are exported."""
+    from types import SimpleNamespace
+
+    from gato_like.config import Config
+    from gato_like.model import GatoModel
+    from gato_like.training.rollouts import RolloutScores
+
+    callback = RolloutScores(tmp_path, {}, {}, ["dmc-point_mass-easy"], episodes=3)
+    scores = {"dmc-point_mass-easy": 0.0}
+    callback.history = [
+        {"step": 100, "mean_score": 0.60, "stderr": stderr, "scores": scores},
+        {"step": 200, "mean_score": 0.55, "stderr": stderr, "scores": scores},
+    ]
+    callback.best = 0.60
+    module = SimpleNamespace(model=GatoModel(Config.from_name("debug")))
+    callback.choose(SimpleNamespace(global_step=200), module)  # type: ignore[arg-type]
+    assert callback.chosen is not None and callback.chosen["step"] == kept
+    exported = (tmp_path / "best" / "meta.json").is_file()
+    assert exported == (kept == 200)
+    if exported:
+        assert json.loads((tmp_path / "best" / "meta.json").read_text())["rollout"]["step"] == 200
+    assert json.loads((tmp_path / "rollouts.json").read_text())["chosen"] == callback.chosen
