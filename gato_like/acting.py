@@ -454,10 +454,12 @@ class ActingCore:
 
     def action_position(self, tokens: TokenSequence) -> int:
         """The local position the model reads for the first action token after ``tokens`` (one
-        timestep's observation and separator)."""
-        types = torch.from_numpy(np.asarray(tokens.types, np.int64))[None]
-        local = torch.from_numpy(np.asarray(tokens.local_positions, np.int64))[None]
-        return int(self.model.input_positions(types, local)[0, -1]) + 1
+        timestep's observation and separator): the separator's, plus one. A pooled timestep
+        numbers the separator 0 in its group (``group_positions``); the other backbones read the
+        layout's own position (the tests check both against a full forward pass)."""
+        if self.config.backbone == "pooled":
+            return 1
+        return int(tokens.local_positions[-1]) + 1
 
     def _pick(self, rows: list[Row], logits: Tensor, offset: int = 0) -> Tensor:
         """The chosen action ids ``(R,)`` from logits ``(R, n)`` of ids ``[offset, offset + n)``, each

@@ -412,10 +412,17 @@ class GatoModel(nn.Module):
         """The local positions ``(B, L)`` the embedding reads for whole timesteps of tokens: the
         layout's own (decoder, perceiver), or each token's index inside its group (``pooled``: a
         value's embedding names its dimension, whatever precedes it). Raises ``ValueError`` when a
-        position does not fit the position table (``max_local_positions``)."""
+        position does not fit the position table (``max_local_positions``); on an accelerator a
+        device-side assert, which does not wait for the device."""
         if self.config.backbone == "pooled":
             local_positions = group_positions(types, local_positions)
-        if local_positions.numel() and int(local_positions.max()) >= self.config.max_local_positions:
+        if not local_positions.numel():
+            return local_positions
+        rows = self.config.max_local_positions
+        if local_positions.device.type != "cpu":  # no host sync per forward (training and acting
+            # refuse such bodies before any work: this catches what slipped past them)
+            torch._assert_async(local_positions.max() < rows, "local position past max_local_positions")
+        elif int(local_positions.max()) >= rows:
             raise ValueError(
                 f"a timestep holds a token at local position {int(local_positions.max())} but the model's "
                 f"position table (max_local_positions) has {self.config.max_local_positions} rows: "
