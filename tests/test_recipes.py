@@ -149,7 +149,7 @@ def test_the_recipes_task_weights_apply_to_the_tasks_a_dataset_has(
     # its output is not a terminal: plain progress lines instead of a bar that draws nothing
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] ")]
     assert lines and lines[0].startswith("[train] step 1/2 (50%) | loss ")
-    assert "tokens/s" in lines[0] and "ETA" in lines[0]
+    assert "tokens/s, " in lines[0] and "timesteps/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("[train] step 2/2 (100%)") and lines[-1].endswith("(done)")
 
 

@@ -13,10 +13,12 @@ import lightning as L
 class PlainProgress(L.Callback):
     """Every ``every_seconds`` (and at the first step and the last), one line::
 
-        [train] step 1200/20000 (6%) | loss 2.314 | policy 1.902 | 6,210 tokens/s | score 0.43 @2500 | 9.8 min, ETA 46.2 min
+        [train] step 1200/20000 (6%) | loss 2.314 | policy 1.902 | 6,210 tokens/s, 890 timesteps/s | score 0.43 @2500 | 9.8 min, ETA 46.2 min
 
     ``score`` is the last closed-loop mean score (``rollout/mean_score``) and the step it was taken
-    at, once a validation has rolled out; ETA is the nearer of ``max_steps`` and the time budget."""
+    at, once a validation has rolled out; ETA is the nearer of ``max_steps`` and the time budget.
+    Tokens and timesteps are counted on this rank; a folding backbone (``pooled``) turns the same
+    timesteps into fewer backbone inputs, so the two rates compare representations fairly."""
 
     def __init__(
         self, every_seconds: float = 60.0, stream: TextIO | None = None, label: str = "train"
@@ -27,11 +29,13 @@ class PlainProgress(L.Callback):
         self._started = 0.0
         self._last = 0.0
         self._tokens = 0.0
+        self._timesteps = 0
         self._score: tuple[float, int] | None = None
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._started = self._last = time.monotonic()
         self._tokens = 0.0
+        self._timesteps = 0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -39,6 +43,7 @@ class PlainProgress(L.Callback):
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         if mask is not None:
             self._tokens += float(mask.sum())
+            self._timesteps += count_timesteps(batch)
         now = time.monotonic()
         if trainer.global_rank == 0 and (trainer.global_step == 1 or now - self._last >= self.every_seconds):
             self._last = now
@@ -68,7 +73,7 @@ class PlainProgress(L.Callback):
         ):
             if key in metrics:
                 parts.append(f"{name} {float(metrics[key]):.3f}")
-        parts.append(f"{self._tokens / elapsed:,.0f} tokens/s")
+        parts.append(f"{self._tokens / elapsed:,.0f} tokens/s, {self._timesteps / elapsed:,.0f} timesteps/s")
         if self._score is not None:
             parts.append(f"score {self._score[0]:.2f} @{self._score[1]}")
         remaining = []
@@ -87,6 +92,14 @@ class PlainProgress(L.Callback):
 
     def emit(self, trainer: L.Trainer, now: float, final: bool = False) -> None:
         print(self.line(trainer, now, final), file=self.stream, flush=True)
+
+
+def count_timesteps(batch: dict[str, Any]) -> int:
+    """Whole timesteps in a collated batch: every timestep has one separator token (prompts'
+    included, goal segments have none)."""
+    from gato_like.tokenizers import TokenType
+
+    return int(((batch["types"] == int(TokenType.SEPARATOR)) & batch["attention_mask"]).sum())
 
 
 def _time_remaining(trainer: L.Trainer) -> float | None:

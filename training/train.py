@@ -22,7 +22,7 @@ from gato_like.model import position_problem
 from gato_like.tokenizers import SequenceBuilder, TextTokenizer
 from gato_like.training.data import GatoData
 from gato_like.training.module import GatoLightning, OptimConfig
-from gato_like.training.progress import PlainProgress
+from gato_like.training.progress import PlainProgress, count_timesteps
 from gato_like.training.rollouts import RolloutScores, plot_scores
 from gato_like.training.rollouts import rollout_tasks as rollout_tasks_of
 from gato_like.training.settings import TrainConfig
@@ -40,17 +40,19 @@ class ExportCheckpoint(L.Callback):
         self.started = time.perf_counter()
         self.earlier = 0.0  # training seconds of the run before a resume
         self.tokens = 0  # non-pad tokens trained on, all ranks
+        self.timesteps = 0  # whole timesteps trained on (one separator each), all ranks
         self.exported = -1
 
     def seconds(self) -> float:
         return self.earlier + time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
-        return {"training_seconds": self.seconds(), "tokens": self.tokens}
+        return {"training_seconds": self.seconds(), "tokens": self.tokens, "timesteps": self.timesteps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.earlier = float(state.get("training_seconds", 0.0))
         self.tokens = int(state.get("tokens", 0))
+        self.timesteps = int(state.get("timesteps", 0))
         self.started = time.perf_counter()
 
     def specs_and_tasks(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -102,6 +104,9 @@ class ExportCheckpoint(L.Callback):
             "training_seconds": round(seconds, 1),
             "tokens": self.tokens,
             "tokens_per_second": round(self.tokens / max(seconds, 1e-9), 1),
+            # a folding backbone makes fewer inputs of the same timesteps: compare runs by both
+            "timesteps": self.timesteps,
+            "timesteps_per_second": round(self.timesteps / max(seconds, 1e-9), 1),
             "settings": self.settings,
             "compute": {
                 "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
@@ -119,6 +124,7 @@ class ExportCheckpoint(L.Callback):
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_index: int
     ) -> None:
         self.tokens += int(batch["attention_mask"].sum()) * trainer.world_size
+        self.timesteps += count_timesteps(batch) * trainer.world_size
         if self.every and trainer.global_step % self.every == 0:
             assert isinstance(module, GatoLightning)
             self.export(trainer, module)
