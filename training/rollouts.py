@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gato_like.checkpoint import Checkpoint, save_checkpoint
+from gato_like.data_pipelines.shards import atomic_write_bytes
 from gato_like.envs.registry import TASKS
 from gato_like.model import GatoModel
 from gato_like.tokenizers import TextTokenizer
@@ -127,11 +128,20 @@ class RolloutScores(L.Callback):
         lead = best["mean_score"] - final["mean_score"]
         noise = 2.0 * float(np.hypot(best.get("stderr") or np.inf, final.get("stderr") or np.inf))
         if best is final or lead > noise:
-            self.chosen = {"step": best["step"], "reason": "the best validation" if best is final else
-                           f"the best validation: its lead {lead:.3f} over the final weights exceeds 2 standard errors ({noise:.3f})"}  # fmt: skip
+            reason = "the final weights, also the best closed-loop score" if best is final else (
+                f"the best closed-loop score's weights (step {best['step']}): its lead {lead:.3f} over "
+                f"the final weights exceeds 2 standard errors ({noise:.3f})")  # fmt: skip
+            self.chosen = {"step": best["step"], "reason": reason}
         else:
-            self.chosen = {"step": final["step"], "reason": f"the final weights: the best validation's lead {lead:.3f} (step {best['step']}) is within 2 standard errors ({noise:.3f})"}  # fmt: skip
+            reason = (f"the final weights: the best closed-loop score's lead {lead:.3f} (step {best['step']}) "
+                      f"is within 2 standard errors ({noise:.3f})")  # fmt: skip
+            self.chosen = {"step": final["step"], "reason": reason}
             self.export(trainer, module, final)
+        saved = self.out / "best" / "meta.json"
+        if saved.is_file():  # the model card says which weights these are
+            meta = json.loads(saved.read_text())
+            meta.setdefault("rollout", {})["chosen"] = self.chosen["reason"]
+            atomic_write_bytes(saved, (json.dumps(meta, indent=2) + "\n").encode())
         self.write()
         print(f"[rollouts] exported: {self.chosen['reason']}", flush=True)
 
