@@ -23,6 +23,7 @@ from gato_like.model import GatoModel
 from gato_like.policy import Policy
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.finetune import FinetuneConfig, FinetuneError, finetune, load_demos, select_trainable
+from gato_like.training.recipes import ACTING
 
 ARM3 = without_images(get_task("arm3-reach").spec)  # proprioception only: cheap and fully observed
 
@@ -80,7 +81,8 @@ def test_each_mode_trains_what_it_says(mode: str, trained: set[str], frozen: set
 # -- inputs ------------------------------------------------------------------------------------------
 
 
-def _base(path: Path, **meta: object) -> Path:
+def _base(path: Path, model: dict | None = None, **meta: object) -> Path:
+    """A debug base checkpoint on point mass; ``model``: overrides of its config."""
     torch.manual_seed(0)
     text = TextTokenizer()
     point = get_task("dmc-point_mass-easy")
@@ -91,7 +93,8 @@ def _base(path: Path, **meta: object) -> Path:
         "tokenizer_sha256": tokenizer_sha256(text),
     } | meta
     tasks = {point.name: {"embodiment": spec.name, "returns": None, "max_steps": 40}}
-    return save_checkpoint(path, GatoModel(Config.from_name("debug")), text, {spec.name: spec}, tasks, meta)
+    config = Config.from_name("debug", **(model or {}))
+    return save_checkpoint(path, GatoModel(config), text, {spec.name: spec}, tasks, meta)
 
 
 def _demos(root: Path, count: int = 4, steps: int = 30, spec_json: str | None = None) -> Path:
@@ -192,11 +195,15 @@ def test_an_embodiment_name_the_base_uses_differently(tmp_path: Path) -> None:
 # -- end to end ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["lora", "head"])
-def test_finetune_learns_the_new_body_and_exports_a_base_format_checkpoint(tmp_path: Path, mode: str) -> None:
-    base = _base(tmp_path / "base")
+@pytest.mark.parametrize(("mode", "backbone"), [("lora", "decoder"), ("head", "decoder"), ("lora", "pooled")])
+def test_finetune_learns_the_new_body_and_exports_a_base_format_checkpoint(tmp_path: Path, mode: str, backbone: str) -> None:  # fmt: skip
+    """LoRA and head fine-tuning on 4 demos of a body the base never saw; ``pooled``: with the CPU
+    recipes' settings (two-step windows, masked action inputs)."""
+    model = {"backbone": "pooled", **ACTING} if backbone == "pooled" else None
+    base = _base(tmp_path / "base", model)
     demos = _demos(tmp_path, count=5, steps=30)
-    config = FinetuneConfig(mode=mode, max_steps=24, val_every=6, patience=10, batch_size=4, lr=3e-3)  # type: ignore[arg-type]
+    batch = 4 if model is None else 64  # two-step windows: 6 action targets each, not a full context's ~90
+    config = FinetuneConfig(mode=mode, max_steps=24, val_every=6, patience=10, batch_size=batch, lr=3e-3)  # type: ignore[arg-type]
     checkpoint = finetune(
         base, demos, tmp_path / "run", config, progress=False, command="gato-like finetune ..."
     )
