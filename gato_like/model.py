@@ -725,7 +725,9 @@ class GatoModel(nn.Module):
             x: ``(B, n, D)`` embeddings of the new tokens (right-padded per row).
             valid: ``(B, n)`` bool, a prefix of True per row.
             cache: the rows' cache; ``lengths`` advance by each row's valid count.
-            head: ``policy``, ``dynamics`` or ``goal``.
+            head: ``policy``, ``dynamics`` or ``goal``; ``hidden``: the final hidden states
+                ``(B, D)`` (``(B, max(last), D)`` with ``last``) instead of logits (a pooled
+                timestep's dynamics readout adds each value's position to them).
             vocab: only the logits of ids ``[low, high)`` (acting needs an action's id range only).
             last: ``(B,)`` read the logits of each row's ``last[b]`` final valid tokens instead.
 
@@ -755,9 +757,16 @@ class GatoModel(nn.Module):
         if last is not None:
             reads = (counts - last)[:, None] + torch.arange(int(last.max()), device=x.device)  # (B, M)
             h = x.gather(1, reads.clamp(0, n - 1)[..., None].expand(-1, -1, x.shape[-1]))
-            return self.head_logits(self.ln_f(h), head, vocab)
+            return self.ln_f(h) if head == "hidden" else self.head_logits(self.ln_f(h), head, vocab)
         final = self.ln_f(x[torch.arange(b, device=x.device), (counts - 1).clamp(min=0)])  # (B, D)
-        return self.head_logits(final, head, vocab)
+        return final if head == "hidden" else self.head_logits(final, head, vocab)
+
+    def readout_logits(self, hidden: Tensor, positions: Tensor) -> Tensor:
+        """A pooled timestep's dynamics readout (as trained in :meth:`_readout_dynamics_loss`):
+        logits ``(n, V)`` of the next timestep's values at group ``positions`` ``(n,)``, from the
+        final hidden state ``(D,)`` of the last action token before them."""
+        local = positions.clamp(max=self.config.max_local_positions - 1)
+        return self.head_logits(hidden[None] + self.local(local), "dynamics")
 
     def backbone_inputs(self, x: Tensor, types: Tensor, timesteps: Tensor) -> Tensor:
         """What one row of tokens ``(1, L, D)`` feeds the backbone when acting: the embeddings

@@ -157,8 +157,9 @@ class Policy:
         bin (``argmax``); that bin is fed back. Discrete values are always the most likely one.
 
         Proprioceptive and discrete keys are predicted by the dynamics head; text and images are
-        carried over from ``observation`` (the model does not generate pixels). Decoder backbone only.
-        With ``Config.history_steps`` the context keeps the newest that many timesteps at every
+        carried over from ``observation`` (the model does not generate pixels). With pooled
+        timesteps every value of the next observation is read at once from the last action
+        token's readout (as trained); the Perceiver folds its observations and predicts none. With ``Config.history_steps`` the context keeps the newest that many timesteps at every
         step (prompt and goal stay), as in training and in :meth:`act`.
 
         Returns:
@@ -166,9 +167,10 @@ class Policy:
         """
         if self.builder is None or not self.envs or self.spec is None:
             raise RuntimeError("rollout: call reset() first")
-        if self.model.config.backbone != "decoder":
+        if self.model.config.backbone == "perceiver":
             raise NotImplementedError(
-                "rollout: the dynamics head predicts observation tokens with the decoder backbone only"
+                "rollout: the Perceiver folds observations and its dynamics head predicts none; "
+                "use a decoder or pooled checkpoint"
             )
         if len(self.envs) != 1:
             raise ValueError("rollout: reset with num_envs=1")
@@ -178,10 +180,18 @@ class Policy:
         if problems:
             raise SpecMismatchError(spec.name, problems, what="rollout actions")
         template = builder.build_step(observation)
-        per_step = len(template) + builder.action_size
-        if per_step * (len(actions) + 1) + 1 > self.model.config.context_length - self.envs[0].length:
+        per_step = self.core.embed(template).shape[1] + builder.action_size  # backbone inputs
+        row, history = self.envs[0], self.model.config.history_steps
+        assert row.prefix is not None
+        if history:  # each step re-encodes the prefix and the newest history_steps timesteps
+            if row.prefix.shape[1] + history * per_step > self.model.config.context_length:
+                raise ValueError(f"rollout: {history} timesteps of {per_step} inputs do not fit the context")
+        elif (
+            per_step * len(actions)  # pooled: the last prediction is not fed back
+            if self.model.config.backbone == "pooled"
+            else per_step * (len(actions) + 1) + 1
+        ) > self.model.config.context_length - row.length:
             raise ValueError(f"rollout: {len(actions)} steps do not fit in the remaining context; use fewer")
-        row = self.envs[0]
         saved = self.core.save(row)
         self.core.flush(row)  # the last action token, held back by act(), joins the history
         layout = builder.layout
@@ -197,9 +207,10 @@ class Policy:
             [np.asarray(observation[k], np.float64).reshape(-1) for k in builder.tensor_keys
              if spec.observations[k].kind == "proprio"] or [np.zeros(0)]
         )  # fmt: skip
-        history = self.model.config.history_steps
         done = list(row.steps)  # whole timesteps (1, n, D) before the current one
         current = self.core.embed(template)  # the current timestep's observation and separator
+        if self.model.config.backbone == "pooled":
+            return self._rollout_readout(template, actions, values, delta, decode, done, current, saved)
         try:
             if not history:
                 self._feed(current)
@@ -241,6 +252,70 @@ class Policy:
                 if history:
                     done.append(torch.cat([current, tokens], dim=1))
                     current = self.core.embed(_part(template, ids, 0, last + 1))
+                predictions.append(self._decode_observation(ids, template, values if delta else None))
+            return predictions
+        finally:
+            self.core.restore(row, saved)
+
+    def _rollout_readout(
+        self,
+        template: TokenSequence,
+        actions: np.ndarray,
+        values: np.ndarray,
+        delta: bool,
+        decode: str,
+        done: list[Tensor],
+        current: Tensor,
+        saved: Any,
+    ) -> list[dict[str, np.ndarray]]:
+        """:meth:`rollout` for pooled timesteps: after each action's tokens, every value of the
+        next observation from one readout; the predicted observation is folded and fed back."""
+        assert self.builder is not None
+        builder, row, model = self.builder, self.envs[0], self.model
+        history = model.config.history_steps
+        types = torch.from_numpy(np.asarray(template.types, np.int64))[None]
+        local = torch.from_numpy(np.asarray(template.local_positions, np.int64))[None]
+        generated = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)
+        at = np.flatnonzero(generated)
+        positions = model.input_positions(types, local)[0, torch.from_numpy(at)].to(self.core.device)
+        ranges = builder.layout.ranges()
+        continuous_at = np.flatnonzero(template.types == TokenType.CONTINUOUS)
+        first = self.core.action_position(template)
+        action_local = torch.arange(first, first + builder.action_size)[None]
+        last = len(template) - 1  # the separator
+        try:
+            if not history:
+                self._feed(current)
+            predictions = []
+            for action in actions:
+                if history:  # as trained and as act() keeps it: the newest history_steps timesteps
+                    self.core.refill(
+                        row, [*(done[len(done) - (history - 2) :] if history > 2 else []), current]
+                    )
+                action_ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None]
+                tokens = model.embed(
+                    action_ids.to(self.core.device),
+                    torch.full_like(action_ids, int(TokenType.ACTION)).to(self.core.device),
+                    action_local.to(self.core.device),
+                    show_actions=model.config.dynamics_inputs == "executed",
+                )
+                hidden = self._feed(tokens, head="hidden")[0]  # (D,)
+                logits = model.readout_logits(hidden, positions).float()  # (n, V)
+                ids = template.ids.copy()
+                for j, position in enumerate(at):
+                    kind = int(template.types[position])
+                    low, high = ranges["continuous" if kind == int(TokenType.CONTINUOUS) else "discrete"]
+                    ids[position] = self._predicted_bin(logits[j, low:high], kind, decode) + low
+                    if delta and kind == int(TokenType.CONTINUOUS):
+                        k = int(np.searchsorted(continuous_at, position))
+                        values[k] += float(builder.continuous.decode(ids[position : position + 1])[0])
+                        ids[position] = int(builder.continuous.encode(values[k : k + 1])[0])
+                predicted = self.core.embed(_part(template, ids, 0, last + 1))
+                if history:
+                    done.append(torch.cat([current, tokens], dim=1))
+                elif len(predictions) + 1 < len(actions):  # the next action follows it
+                    self._feed(predicted)
+                current = predicted
                 predictions.append(self._decode_observation(ids, template, values if delta else None))
             return predictions
         finally:

@@ -300,12 +300,66 @@ def test_rollout_first_token_matches_a_full_forward(checkpoint) -> None:
     assert int(predicted["direction"]) == expected
 
 
-def test_rollout_needs_the_decoder(perceiver_checkpoint) -> None:
+def test_rollout_is_refused_for_the_perceiver(perceiver_checkpoint) -> None:
     policy = Policy.from_checkpoint(perceiver_checkpoint)
     policy.reset("dmc-reacher-easy")
     episode = get_task("dmc-reacher-easy").rollout(0, "expert", max_steps=1)
-    with pytest.raises(NotImplementedError, match="decoder backbone only"):
+    with pytest.raises(NotImplementedError, match="Perceiver folds observations"):
         policy.rollout({k: v[0] for k, v in episode.observations.items()}, episode.actions)
+
+
+@pytest.mark.parametrize("fixture", ["pooled_checkpoint", "acting_checkpoint"])
+def test_a_pooled_rollout_reads_every_value_from_the_training_readout(request, fixture: str, monkeypatch) -> None:  # fmt: skip
+    """Pooled timesteps: each rollout step's logits for every value of the next observation equal
+    the training pass's readout (the last action token's hidden state plus the value's position in
+    its group) over the same window, whose last observation is the previous prediction; with
+    ``history_steps`` the window is the newest timesteps only. The policy's own history is kept."""
+    seen = _record_dynamics_logits(monkeypatch)  # every value decodes to bin 600
+    task = "dmc-reacher-easy"
+    policy = Policy.from_checkpoint(request.getfixturevalue(fixture))
+    policy.reset(task)
+    episode = get_task(task).rollout(2, "expert", max_steps=4)
+    observations = [{k: v[t] for k, v in episode.observations.items()} for t in range(4)]
+    before = policy.act(observations[0])
+    model, builder = policy.model, policy.builder
+    history = model.config.history_steps
+    horizon = 2 if history else 1  # a 12-input context holds o_0, a_0, o_1, a_1 and no more
+    predicted = policy.rollout(observations[1], episode.actions[1 : 1 + horizon])
+    # the windows the rollout saw: [o_0, a_0,] o_1, a_1 | then o_2 = the prediction, a_2
+    guessed = predicted[0] | {k: v for k, v in observations[1].items() if k not in predicted[0]}
+    steps = [observations[0], observations[1], guessed]
+    actions = [before, episode.actions[1], episode.actions[2]]
+    template = builder.build_step(observations[1])
+    at = np.flatnonzero(np.isin(template.types, [TokenType.CONTINUOUS, TokenType.DISCRETE]))
+    values = len(at)
+    assert len(seen) == horizon * values
+    for k in range(horizon):
+        # as trained: a window's readout of the timestep after it (outside it) is never a target,
+        # so a value is read after the newest history_steps - 1 timesteps
+        first = max(0, k + 2 - (history - 1)) if history else 0
+        obs = {key: np.stack([o[key] for o in steps[first : k + 2]]) for key in observations[0]}
+        seq = builder.build(obs, np.stack(actions[first : k + 2]))
+        batch = {
+            "ids": torch.from_numpy(seq.ids)[None], "types": torch.from_numpy(seq.types).long()[None],
+            "local_positions": torch.from_numpy(seq.local_positions).long()[None],
+            "timesteps": torch.from_numpy(seq.timesteps).long()[None], "loss_mask": torch.from_numpy(seq.loss_mask)[None],
+            "attention_mask": torch.ones(1, len(seq), dtype=torch.bool), "patches": torch.from_numpy(seq.patches)[None],
+            "patch_positions": torch.from_numpy(seq.patch_positions)[None],
+            "patch_mask": torch.ones(1, len(seq.patches), dtype=torch.bool),
+        }  # fmt: skip
+        with torch.no_grad():
+            hidden = model(batch, logits=True)["hidden"][0, -1]  # the last action token
+            positions = model.input_positions(batch["types"], batch["local_positions"])[0, at]
+            reference = model.readout_logits(hidden, positions)
+        low, high = builder.layout.ranges()["continuous"]
+        for j in range(values):
+            torch.testing.assert_close(
+                seen[k * values + j], reference[j, low:high].float(), rtol=1e-4, atol=1e-4
+            )
+    fresh = Policy.from_checkpoint(request.getfixturevalue(fixture))
+    fresh.reset(task)
+    fresh.act(observations[0])
+    np.testing.assert_array_equal(policy.act(observations[1]), fresh.act(observations[1]))
 
 
 def test_evaluate_rolls_out_in_the_simulator_with_a_video(checkpoint, tmp_path) -> None:
