@@ -275,14 +275,17 @@ def prompt_demos(root: str | Path, task: str, spec: Any) -> list[Any]:
 
 
 def demo_prompt(episode: Any, policy: Policy, fraction: float = 0.25) -> tuple[dict[str, Any], Any]:
-    """The last whole timesteps of a demo that fit in ``fraction`` of the context (goal-like prompt)."""
+    """The last whole timesteps of a demo that fit in ``fraction`` of the context, counted in
+    backbone inputs, and no more than ``history_steps`` (as the loader cuts training prompts): a
+    goal-like prompt."""
     from gato_like.tokenizers import SequenceBuilder
 
     builder = SequenceBuilder(policy.checkpoint.spec_for(episode.task), policy.checkpoint.text)
-    per_step = (
-        len(builder.build_step({k: v[0] for k, v in episode.observations.items()})) + builder.action_size
-    )
+    step = builder.build_step({k: v[0] for k, v in episode.observations.items()})
+    per_step = policy.embed_tokens(step).shape[1] + builder.action_size  # backbone inputs
     steps = max(1, int(policy.model.config.context_length * fraction) // per_step)
+    if policy.model.config.history_steps:
+        steps = min(steps, policy.model.config.history_steps)
     return {k: v[-steps:] for k, v in episode.observations.items()}, episode.actions[-steps:]
 
 
