@@ -518,7 +518,7 @@ class GatoModel(nn.Module):
         if goal:
             episode, predicts = h[:, n_goal:], predicts[:, n_goal:]
             out["goal_loss"] = self._next_token_loss(
-                episode, "goal", batch["ids"], _action_targets(batch), predicts
+                episode, "goal", batch["ids"], action_targets(batch), predicts
             )
             out["loss"] = self.config.goal_weight * out["goal_loss"]
             if logits:
@@ -789,7 +789,9 @@ class GatoModel(nn.Module):
         return (h + adapter(h)) @ weight.T
 
 
-def _action_targets(batch: dict[str, Any]) -> Tensor:
+def action_targets(batch: dict[str, Any]) -> Tensor:
+    """``(B, L)`` True at the action tokens the policy and goal heads are trained on: valid, and
+    not in a prompt."""
     return (
         (batch["types"] == int(TokenType.ACTION))
         & batch["attention_mask"]

@@ -45,7 +45,7 @@ from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
 from gato_like.data_pipelines.loader import DatasetSource, LoaderConfig, WindowSampler, collate
 from gato_like.data_pipelines.shards import DatasetError
 from gato_like.lora import LoRALinear, apply_lora, merge_lora
-from gato_like.model import GatoModel, _action_targets
+from gato_like.model import GatoModel, action_targets
 from gato_like.tokenizers import EmbodimentSpec, TokenSequence
 from gato_like.tokenizers.spec import SpecError, SpecMismatchError
 from gato_like.training.module import GatoLightning, OptimConfig, lr_factor
@@ -274,7 +274,7 @@ class FinetuneModule(GatoLightning):
     def validation_step(self, batch: dict[str, Any], batch_index: int) -> None:
         if self.monitor == "goal":
             out = self.model(batch, goal=True)
-            targets = _action_targets(batch)[:, 1:].sum().double()  # the goal loss's targets
+            targets = action_targets(batch)[:, 1:].sum().double()  # the goal loss's targets
         else:
             out = self.model(batch)
             targets = (batch["loss_mask"][:, 1:]).sum().double()
