@@ -125,7 +125,7 @@ def test_missing_index_and_too_short_context(tmp_path: Path, smoke_dataset: Path
         DatasetSource.open(smoke_dataset, tasks=["nope"])
     with pytest.raises(
         ValueError,
-        match=r"context_length 64 is shorter than one timestep of babyai-GoToRedBall \(150\+ tokens\)",
+        match=r"context_length 64 is shorter than one timestep of babyai-GoToRedBall \(150\+ backbone inputs\)",
     ):
         SequenceDataset(DatasetSource.open(smoke_dataset), LoaderConfig(context_length=64))
 

@@ -121,10 +121,12 @@ class RolloutScores(L.Callback):
         if (
             final is None
             or trainer.global_step - final["step"] >= self.end_gap
-            or final["mean_score"] is None
+            or final.get("mean_score") is None
         ):
             return  # (scored within end_gap steps of the end: these weights, as good as scored)
-        best = max((h for h in self.history if h["mean_score"] is not None), key=lambda h: h["mean_score"])
+        best = max(
+            (h for h in self.history if h.get("mean_score") is not None), key=lambda h: h["mean_score"]
+        )
         lead = best["mean_score"] - final["mean_score"]
         noise = 2.0 * float(np.hypot(best.get("stderr") or np.inf, final.get("stderr") or np.inf))
         if best is final or lead > noise:
