@@ -216,18 +216,7 @@ class Policy:
                 self._feed(current)
             predictions = []
             for action in actions:
-                if history:  # as trained and as act() keeps it: the newest history_steps timesteps
-                    self.core.refill(
-                        row, [*(done[len(done) - (history - 2) :] if history > 2 else []), current]
-                    )
-                action_ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None]
-                local = torch.arange(len(template), len(template) + builder.action_size)[None]
-                tokens = self.model.embed(
-                    action_ids,
-                    torch.full_like(action_ids, int(TokenType.ACTION)),
-                    local,
-                    show_actions=self.model.config.dynamics_inputs == "executed",
-                )
+                tokens = self._action_tokens(template, action, done, current)
                 logits = self._feed(tokens, head="dynamics")
                 ids = template.ids.copy()
                 position, last = 0, len(template) - 1  # the last template token is the separator
@@ -257,6 +246,22 @@ class Policy:
         finally:
             self.core.restore(row, saved)
 
+    def _action_tokens(self, template: TokenSequence, action: np.ndarray, done: list[Tensor], current: Tensor) -> Tensor:  # fmt: skip
+        """One planned action's tokens ``(1, A, D)`` as the dynamics head reads them, after
+        re-encoding the window when ``history_steps`` is set (as trained and as :meth:`act` keeps
+        it: the prompt and goal, the newest timesteps, then ``current``)."""
+        assert self.builder is not None
+        builder, history = self.builder, self.model.config.history_steps
+        if history:
+            self.core.refill(self.envs[0], [*(done[len(done) - (history - 2) :] if history > 2 else []), current])  # fmt: skip
+        ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None].to(self.core.device)
+        first = self.core.action_position(template)
+        local = torch.arange(first, first + builder.action_size, device=self.core.device)[None]
+        return self.model.embed(
+            ids, torch.full_like(ids, int(TokenType.ACTION)), local,
+            show_actions=self.model.config.dynamics_inputs == "executed",
+        )  # fmt: skip
+
     def _rollout_readout(
         self,
         template: TokenSequence,
@@ -280,25 +285,13 @@ class Policy:
         positions = model.input_positions(types, local)[0, torch.from_numpy(at)].to(self.core.device)
         ranges = builder.layout.ranges()
         continuous_at = np.flatnonzero(template.types == TokenType.CONTINUOUS)
-        first = self.core.action_position(template)
-        action_local = torch.arange(first, first + builder.action_size)[None]
         last = len(template) - 1  # the separator
         try:
             if not history:
                 self._feed(current)
             predictions = []
             for action in actions:
-                if history:  # as trained and as act() keeps it: the newest history_steps timesteps
-                    self.core.refill(
-                        row, [*(done[len(done) - (history - 2) :] if history > 2 else []), current]
-                    )
-                action_ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None]
-                tokens = model.embed(
-                    action_ids.to(self.core.device),
-                    torch.full_like(action_ids, int(TokenType.ACTION)).to(self.core.device),
-                    action_local.to(self.core.device),
-                    show_actions=model.config.dynamics_inputs == "executed",
-                )
+                tokens = self._action_tokens(template, action, done, current)
                 hidden = self._feed(tokens, head="hidden")[0]  # (D,)
                 logits = model.readout_logits(hidden, positions).float()  # (n, V)
                 ids = template.ids.copy()
