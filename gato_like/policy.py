@@ -289,7 +289,7 @@ class Policy:
         try:
             if not history:
                 self._feed(current)
-            predictions = []
+            predictions: list[dict[str, np.ndarray]] = []
             for action in actions:
                 tokens = self._action_tokens(template, action, done, current)
                 hidden = self._feed(tokens, head="hidden")[0]  # (D,)
