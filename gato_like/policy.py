@@ -159,7 +159,8 @@ class Policy:
         Proprioceptive and discrete keys are predicted by the dynamics head; text and images are
         carried over from ``observation`` (the model does not generate pixels). With pooled
         timesteps every value of the next observation is read at once from the last action
-        token's readout (as trained); the Perceiver folds its observations and predicts none. With ``Config.history_steps`` the context keeps the newest that many timesteps at every
+        token's readout (as trained); the Perceiver folds its observations and predicts none.
+        With ``Config.history_steps`` the context keeps the newest that many timesteps at every
         step (prompt and goal stay), as in training and in :meth:`act`.
 
         Returns:

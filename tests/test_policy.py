@@ -87,6 +87,13 @@ def test_broken_checkpoints_are_named(tmp_path, checkpoint) -> None:
         load_checkpoint(bad)
 
 
+def _training_batch(seq, pad_id: int) -> dict:
+    """One window collated as the loader collates training batches (a batch of one)."""
+    from gato_like.data_pipelines.loader import collate, sequence_sample
+
+    return collate([sequence_sample(seq, 0, 0, "window")], pad_id)
+
+
 def _reference_action_logits(
     policy: Policy, history: list, observation: dict, action: np.ndarray
 ) -> torch.Tensor:
@@ -96,14 +103,7 @@ def _reference_action_logits(
     obs = {k: np.stack([h[0][k] for h in history] + [observation[k]]) for k in observation}
     actions = np.stack([h[1] for h in history] + [action])
     seq = builder.build(obs, actions)
-    batch = {
-        "ids": torch.from_numpy(seq.ids)[None], "types": torch.from_numpy(seq.types).long()[None],
-        "local_positions": torch.from_numpy(seq.local_positions).long()[None],
-        "timesteps": torch.from_numpy(seq.timesteps).long()[None], "loss_mask": torch.from_numpy(seq.loss_mask)[None],
-        "attention_mask": torch.ones(1, len(seq), dtype=torch.bool), "patches": torch.from_numpy(seq.patches)[None],
-        "patch_positions": torch.from_numpy(seq.patch_positions)[None],
-        "patch_mask": torch.ones(1, len(seq.patches), dtype=torch.bool),
-    }  # fmt: skip
+    batch = _training_batch(seq, builder.layout.pad_id)
     with torch.no_grad():
         logits = policy.model(batch, logits=True)["policy_logits"][0]
     # action token j is predicted at the position before it (the separator for j = 0)
@@ -339,14 +339,7 @@ def test_a_pooled_rollout_reads_every_value_from_the_training_readout(request, f
         first = max(0, k + 2 - (history - 1)) if history else 0
         obs = {key: np.stack([o[key] for o in steps[first : k + 2]]) for key in observations[0]}
         seq = builder.build(obs, np.stack(actions[first : k + 2]))
-        batch = {
-            "ids": torch.from_numpy(seq.ids)[None], "types": torch.from_numpy(seq.types).long()[None],
-            "local_positions": torch.from_numpy(seq.local_positions).long()[None],
-            "timesteps": torch.from_numpy(seq.timesteps).long()[None], "loss_mask": torch.from_numpy(seq.loss_mask)[None],
-            "attention_mask": torch.ones(1, len(seq), dtype=torch.bool), "patches": torch.from_numpy(seq.patches)[None],
-            "patch_positions": torch.from_numpy(seq.patch_positions)[None],
-            "patch_mask": torch.ones(1, len(seq.patches), dtype=torch.bool),
-        }  # fmt: skip
+        batch = _training_batch(seq, builder.layout.pad_id)
         with torch.no_grad():
             hidden = model(batch, logits=True)["hidden"][0, -1]  # the last action token
             positions = model.input_positions(batch["types"], batch["local_positions"])[0, at]
