@@ -134,16 +134,16 @@ class RolloutScores(L.Callback):
                 f"the best closed-loop score's weights (step {best['step']}): its lead {lead:.3f} over "
                 f"the final weights exceeds 2 standard errors ({noise:.3f})")  # fmt: skip
             self.chosen = {"step": best["step"], "reason": reason}
+            saved = self.out / "best" / "meta.json"
+            if saved.is_file():  # exported when it scored: the model card says which weights these are
+                meta = json.loads(saved.read_text())
+                meta.setdefault("rollout", {})["chosen"] = reason
+                atomic_write_bytes(saved, (json.dumps(meta, indent=2) + "\n").encode())
         else:
             reason = (f"the final weights: the best closed-loop score's lead {lead:.3f} (step {best['step']}) "
                       f"is within 2 standard errors ({noise:.3f})")  # fmt: skip
             self.chosen = {"step": final["step"], "reason": reason}
-            self.export(trainer, module, final)
-        saved = self.out / "best" / "meta.json"
-        if saved.is_file():  # the model card says which weights these are
-            meta = json.loads(saved.read_text())
-            meta.setdefault("rollout", {})["chosen"] = self.chosen["reason"]
-            atomic_write_bytes(saved, (json.dumps(meta, indent=2) + "\n").encode())
+            self.export(trainer, module, final, chosen=reason)
         self.write()
         print(f"[rollouts] exported: {self.chosen['reason']}", flush=True)
 
@@ -211,13 +211,16 @@ class RolloutScores(L.Callback):
         shown = ", ".join(f"{n.split('-', 1)[-1]} {s:.2f}" for n, s in scores.items() if s is not None)
         print(f"\n[rollouts] step {trainer.global_step}: mean score {mean if mean is None else round(mean, 3)} ({shown}; {seconds:.0f} s)", flush=True)  # fmt: skip
 
-    def export(self, trainer: L.Trainer, module: L.LightningModule, entry: dict[str, Any]) -> None:
-        """The module's weights now, scored as ``entry``, to ``out/best``."""
+    def export(self, trainer: L.Trainer, module: L.LightningModule, entry: dict[str, Any], chosen: str | None = None) -> None:  # fmt: skip
+        """The module's weights now, scored as ``entry``, to ``out/best``; ``chosen``: why these
+        weights are the run's (at its end)."""
         model = module.model
         assert isinstance(model, GatoModel)
         meta = dict(self.meta(trainer, module))
         meta["rollout"] = {"step": entry["step"], "mean_score": round(entry["mean_score"], 4), "stderr": entry.get("stderr"),
                            "episodes": self.episodes, "scores": {n: None if s is None else round(s, 4) for n, s in entry["scores"].items()}}  # fmt: skip
+        if chosen is not None:
+            meta["rollout"]["chosen"] = chosen
         save_checkpoint(self.out / "best", model, TextTokenizer(), self.specs, self.tasks, meta)
 
     def write(self) -> None:
