@@ -5,10 +5,17 @@ and with torch's CPU flash-attention kernel (its default) against its plain "mat
 with bf16 units, also in fp32 (no autocast).
 
     .venv/bin/python benchmarks/train_step.py --data data/suite60 [--preset tiny] [--steps 48] [--repeats 2]
+    .venv/bin/python benchmarks/train_step.py --data data/suite60h --backbones decoder,pooled --presets tiny,debug
 
 Each row does the same optimizer steps on the same batches from the same initial weights, in bf16
 autocast where the CPU has bf16 units (as Lightning's bf16-mixed: the forward only); each row's
-time is the fastest of ``--repeats`` runs, the rows alternating."""
+time is the fastest of ``--repeats`` runs, the rows alternating.
+
+``--backbones``: instead, the recipe's step (goal head every 4th step) once per timestep
+representation and preset, each on its own batches of the same token budget (the loader counts
+the tokens of Gato's layout for every representation, so the batches hold the same timesteps),
+printing steps/s, tokens/s and timesteps/s side by side: tokens/s alone flatters a representation
+that spends more backbone inputs on a timestep."""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gato_like.config import Config
 from gato_like.model import GatoModel
 from gato_like.training.data import GatoData
+from gato_like.training.progress import count_timesteps
 from gato_like.training.recipes import ACTING
 from gato_like.training.train import cpu_has_bf16
 
@@ -36,8 +44,13 @@ def main() -> None:
     parser.add_argument("--batch_tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="the fastest of this many runs per row")
+    parser.add_argument("--backbones", default="", help="comma list: the representations side by side")
+    parser.add_argument("--presets", default="", help="with --backbones: comma list, one per backbone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.backbones:
+        side_by_side(args)
+        return
     torch.manual_seed(0)
     config = Config.from_name(args.preset, **ACTING)
     data = GatoData(args.data, 1024, config.context_length, 0, seed=0,
@@ -58,7 +71,7 @@ def main() -> None:
         chosen = sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()
         with chosen:
             for i, batch in enumerate(batches[:4] + batches):  # 4 warm-up steps
-                if i == 4:
+                if i == len(batches[:4]):
                     start = time.perf_counter()
                 with torch.autocast(
                     "cpu", dtype=torch.bfloat16, enabled=bf16 and autocast
@@ -89,6 +102,53 @@ def main() -> None:
     print(f"{'training step':52s} {'steps/s':>8s} {'tokens/s':>9s} {'speed-up':>8s}")
     for name, s in seconds.items():
         print(f"{name:52s} {args.steps / s:8.2f} {tokens / s:9.0f} {base / s:7.2f}x")
+
+
+def side_by_side(args: argparse.Namespace) -> None:
+    """The recipe's training step per (backbone, preset): steps/s, tokens/s and timesteps/s."""
+    backbones = args.backbones.split(",")
+    presets = args.presets.split(",") if args.presets else [args.preset] * len(backbones)
+    if len(presets) != len(backbones):
+        raise SystemExit(f"--presets: expected {len(backbones)} names (one per backbone), got {len(presets)}")
+    bf16 = cpu_has_bf16()
+    rows = {}
+    for backbone, preset in zip(backbones, presets, strict=True):
+        config = Config.from_name(preset, **ACTING, backbone=backbone)
+        data = GatoData(args.data, 1024, config.context_length, 0, seed=0, history_steps=config.history_steps,
+                        batch_tokens=args.batch_tokens, backbone=backbone,
+                        perceiver_latents=config.perceiver_latents)  # fmt: skip
+        stream = iter(data._loader(0))
+        batches = [next(stream) for _ in range(args.steps)]
+        rows[f"{backbone}, {preset}"] = (config, batches)
+    seconds: dict[str, float] = {}
+    for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
+        for name, (config, batches) in rows.items():
+            torch.manual_seed(0)
+            model = GatoModel(config)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            for i, batch in enumerate(batches[:4] + batches):  # 4 warm-up steps
+                if i == len(batches[:4]):
+                    start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(batch)["loss"]
+                    if i % 4 == 0 and "goal_ids" in batch:
+                        loss = loss + model(batch, goal=True)["loss"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+    print(f"{args.steps} real batches of {args.data} per row, {args.batch_tokens}-token budget; "
+          f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} threads")  # fmt: skip
+    print(
+        f"{'representation, preset':28s} {'steps/s':>8s} {'tokens/s':>9s} {'timesteps/s':>12s} {'timesteps/step':>15s}"
+    )
+    for name, (_, batches) in rows.items():
+        s = seconds[name]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        timesteps = sum(count_timesteps(b) for b in batches)
+        print(
+            f"{name:28s} {args.steps / s:8.2f} {tokens / s:9.0f} {timesteps / s:12.0f} {timesteps / args.steps:15.0f}"
+        )
 
 
 if __name__ == "__main__":
