@@ -61,7 +61,8 @@ RECIPES: dict[str, Recipe] = {
             "the default suite without pixels in <= 60 minutes on 2 CPU cores: pooled timesteps",
             # pooled timesteps on `debug` make ~420 steps a minute on the suite where Gato's tokens
             # on `tiny` made ~130, and learn more from each (held-push suite, 10 episodes per
-            # task: 0.69 against 0.56; docs/results.md)
+            # task: 0.69 against 0.56, before the loader cut pooled windows in backbone inputs;
+            # 0.52 after, BabyAI lower with 2-timestep windows: docs/results.md)
             preset="debug",
             model={"backbone": "pooled", **ACTING},
             max_steps=20000,  # ~48 minutes on a 2-core AMD EPYC: as measured; the clock caps slower machines
