@@ -34,6 +34,38 @@ from gato_like.training.recipes import ACTING
 from gato_like.training.train import cpu_has_bf16
 
 
+def timed_steps(
+    config: Config,
+    batches: list[dict],
+    bf16: bool,
+    kernel: SDPBackend | None = None,
+    goal_every: int = 4,
+    dynamics: bool = True,
+    autocast: bool = True,
+) -> float:
+    """Seconds of the optimizer steps over ``batches`` from fresh weights (seed 0), after 4
+    warm-up steps: the goal head's pass every ``goal_every``th step (0: never), the policy loss
+    alone without ``dynamics``, bf16 autocast (as Lightning's bf16-mixed) where ``bf16 and
+    autocast``, attention through ``kernel`` where given."""
+    torch.manual_seed(0)
+    model = GatoModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    chosen = sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()
+    with chosen:
+        for i, batch in enumerate(batches[:4] + batches):  # 4 warm-up steps
+            if i == len(batches[:4]):
+                start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and autocast):
+                out = model(batch)
+                loss = out["loss"] if dynamics else out["policy_loss"]
+                if goal_every and i % goal_every == 0 and "goal_ids" in batch:
+                    loss = loss + model(batch, goal=True)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,29 +94,6 @@ def main() -> None:
     print(f"{args.steps} real batches of {args.data}: {tokens / args.steps:.0f} tokens each on average; "
           f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} threads")  # fmt: skip
 
-    def run(
-        kernel: SDPBackend | None, goal_every: int, dynamics: bool = True, autocast: bool = True
-    ) -> float:
-        torch.manual_seed(0)
-        model = GatoModel(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        chosen = sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()
-        with chosen:
-            for i, batch in enumerate(batches[:4] + batches):  # 4 warm-up steps
-                if i == len(batches[:4]):
-                    start = time.perf_counter()
-                with torch.autocast(
-                    "cpu", dtype=torch.bfloat16, enabled=bf16 and autocast
-                ):  # as Lightning's bf16-mixed
-                    out = model(batch)
-                    loss = out["loss"] if dynamics else out["policy_loss"]
-                    if goal_every and i % goal_every == 0 and "goal_ids" in batch:
-                        loss = loss + model(batch, goal=True)["loss"]
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-        return time.perf_counter() - start
-
     rows = {
         "goal head every 4th step, flash kernel": (SDPBackend.FLASH_ATTENTION, 4, True),
         "goal head every 4th step, math kernel": (SDPBackend.MATH, 4, True),
@@ -97,7 +106,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
         for name, row in rows.items():
-            seconds[name] = min(seconds.get(name, float("inf")), run(*row))
+            seconds[name] = min(seconds.get(name, float("inf")), timed_steps(config, batches, bf16, *row))
     base = next(iter(seconds.values()))
     print(f"{'training step':52s} {'steps/s':>8s} {'tokens/s':>9s} {'speed-up':>8s}")
     for name, s in seconds.items():
@@ -123,20 +132,7 @@ def side_by_side(args: argparse.Namespace) -> None:
     seconds: dict[str, float] = {}
     for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
         for name, (config, batches) in rows.items():
-            torch.manual_seed(0)
-            model = GatoModel(config)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            for i, batch in enumerate(batches[:4] + batches):  # 4 warm-up steps
-                if i == len(batches[:4]):
-                    start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(batch)["loss"]
-                    if i % 4 == 0 and "goal_ids" in batch:
-                        loss = loss + model(batch, goal=True)["loss"]
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
+            seconds[name] = min(seconds.get(name, float("inf")), timed_steps(config, batches, bf16))
     print(f"{args.steps} real batches of {args.data} per row, {args.batch_tokens}-token budget; "
           f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} threads")  # fmt: skip
     print(
