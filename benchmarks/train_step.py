@@ -86,7 +86,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = Config.from_name(args.preset, **ACTING)
     data = GatoData(args.data, 1024, config.context_length, 0, seed=0,
-                    history_steps=config.history_steps, batch_tokens=args.batch_tokens)  # fmt: skip
+                    history_steps=config.history_steps, discrete_history_steps=config.discrete_history_steps, batch_tokens=args.batch_tokens)  # fmt: skip
     stream = iter(data._loader(0))
     batches = [next(stream) for _ in range(args.steps)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -123,7 +123,7 @@ def side_by_side(args: argparse.Namespace) -> None:
     rows = {}
     for backbone, preset in zip(backbones, presets, strict=True):
         config = Config.from_name(preset, **ACTING, backbone=backbone)
-        data = GatoData(args.data, 1024, config.context_length, 0, seed=0, history_steps=config.history_steps,
+        data = GatoData(args.data, 1024, config.context_length, 0, seed=0, history_steps=config.history_steps, discrete_history_steps=config.discrete_history_steps,
                         batch_tokens=args.batch_tokens, backbone=backbone,
                         perceiver_latents=config.perceiver_latents)  # fmt: skip
         stream = iter(data._loader(0))

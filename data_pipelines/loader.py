@@ -34,7 +34,7 @@ import torch
 
 from gato_like.data_pipelines.episodes import Episode, EpisodeFormatError
 from gato_like.data_pipelines.shards import INDEX_FILE, DatasetError, check_index, read_index
-from gato_like.timestep import sequence_cost, timestep_cost
+from gato_like.timestep import history_of, sequence_cost, timestep_cost
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TextTokenizer, TokenSequence, TokenType
 from gato_like.tokenizers.spec import SpecMismatchError
 
@@ -72,6 +72,8 @@ class LoaderConfig:
     """Endless stream (shards resampled per rank and worker); False: one pass, shards split by node and worker."""
     history_steps: int = 0
     """The most timesteps a window holds (0: as many as fit the context); the model's ``history_steps``."""
+    discrete_history_steps: int = 0
+    """``history_steps`` for tasks whose actions are discrete (0: ``history_steps``); the model's own."""
     task_batches: bool = False
     """Each batch comes from one task, so short control windows are not padded to a long BabyAI
     window; the task of each batch is drawn with the domain weights (a weight is a task's share of
@@ -269,14 +271,20 @@ class WindowSampler:
             observations, episode.actions[index], checked=True, previous=previous, executed=executed
         )
 
-    def windows_per_episode(self, bounds: np.ndarray) -> int:
+    def history(self, task: str) -> int:
+        """The most timesteps a window of ``task`` holds (0: as many as fit the context)."""
+        cfg = self.config
+        return history_of(cfg.history_steps, cfg.discrete_history_steps, self.source.specs[task].action.kind)
+
+    def windows_per_episode(self, bounds: np.ndarray, history: int = 0) -> int:
         """How many windows to cut from one decoded episode: about its tokens over the context (at
         most 8), or with ``history_steps`` about one per 4 windows' worth of its timesteps (at most
         64): a short window is cheap to tokenize, and decoding the episode again for every 8 of
-        them took two thirds of the loader's time on 1000-step control episodes."""
-        if self.config.history_steps:
+        them took two thirds of the loader's time on 1000-step control episodes. ``history`` is
+        the task's (:meth:`history`)."""
+        if history:
             steps = len(bounds) - 1
-            return int(np.clip(steps // (4 * self.config.history_steps), 1, 64))
+            return int(np.clip(steps // (4 * history), 1, 64))
         return int(np.clip(bounds[-1] // self.config.context_length, 1, 8))
 
     def prompt_candidates(
@@ -308,6 +316,7 @@ class WindowSampler:
         a goal follows; the timestep spans to tokenize, in order (each sample's window, then its
         goal step, then the prompt candidates); and how many prompt candidates (0 or 2) end them."""
         cfg = self.config
+        history = self.history(episode.task)
         longest = int(np.diff(bounds).max())
         if count and longest > cfg.context_length:
             raise ValueError(
@@ -326,9 +335,9 @@ class WindowSampler:
                 prompt = None  # the window must still hold any whole timestep
             budget = cfg.context_length - (self.cost(prompt) if prompt is not None else 0)
             start, stop = _window_steps(bounds, budget, rng)
-            if cfg.history_steps and stop - start > cfg.history_steps:
-                start = rng.randrange(start, stop - cfg.history_steps + 1)
-                stop = start + cfg.history_steps
+            if history and stop - start > history:
+                start = rng.randrange(start, stop - history + 1)
+                stop = start + history
             spans.append((start, stop))
             goal = None
             if cfg.hindsight_goals:
@@ -342,8 +351,8 @@ class WindowSampler:
                 steps = len(bounds) - 1
                 first = int(np.searchsorted(bounds, bounds[steps] - budget, side="left"))
                 start, stop = _window_steps(bounds, budget, rng)
-                if cfg.history_steps:  # a prompt is no longer than the history the model attends over
-                    first, stop = max(first, steps - cfg.history_steps), min(stop, start + cfg.history_steps)
+                if history:  # a prompt is no longer than the history the model attends over
+                    first, stop = max(first, steps - history), min(stop, start + history)
                 spans += [(first, steps), (start, stop)]
                 chosen = 2
         return plans, spans, chosen
@@ -404,10 +413,11 @@ class WindowSampler:
         episode's last observation as every window's goal (goal-reaching demos)."""
         bounds = self.bounds(episode)
         out, start, steps = [], 0, len(bounds) - 1
+        history = self.history(episode.task)
         while start < steps:
             stop = _run_end(bounds, start, self.config.context_length)
-            if self.config.history_steps:
-                stop = min(stop, start + self.config.history_steps)
+            if history:
+                stop = min(stop, start + history)
             out.append(
                 sequence_sample(
                     self._tokens(episode, start, stop), 0, self.task_ids[episode.task], episode.key
@@ -541,7 +551,11 @@ class SequenceDataset(torch.utils.data.IterableDataset):
             bounds = self.sampler.bounds(episode)
             pool = pools[episode.task]
             # several windows per decoded episode (decoding dominates), mixed through a buffer
-            count = self.sampler.windows_per_episode(bounds) if cfg.resampled else 1
+            count = (
+                self.sampler.windows_per_episode(bounds, self.sampler.history(episode.task))
+                if cfg.resampled
+                else 1
+            )
             samples, candidates = self.sampler.episode_samples(episode, bounds, rng, pool, count)
             for sample in samples:
                 buffer.append(sample)
@@ -580,7 +594,7 @@ def _task_batches(
                 del live[name]
                 break
             bounds = sampler.bounds(episode)
-            count = sampler.windows_per_episode(bounds) if config.resampled else 1
+            count = sampler.windows_per_episode(bounds, sampler.history(name)) if config.resampled else 1
             samples, candidates = sampler.episode_samples(episode, bounds, rng, pool, count)
             buffer += samples
             pool.append((episode.key, candidates))

@@ -361,11 +361,11 @@ class ActingCore:
         order, rows, index, built, steps = group.order, group.rows, group.index, group.built, group.steps
         # roll full windows: the prefix and the newest whole timesteps (at most half the context),
         # re-encoded in the same forward pass as the new observation
-        history = self.config.history_steps
         chunks: dict[int, Tensor] = {}
         for r in order:
             row = rows[r]
             assert row.builder is not None
+            history = self.config.history_for(row.builder.spec.action.kind)
             need = steps[r].shape[1] + row.builder.action_size
             pending = row.pending if row.pending is not None else steps[r][:, :0]
             chunks[r] = torch.cat([pending, steps[r]], dim=1)
@@ -525,11 +525,12 @@ class ActingCore:
 
     def _keep_window(self, row: Row, room: int) -> Tensor:
         """Keep the prefix and the newest whole timesteps (at most half the context, at most
-        ``room`` tokens with the prefix, and fewer than ``history_steps``); empty the row's cache.
+        ``room`` tokens with the prefix, and fewer than the body's history); empty the row's cache.
         Returns the window to re-encode ``(1, w, D)``."""
         assert row.prefix is not None
+        assert row.builder is not None
         budget = min(self.config.context_length // 2, room) - row.prefix.shape[1]
-        history = self.config.history_steps
+        history = self.config.history_for(row.builder.spec.action.kind)
         kept: list[Tensor] = []
         for step in reversed(row.steps):
             if sum(s.shape[1] for s in kept) + step.shape[1] > budget or (

@@ -182,7 +182,7 @@ class Policy:
             raise SpecMismatchError(spec.name, problems, what="rollout actions")
         template = builder.build_step(observation)
         per_step = self.core.embed(template).shape[1] + builder.action_size  # backbone inputs
-        row, history = self.envs[0], self.model.config.history_steps
+        row, history = self.envs[0], self.model.config.history_for(spec.action.kind)
         assert row.prefix is not None
         if history:  # each step re-encodes the prefix and the newest history_steps timesteps
             if row.prefix.shape[1] + history * per_step > self.model.config.context_length:
@@ -252,7 +252,8 @@ class Policy:
         re-encoding the window when ``history_steps`` is set (as trained and as :meth:`act` keeps
         it: the prompt and goal, the newest timesteps, then ``current``)."""
         assert self.builder is not None
-        builder, history = self.builder, self.model.config.history_steps
+        builder = self.builder
+        history = self.model.config.history_for(builder.spec.action.kind)
         if history:
             self.core.refill(self.envs[0], [*(done[len(done) - (history - 2) :] if history > 2 else []), current])  # fmt: skip
         ids = torch.from_numpy(builder.encode_actions(action[None])[0])[None].to(self.core.device)
@@ -278,7 +279,7 @@ class Policy:
         next observation from one readout; the predicted observation is folded and fed back."""
         assert self.builder is not None
         builder, row, model = self.builder, self.envs[0], self.model
-        history = model.config.history_steps
+        history = model.config.history_for(builder.spec.action.kind)
         types = torch.from_numpy(np.asarray(template.types, np.int64))[None]
         local = torch.from_numpy(np.asarray(template.local_positions, np.int64))[None]
         generated = (template.types == TokenType.CONTINUOUS) | (template.types == TokenType.DISCRETE)

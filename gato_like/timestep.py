@@ -45,3 +45,11 @@ def sequence_cost(backbone: str, latents: int, types: np.ndarray, timesteps: np.
         groups = np.asarray(GROUP_OF_TYPE)[types[folded].astype(np.int64)]
         return len(np.unique(steps * POOLED_GROUPS + groups)) + kept
     return latents * len(np.unique(steps)) + kept
+
+
+def history_of(history_steps: int, discrete_history_steps: int, action_kind: str) -> int:
+    """The most timesteps a window holds for a body whose action is ``action_kind``: the
+    ``discrete_history_steps`` of a discrete body where set, else ``history_steps`` (0: no limit)."""
+    if action_kind == "discrete" and discrete_history_steps:
+        return discrete_history_steps
+    return history_steps

@@ -151,20 +151,25 @@ def test_rows_of_different_embodiments_act_in_one_pass_and_release_keeps_the_oth
     assert isinstance(bad, Exception) and "nonsense" in str(bad)
 
 
-def test_a_two_step_window_acts_as_a_full_forward_over_its_two_timesteps(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("task", "backbone", "before"), [(TASKS[0], "decoder", 1), (TASKS[0], "pooled", 1), (TASKS[1], "pooled", 0)])  # fmt: skip
+def test_a_two_step_window_acts_as_a_full_forward_over_its_two_timesteps(
+    tmp_path: Path, task: str, backbone: str, before: int
+) -> None:
     """With ``history_steps=2`` (the CPU recipes) every step re-encodes the previous timestep in
     the same pass as the new observation; each action token's logits equal the training pass's
-    over those two timesteps."""
+    over those two timesteps. A body with discrete actions under ``discrete_history_steps=1``
+    sees its current timestep alone, as the loader cuts its windows."""
     from tests.test_policy import _reference_action_logits
 
-    policy = Policy.from_checkpoint(_checkpoint(tmp_path / "h2", history_steps=2))
-    policy.reset(TASKS[0])
-    episode = get_task(TASKS[0]).rollout(1, "expert", max_steps=5)
+    path = _checkpoint(tmp_path / "h2", history_steps=2, discrete_history_steps=1, backbone=backbone)
+    policy = Policy.from_checkpoint(path)
+    policy.reset(task)
+    episode = get_task(task).rollout(1, "expert", max_steps=5)
     history: list = []
     for t in range(episode.length):
         observation = {k: v[t] for k, v in episode.observations.items()}
         action = policy.act(observation)
-        reference = _reference_action_logits(policy, history[-1:], observation, action)
+        reference = _reference_action_logits(policy, history[len(history) - before :], observation, action)
         torch.testing.assert_close(torch.cat(policy.last_logits), reference, rtol=1e-4, atol=1e-4)
         history.append((observation, action))
 

@@ -268,3 +268,27 @@ def test_training_windows_and_the_acting_window_hold_the_same_timesteps(smoke_da
         acted = max(acted, len(policy.envs[0].steps))
     per_step = {"pooled": 2 + 3, "perceiver": config.perceiver_latents + 3}.get(backbone, costs[0] // trained)
     assert trained == acted == 64 // per_step, (trained, acted, per_step)
+
+
+def test_discrete_bodies_get_their_own_history(smoke_dataset: Path) -> None:
+    """``discrete_history_steps`` caps the windows (and prompts) of tasks with discrete actions;
+    the others keep ``history_steps``: BabyAI windows of one timestep beside point mass's two."""
+    from gato_like.data_pipelines.loader import WindowSampler
+
+    tasks = ["dmc-point_mass-easy", "babyai-GoToRedBall"]
+    source = DatasetSource.open(smoke_dataset, tasks)
+    config = LoaderConfig(context_length=1024, backbone="pooled", history_steps=2, discrete_history_steps=1,
+                          prompt_probability=1.0, prompt_max_fraction=0.9, hindsight_goals=False)  # fmt: skip
+    sampler = WindowSampler(source, config)
+    assert [sampler.history(t) for t in tasks] == [2, 1]
+    steps: dict[int, set[int]] = {0: set(), 1: set()}
+    prompted: dict[int, set[int]] = {0: set(), 1: set()}
+    for sample in itertools.islice(SequenceDataset(source, config), 200):
+        n = int(sample["prompt_mask"].sum())  # the prompt comes first
+        window, prompt = sample["timesteps"][n:], sample["timesteps"][:n]
+        steps[int(sample["task"])].add(len(np.unique(window)))
+        if n:
+            prompted[int(sample["task"])].add(len(np.unique(prompt)))
+    ids = {t: i for i, t in enumerate(source.tasks)}
+    assert steps[ids["dmc-point_mass-easy"]] == {2} and steps[ids["babyai-GoToRedBall"]] == {1}
+    assert max(prompted[ids["babyai-GoToRedBall"]]) == 1 and max(prompted[ids["dmc-point_mass-easy"]]) == 2

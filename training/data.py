@@ -24,6 +24,7 @@ class GatoData(L.LightningDataModule):
         domain_weights: dict[str, float] | None = None,
         seed: int = 0,
         history_steps: int = 0,
+        discrete_history_steps: int = 0,
         task_batches: bool = True,
         batch_tokens: int = 0,
         backbone: str = "decoder",
@@ -33,7 +34,7 @@ class GatoData(L.LightningDataModule):
         self.backbone, self.perceiver_latents = backbone, perceiver_latents
         self.task_batches = task_batches
         self.batch_tokens = batch_tokens
-        self.history_steps = history_steps
+        self.history_steps, self.discrete_history_steps = history_steps, discrete_history_steps
         self.data = str(data)
         self.batch_size = batch_size
         self.context_length = context_length
@@ -55,6 +56,7 @@ class GatoData(L.LightningDataModule):
             domain_weights=self.domain_weights,
             seed=seed,
             history_steps=self.history_steps,
+            discrete_history_steps=self.discrete_history_steps,
             task_batches=self.task_batches,
             batch_tokens=self.batch_tokens,
         )

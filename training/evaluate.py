@@ -284,8 +284,9 @@ def demo_prompt(episode: Any, policy: Policy, fraction: float = 0.25) -> tuple[d
     step = builder.build_step({k: v[0] for k, v in episode.observations.items()})
     per_step = policy.embed_tokens(step).shape[1] + builder.action_size  # backbone inputs
     steps = max(1, int(policy.model.config.context_length * fraction) // per_step)
-    if policy.model.config.history_steps:
-        steps = min(steps, policy.model.config.history_steps)
+    history = policy.model.config.history_for(builder.spec.action.kind)
+    if history:
+        steps = min(steps, history)
     return {k: v[-steps:] for k, v in episode.observations.items()}, episode.actions[-steps:]
 
 

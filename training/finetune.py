@@ -221,12 +221,13 @@ class DemoStream(torch.utils.data.IterableDataset):
 class DemoData(L.LightningDataModule):
     def __init__(self, demos: Demos, text: Any, model: Config, batch_size: int, prompt_probability: float, seed: int, goal_last: bool = False) -> None:  # fmt: skip
         """Windows of the demos cut as the base model was trained and acts: ``model``'s context
-        (in its backbone's inputs) and ``history_steps``."""
+        (in its backbone's inputs) and history (``history_steps``, ``discrete_history_steps``)."""
         super().__init__()
         index = {"tasks": {demos.task: demos.index_entry}}
         source = DatasetSource(str(demos.root), index, {demos.task: demos.spec})
         config = LoaderConfig(context_length=model.context_length, prompt_probability=prompt_probability, seed=seed,
                               history_steps=model.history_steps, backbone=model.backbone,
+                              discrete_history_steps=model.discrete_history_steps,
                               perceiver_latents=model.perceiver_latents)  # fmt: skip
         self.sampler = WindowSampler(source, config, text)
         self.demos, self.batch_size, self.seed = demos, batch_size, seed

@@ -275,6 +275,7 @@ def train(
     domain_weights = _domain_weights(data, c)
     datamodule = GatoData(data, c.batch_size, model_config.context_length, c.workers, tasks=c.task_names, seed=c.seed,
                           history_steps=model_config.history_steps, batch_tokens=c.batch_tokens,
+                          discrete_history_steps=model_config.discrete_history_steps,
                           domain_weights=domain_weights, backbone=model_config.backbone,
                           perceiver_latents=model_config.perceiver_latents)  # fmt: skip
     check_domain_weights(domain_weights, datamodule.task_names)  # before any work, not when the loader starts
