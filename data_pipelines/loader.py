@@ -276,12 +276,13 @@ class WindowSampler:
         cfg = self.config
         return history_of(cfg.history_steps, cfg.discrete_history_steps, self.source.specs[task].action.kind)
 
-    def windows_per_episode(self, bounds: np.ndarray, history: int = 0) -> int:
+    def windows_per_episode(self, task: str, bounds: np.ndarray) -> int:
         """How many windows to cut from one decoded episode: about its tokens over the context (at
         most 8), or with ``history_steps`` about one per 4 windows' worth of its timesteps (at most
         64): a short window is cheap to tokenize, and decoding the episode again for every 8 of
-        them took two thirds of the loader's time on 1000-step control episodes. ``history`` is
-        the task's (:meth:`history`)."""
+        them took two thirds of the loader's time on 1000-step control episodes. The history is
+        ``task``'s (:meth:`history`)."""
+        history = self.history(task)
         if history:
             steps = len(bounds) - 1
             return int(np.clip(steps // (4 * history), 1, 64))
@@ -551,11 +552,7 @@ class SequenceDataset(torch.utils.data.IterableDataset):
             bounds = self.sampler.bounds(episode)
             pool = pools[episode.task]
             # several windows per decoded episode (decoding dominates), mixed through a buffer
-            count = (
-                self.sampler.windows_per_episode(bounds, self.sampler.history(episode.task))
-                if cfg.resampled
-                else 1
-            )
+            count = self.sampler.windows_per_episode(episode.task, bounds) if cfg.resampled else 1
             samples, candidates = self.sampler.episode_samples(episode, bounds, rng, pool, count)
             for sample in samples:
                 buffer.append(sample)
@@ -594,7 +591,7 @@ def _task_batches(
                 del live[name]
                 break
             bounds = sampler.bounds(episode)
-            count = sampler.windows_per_episode(bounds, sampler.history(name)) if config.resampled else 1
+            count = sampler.windows_per_episode(name, bounds) if config.resampled else 1
             samples, candidates = sampler.episode_samples(episode, bounds, rng, pool, count)
             buffer += samples
             pool.append((episode.key, candidates))
