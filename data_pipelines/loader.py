@@ -82,6 +82,10 @@ class LoaderConfig:
     """With ``task_batches``: a batch holds at most ``batch_size`` sequences and about this many
     tokens (padding included), so a task with long timesteps (BabyAI's 150-token views) gets
     fewer sequences per batch than one with 7-token timesteps; 0: always ``batch_size``."""
+    discrete_batch_tokens: int = 0
+    """``batch_tokens`` for tasks whose actions are discrete (0: ``batch_tokens``), as
+    ``discrete_history_steps`` is for the history: a one-timestep BabyAI window is ~150 tokens
+    of which the pooled representation feeds 4 to the backbone, so its batches can hold more."""
     on_error: str = "raise"
     """``raise`` on a corrupt shard or sample, or ``skip`` it with a warning."""
     seed: int = 0
@@ -276,16 +280,25 @@ class WindowSampler:
         cfg = self.config
         return history_of(cfg.history_steps, cfg.discrete_history_steps, self.source.specs[task].action.kind)
 
+    def batch_tokens(self, task: str) -> int:
+        """The token budget of a batch of ``task`` (0: no budget): ``discrete_batch_tokens`` for a
+        body whose actions are discrete where it is set, else ``batch_tokens``."""
+        cfg = self.config
+        if cfg.discrete_batch_tokens and self.source.specs[task].action.kind == "discrete":
+            return cfg.discrete_batch_tokens
+        return cfg.batch_tokens
+
     def windows_per_episode(self, task: str, bounds: np.ndarray) -> int:
         """How many windows to cut from one decoded episode: about its tokens over the context (at
-        most 8), or with ``history_steps`` about one per 4 windows' worth of its timesteps (at most
-        64): a short window is cheap to tokenize, and decoding the episode again for every 8 of
-        them took two thirds of the loader's time on 1000-step control episodes. The history is
+        most 8), or with ``history_steps`` one per window's worth of its timesteps (at most 64): a
+        short window is cheap to tokenize, and decoding the episode again for every 8 of them took
+        two thirds of the loader's time on 1000-step control episodes (a BabyAI episode of ~15
+        one-timestep windows gave 3 per decode, and decoding was most of a BabyAI batch). The history is
         ``task``'s (:meth:`history`)."""
         history = self.history(task)
         if history:
             steps = len(bounds) - 1
-            return int(np.clip(steps // (4 * history), 1, 64))
+            return int(np.clip(steps // history, 1, 64))
         return int(np.clip(bounds[-1] // self.config.context_length, 1, 8))
 
     def prompt_candidates(
@@ -596,11 +609,11 @@ def _task_batches(
             buffer += samples
             pool.append((episode.key, candidates))
         batch: list[dict[str, Any]] = []
-        longest = 0
+        longest, budget = 0, sampler.batch_tokens(name)
         while buffer and len(batch) < group:
             index = rng.randrange(len(buffer))
             longest = max(longest, len(buffer[index]["ids"]))
-            if batch and config.batch_tokens and (len(batch) + 1) * longest > config.batch_tokens:
+            if batch and budget and (len(batch) + 1) * longest > budget:
                 break  # the batch is closed before a window that would overflow its token budget
             batch.append(buffer.pop(index))
         if batch:

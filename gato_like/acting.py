@@ -61,6 +61,9 @@ class Row:
     """``(1, 1, D)``: the last action token of the newest timestep (already in ``steps``), not yet
     in the cache: nothing needs its logits, so it is fed with the next observation (one forward
     pass a step fewer; with ``history_steps`` windows it is re-encoded with its timestep anyway)."""
+    fold: Tensor | None = None
+    """``(1, groups, D)``: the goal joined to every timestep's fold (``goal_placement="timestep"``),
+    else None."""
     temperature: float = 0.0
     """0: the config's decoding (greedy bins, or ``discrete_decoding``); > 0: sample every action
     token from ``softmax(logits / temperature)``."""
@@ -182,14 +185,22 @@ class ActingCore:
     # -- embedding -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def embed(self, tokens: TokenSequence, goal: bool = False) -> Tensor:
-        """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment)."""
-        return self.embed_many([tokens], goal)[0]
+    def embed(self, tokens: TokenSequence, goal: bool = False, fold: Tensor | None = None) -> Tensor:
+        """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment;
+        ``fold``: a goal joined to every timestep, :meth:`goal_fold`)."""
+        return self.embed_many([tokens], goal, [fold])[0]
 
     @torch.inference_mode()
-    def embed_many(self, sequences: Sequence[TokenSequence], goal: bool = False) -> list[Tensor]:
+    def embed_many(
+        self,
+        sequences: Sequence[TokenSequence],
+        goal: bool = False,
+        folds: Sequence[Tensor | None] | None = None,
+        raw: bool = False,
+    ) -> list[Tensor]:
         """Backbone inputs ``(1, n_i, D)`` of several token sequences, embedded in one call (one
-        patch-encoder pass over every image patch of them all)."""
+        patch-encoder pass over every image patch of them all); ``folds``: per sequence, a goal
+        joined to every timestep's fold or None; ``raw``: the token embeddings instead."""
         if not sequences:
             return []
         width = max(max(len(s) for s in sequences), 1)
@@ -223,11 +234,34 @@ class ActingCore:
         x = self.model.embed(t(ids), types_t, local_t, t(patch_array), t(patch_positions), t(patch_mask))  # type: ignore[arg-type]
         if goal:
             x = x + self.model.goal_segment
+        if raw:
+            return [x[i : i + 1, : len(s)] for i, s in enumerate(sequences)]
         out = []
         for i, s in enumerate(sequences):
             row_types = types_t[i : i + 1, : len(s)]
-            out.append(self.model.backbone_inputs(x[i : i + 1, : len(s)], row_types, t(timesteps[i : i + 1, : len(s)])))  # type: ignore[arg-type]  # fmt: skip
+            fold = folds[i] if folds is not None else None
+            out.append(self.model.backbone_inputs(x[i : i + 1, : len(s)], row_types, t(timesteps[i : i + 1, : len(s)]), fold))  # type: ignore[arg-type]  # fmt: skip
         return out
+
+    @staticmethod
+    def goal_tokens(builder: SequenceBuilder, goal: Mapping[str, Any]) -> TokenSequence:
+        """A goal observation's tokens: one timestep's, without the separator."""
+        tokens = builder.build_step(goal)
+        keep = tokens.types != TokenType.SEPARATOR
+        return TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
+                             tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
+                             tokens.patch_positions)  # fmt: skip
+
+    @torch.inference_mode()
+    def goal_fold(self, builder: SequenceBuilder, goal: Mapping[str, Any] | None) -> Tensor | None:
+        """``(1, groups, D)``: the goal's share of every timestep's fold under
+        ``goal_placement="timestep"`` (as the training pass computes it), else None."""
+        if goal is None or self.config.goal_placement != "timestep":
+            return None
+        tokens = self.goal_tokens(builder, goal)
+        x = self.embed_many([tokens], goal=True, raw=True)[0]
+        types = torch.from_numpy(tokens.types.astype(np.int64))[None].to(self.device)
+        return self.model.pool.goal_fold(x, types, torch.ones_like(types, dtype=torch.bool))
 
     @torch.inference_mode()
     def encode_prefix(self, builder: SequenceBuilder, prompt: Prompt | None = None, goal: Mapping[str, Any] | None = None) -> Tensor:  # fmt: skip
@@ -235,16 +269,12 @@ class ActingCore:
         by a prompt demonstration; ``p`` is 0 without either. Raises ``ValueError`` when ``p`` is more
         than half the context."""
         parts = []
-        if goal is not None:
-            tokens = builder.build_step(goal)
-            keep = tokens.types != TokenType.SEPARATOR
-            goal_tokens = TokenSequence(tokens.ids[keep], tokens.types[keep], tokens.timesteps[keep],
-                                        tokens.local_positions[keep], tokens.loss_mask[keep], tokens.patches,
-                                        tokens.patch_positions)  # fmt: skip
-            parts.append(self.embed(goal_tokens, goal=True))
+        fold = self.goal_fold(builder, goal)
+        if goal is not None and fold is None:
+            parts.append(self.embed(self.goal_tokens(builder, goal), goal=True))
         if prompt is not None:
             observations, actions = prompt
-            parts.append(self.embed(builder.build(observations, actions)))
+            parts.append(self.embed(builder.build(observations, actions), fold=fold))
         prefix = (
             torch.cat(parts, dim=1)
             if parts
@@ -287,6 +317,7 @@ class ActingCore:
                 continue
             errors.append(None)
             row.spec, row.builder, row.prefix = spec, builder, prefix
+            row.fold = self.goal_fold(builder, goal)
             row.head = "goal" if goal is not None else "policy"
             row.steps, row.length, row.pending = [], 0, None
             row.temperature = temperatures[i]
@@ -344,7 +375,8 @@ class ActingCore:
                 continue
             rows[row.index], index[row.index] = row, i
         order = sorted(rows)
-        steps = dict(zip(order, self.embed_many([built[r] for r in order]), strict=True))
+        embedded = self.embed_many([built[r] for r in order], folds=[rows[r].fold for r in order])
+        steps = dict(zip(order, embedded, strict=True))
         for r in list(order):
             row = rows[r]
             assert row.builder is not None and row.prefix is not None

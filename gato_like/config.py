@@ -97,8 +97,21 @@ class Config:
     """Share of a batch's rows (the first ones; windows come in random order) in the dynamics
     head's own pass with ``dynamics_inputs="executed"``; each row costs another forward and
     backward through the trunk."""
+    dynamics_max_targets: int = 0
+    """At most this many dynamics targets per batch for pooled timesteps (a uniform random subset,
+    so the loss stays an unbiased estimate of the mean over all; 0: every one). Each target is a
+    softmax over the whole vocabulary, and a BabyAI timestep has 147 of them: in a batch of 200
+    one-timestep BabyAI windows they were ~40 % of the step."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
+    goal_placement: Literal["prefix", "timestep"] = "prefix"
+    """Where the goal head reads the goal observation. ``prefix``: a segment before the first
+    timestep, with its own segment vector (Gato's prompt position; checkpoints without this field
+    were trained so). ``timestep`` (pooled timesteps only): the goal's tokens, with the segment
+    vector, join every timestep's fold, each group into that timestep's token of the same group,
+    so the goal and the current observation meet in one token, as a goal-conditioned MLP reads
+    them side by side (the prefix scored 0/20 on the point-mass goals where that MLP scored 20/20:
+    docs/results.md)."""
     value_embedding: Literal["off", "add", "replace"] = "add"
     """Departure from Gato: an ordinal embedding of a continuous token's bin (Fourier features of
     its position in [-1, 1] through a linear layer), so neighbouring bins start out close and
@@ -163,6 +176,17 @@ class Config:
             )
         if self.dynamics_inputs not in ("masked", "executed"):
             problems.append(f"dynamics_inputs: expected 'masked' or 'executed', got {self.dynamics_inputs!r}")
+        if self.goal_placement not in ("prefix", "timestep"):
+            problems.append(f"goal_placement: expected 'prefix' or 'timestep', got {self.goal_placement!r}")
+        elif self.goal_placement == "timestep" and self.backbone != "pooled":
+            problems.append(
+                f"goal_placement 'timestep' folds the goal into pooled timesteps: it needs backbone "
+                f"'pooled', got {self.backbone!r}"
+            )
+        if self.dynamics_max_targets < 0:
+            problems.append(
+                f"dynamics_max_targets: expected >= 0 (0: every target), got {self.dynamics_max_targets}"
+            )
         if not (0.0 < self.dynamics_rows <= 1.0):
             problems.append(f"dynamics_rows: expected a share in (0, 1], got {self.dynamics_rows!r}")
         if self.dynamics_target not in ("absolute", "delta"):

@@ -328,21 +328,71 @@ class TimestepPool(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
         self.group = nn.Parameter(torch.zeros(POOLED_GROUPS, d))
+        # the goal's own MLP: through the fold's, goal value n and observation value n would add
+        # up symmetrically (the goal segment's vector starts at zero), and a sum symmetric in the
+        # two cannot carry their difference, which is what reaching needs
+        self.goal_mlp = (
+            nn.Sequential(
+                nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
+            )
+            if config.goal_placement == "timestep"
+            else None
+        )
 
-    def forward(self, x: Tensor, slot: Tensor, observation: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        slot: Tensor,
+        observation: Tensor,
+        slots: int,
+        keys: Tensor | None = None,
+        fold: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Fold token embeddings ``x`` (B, L, D) whose ``observation`` (B, L) is True into ``slots``
         tokens per row at ``slot`` (B, L; slot = step * groups + group).
+
+        ``keys`` (B, L), optional: tokens with the same key ``>= 0`` have the same embedding (the
+        same id, position and segment: :meth:`GatoModel.pool_keys`), so the per-token MLP runs once
+        per distinct key and is gathered back (an image patch's key is its own). The
+        result is the same sum; a BabyAI view repeats a few (value, cell) pairs across a batch,
+        and its ~150 tokens a timestep through the MLP were most of a BabyAI step.
+
+        ``fold`` ``(B, groups, D)``, optional: a sum of MLP outputs (:meth:`goal_fold`) added to
+        every filled slot of its group before the norm, as if those tokens were in each timestep.
 
         Returns:
             ``(B, slots, D)`` pooled tokens and ``(B, slots)`` True where a slot received a token.
         """
         b, _, d = x.shape
-        z = self.mlp(x) * observation[..., None].to(x.dtype)
         where = slot.masked_fill(~observation, 0)
-        pooled = x.new_zeros(b, slots, d).scatter_add_(1, where[..., None].expand(-1, -1, d), z)
+        if keys is None:
+            z = self.mlp(x) * observation[..., None].to(x.dtype)
+            pooled = x.new_zeros(b, slots, d).scatter_add_(1, where[..., None].expand(-1, -1, d), z)
+        else:
+            rows = x.reshape(-1, d)
+            index = observation.reshape(-1).nonzero().squeeze(1)  # (N,) the observation tokens
+            key = keys.reshape(-1)[index]
+            key = torch.where(key < 0, -1 - index, key)  # an image patch: a key of its own
+            distinct, inverse = torch.unique(key, return_inverse=True)
+            first = torch.empty_like(distinct).scatter_(0, inverse, index)  # one row per key
+            z = self.mlp(rows[first]).to(x.dtype)[inverse]  # (N, D)
+            target = torch.div(index, slot.shape[1], rounding_mode="floor") * slots + where.reshape(-1)[index]
+            pooled = x.new_zeros(b * slots, d).index_add_(0, target, z).view(b, slots, d)
         filled = torch.zeros(b, slots, device=x.device).scatter_add_(1, where, observation.float()) > 0
         group = torch.arange(slots, device=x.device) % POOLED_GROUPS
+        if fold is not None:
+            pooled = pooled + fold[:, group].to(pooled.dtype) * filled[..., None].to(pooled.dtype)
         return self.norm(pooled) + self.group[group], filled
+
+    def goal_fold(self, g: Tensor, types: Tensor, valid: Tensor) -> Tensor:
+        """The goal's share of every timestep's fold: ``(B, groups, D)``, per group the sum of the
+        goal's own MLP over its embedded tokens ``g`` ``(B, G, D)`` (the goal segment's vector
+        included) whose ``valid`` ``(B, G)`` is True; ``types`` ``(B, G)``."""
+        b, _, d = g.shape
+        mlp = self.goal_mlp if self.goal_mlp is not None else self.mlp
+        z = mlp(g).to(g.dtype) * valid[..., None].to(g.dtype)
+        group = token_groups(types).clamp(max=POOLED_GROUPS - 1)
+        return g.new_zeros(b, POOLED_GROUPS, d).scatter_add_(1, group[..., None].expand(-1, -1, d), z)
 
 
 class GatoModel(nn.Module):
@@ -430,6 +480,26 @@ class GatoModel(nn.Module):
             )
         return local_positions
 
+    def pool_keys(
+        self, ids: Tensor, types: Tensor, local_positions: Tensor, segment: int = 0
+    ) -> Tensor | None:
+        """Per token ``(B, L)``, a key that names its input embedding: tokens with equal keys embed
+        alike (:meth:`embed` reads only the id and the position, plus the goal segment's vector
+        for ``segment`` 1), so the pooled fold runs its MLP once per key (:class:`TimestepPool`).
+        ``-1`` for an image patch (its embedding is the pixels': the fold runs it on its own).
+        None unless ``pooled``.
+
+        Args:
+            ids, types: ``(B, L)``; local_positions: ``(B, L)`` as :meth:`input_positions` gives them.
+        """
+        if self.config.backbone != "pooled":
+            return None
+        rows = self.config.max_local_positions
+        token = ids.clamp(0, self.config.vocab_size - 1).long()
+        local = local_positions.clamp(0, rows - 1).long()
+        keys = ((segment * self.config.vocab_size) + token) * rows + local
+        return keys.masked_fill(types == int(TokenType.IMAGE), -1)
+
     def embed(
         self,
         ids: Tensor,
@@ -481,7 +551,7 @@ class GatoModel(nn.Module):
         Returns ``hidden`` (B, L', D), ``loss`` and the per-head losses (logits are computed only at
         the target positions); with ``logits=True`` also ``policy_logits``/``dynamics_logits``
         (B, L, V). With ``goal=True`` the batch's goal observation is prepended (L' = goal tokens
-        + L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
+        + L; with ``goal_placement="timestep"`` it joins every timestep's fold instead, L' = L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
         The dynamics head's targets are ``dynamics_ids`` (B, L; -1 where there is none) when
         ``config.dynamics_target`` is ``delta`` (a batch without them is scored on its discrete
         observations only), else ``ids``. With ``config.dynamics_inputs="executed"`` the dynamics
@@ -501,18 +571,26 @@ class GatoModel(nn.Module):
             )
             local = batch["local_positions"].clamp(max=self.config.max_local_positions - 1)
             x = torch.where(drop[..., None], self.masked_action + self.local(local), x)
-        n_goal = 0
+        n_goal, fold = 0, None
         if goal:
             g = self.embed(batch["goal_ids"], batch["goal_types"], batch["goal_local_positions"],
                            batch.get("goal_patches"), batch.get("goal_patch_positions"), batch.get("goal_patch_mask"))  # fmt: skip
-            x = torch.cat([g + self.goal_segment, x], dim=1)
-            n_goal = g.shape[1]
+            g = g + self.goal_segment
+            if self.config.goal_placement == "timestep":  # the goal joins every timestep's fold
+                fold = self.pool.goal_fold(g, batch["goal_types"], batch["goal_attention_mask"])
+            else:
+                x = torch.cat([g, x], dim=1)
+                n_goal = g.shape[1]
         types, timesteps, valid = batch["types"], batch["timesteps"], batch["attention_mask"]
-        if goal:  # the goal is a segment before the first timestep
+        keys = self.pool_keys(batch["ids"], types, batch["local_positions"])
+        if goal and fold is None:  # the goal is a segment before the first timestep
+            goal_keys = self.pool_keys(batch["goal_ids"], batch["goal_types"], batch["goal_local_positions"], 1)  # fmt: skip
+            if keys is not None and goal_keys is not None:
+                keys = torch.cat([goal_keys, keys], dim=1)
             types = torch.cat([batch["goal_types"], types], dim=1)
             timesteps = torch.cat([torch.full_like(batch["goal_types"], -1), timesteps], dim=1)
             valid = torch.cat([batch["goal_attention_mask"], valid], dim=1)
-        x, predicts = self.trunk(x, types, timesteps, valid)
+        x, predicts = self.trunk(x, types, timesteps, valid, keys, fold)
         h = self.ln_f(x)
         out: dict[str, Tensor] = {"hidden": h}
         if goal:
@@ -534,7 +612,8 @@ class GatoModel(nn.Module):
             inputs = part.get("executed_ids", part["ids"])
             xd = self.embed(inputs, part["types"], part["local_positions"], part.get("patches"),
                             part.get("patch_positions"), part.get("patch_mask"), show_actions=True)  # fmt: skip
-            xd, predicts_d = self.trunk(xd, part["types"], part["timesteps"], part["attention_mask"])
+            keys_d = self.pool_keys(inputs, part["types"], part["local_positions"])
+            xd, predicts_d = self.trunk(xd, part["types"], part["timesteps"], part["attention_mask"], keys_d)
             hd = self.ln_f(xd)
             out["dynamics_loss"] = self._dynamics_loss(hd, part, predicts_d)
         else:
@@ -589,18 +668,31 @@ class GatoModel(nn.Module):
         mask = target_mask & (before >= 0) & predicts.gather(1, before.clamp(min=0))
         if not bool(mask.any()):
             return h.sum() * 0.0
+        cap = self.config.dynamics_max_targets
+        if cap and self.training and int(mask.sum()) > cap:  # a uniform subset: the mean stays unbiased
+            where = mask.reshape(-1).nonzero().squeeze(1)
+            keep = where[torch.randperm(len(where), device=where.device)[:cap]]
+            mask = torch.zeros_like(mask).reshape(-1).index_fill_(0, keep, True).view_as(mask)
         readout = h.gather(1, before.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))[mask]  # (N, D)
         local = batch["local_positions"][mask].clamp(max=self.config.max_local_positions - 1)
         logits = self.head_logits(readout + self.local(local), "dynamics").float()  # (N, V)
         return self.token_losses(logits, ids[mask], 1.0, self.config.dynamics_sigma_bins)
 
-    def trunk(self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def trunk(
+        self,
+        x: Tensor,
+        types: Tensor,
+        timesteps: Tensor,
+        valid: Tensor,
+        keys: Tensor | None = None,
+        fold: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Backbone over embedded tokens ``(B, L, D)``: hidden states ``(B, L, D)`` aligned with the
         input, and ``(B, L)`` True where a position makes a prediction (every valid token for the
         decoder; only separator and action tokens for the Perceiver, whose observation tokens are
-        folded into latents)."""
+        folded into latents). ``keys``, ``fold``: the pooled fold's (:class:`TimestepPool`), optional."""
         if self.config.backbone != "decoder":
-            sequence, sequence_valid, back = self.perceive(x, types, timesteps, valid)
+            sequence, sequence_valid, back = self.perceive(x, types, timesteps, valid, keys, fold)
             h = self._blocks(sequence, sequence_valid)
             out = torch.gather(h, 1, back.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))
             return out * (back >= 0)[..., None], back >= 0
@@ -622,7 +714,13 @@ class GatoModel(nn.Module):
         return x
 
     def perceive(
-        self, x: Tensor, types: Tensor, timesteps: Tensor, valid: Tensor
+        self,
+        x: Tensor,
+        types: Tensor,
+        timesteps: Tensor,
+        valid: Tensor,
+        keys: Tensor | None = None,
+        fold: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Perceiver or pooled input: each timestep's observation tokens folded into K tokens
         (Perceiver: cross-attended into K latents; pooled: one per group, K = 3, empty groups
@@ -647,7 +745,7 @@ class GatoModel(nn.Module):
         query_step = torch.arange(steps, device=x.device).repeat_interleave(k)  # (T*K,)
         if pooled:
             slot = step * k + token_groups(types).clamp(max=k - 1)
-            latents, latent_valid = self.pool(x, slot, observation, steps * k)
+            latents, latent_valid = self.pool(x, slot, observation, steps * k, keys, fold)
         else:
             cross_mask = observation[:, None, :] & (
                 step[:, None, :] == query_step[None, :, None]
@@ -768,13 +866,16 @@ class GatoModel(nn.Module):
         local = positions.clamp(max=self.config.max_local_positions - 1)
         return self.head_logits(hidden[None] + self.local(local), "dynamics")
 
-    def backbone_inputs(self, x: Tensor, types: Tensor, timesteps: Tensor) -> Tensor:
+    def backbone_inputs(
+        self, x: Tensor, types: Tensor, timesteps: Tensor, fold: Tensor | None = None
+    ) -> Tensor:
         """What one row of tokens ``(1, L, D)`` feeds the backbone when acting: the embeddings
-        themselves (decoder), or the Perceiver's latents and action-side tokens."""
+        themselves (decoder), or the Perceiver's latents and action-side tokens; ``fold``
+        ``(1, groups, D)``: a goal placed in every timestep (:meth:`TimestepPool.goal_fold`)."""
         if self.config.backbone == "decoder":
             return x
         valid = torch.ones_like(types, dtype=torch.bool)
-        sequence, sequence_valid, _ = self.perceive(x, types, timesteps, valid)
+        sequence, sequence_valid, _ = self.perceive(x, types, timesteps, valid, fold=fold)
         return sequence[:, : int(sequence_valid.sum())]
 
     def head_logits(self, h: Tensor, head: str, vocab: tuple[int, int] | None = None) -> Tensor:

@@ -209,7 +209,7 @@ class Policy:
              if spec.observations[k].kind == "proprio"] or [np.zeros(0)]
         )  # fmt: skip
         done = list(row.steps)  # whole timesteps (1, n, D) before the current one
-        current = self.core.embed(template)  # the current timestep's observation and separator
+        current = self.core.embed(template, fold=row.fold)  # the current observation and separator
         if self.model.config.backbone == "pooled":
             return self._rollout_readout(template, actions, values, delta, decode, done, current, saved)
         try:
@@ -305,7 +305,7 @@ class Policy:
                         k = int(np.searchsorted(continuous_at, position))
                         values[k] += float(builder.continuous.decode(ids[position : position + 1])[0])
                         ids[position] = int(builder.continuous.encode(values[k : k + 1])[0])
-                predicted = self.core.embed(_part(template, ids, 0, last + 1))
+                predicted = self.core.embed(_part(template, ids, 0, last + 1), fold=row.fold)
                 if history:
                     done.append(torch.cat([current, tokens], dim=1))
                 elif len(predictions) + 1 < len(actions):  # the next action follows it

@@ -49,14 +49,19 @@ PLANS = [
 ]
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled", "pooled-acting"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled", "pooled-acting", "pooled-goal"])
 def test_server_actions_equal_local_policy_actions_for_every_head(tmp_path: Path, backbone: str) -> None:
     """Six concurrent sessions (two embodiments, the policy and goal heads, a prompt, greedy and
     sampled) share the server's forward passes; each gets exactly the actions a local Policy
     computes alone on the same observations. The contexts are short, so windows roll over.
-    ``pooled-acting``: the CPU recipes' departures, every action token from one pass."""
-    context = {"decoder": 512, "perceiver": 48, "pooled": 24, "pooled-acting": 24}[backbone]
-    extra = ACTING if backbone == "pooled-acting" else {}
+    ``pooled-acting``: the CPU recipes' departures, every action token from one pass;
+    ``pooled-goal``: those, with the goal joined to every timestep (``goal_placement``)."""
+    context = {"decoder": 512, "perceiver": 48, "pooled": 24, "pooled-acting": 24, "pooled-goal": 24}[
+        backbone
+    ]
+    extra = {"pooled-acting": ACTING, "pooled-goal": {**ACTING, "goal_placement": "timestep"}}.get(
+        backbone, {}
+    )
     path = _checkpoint(tmp_path / backbone, backbone=backbone.split("-")[0], context_length=context, **extra)
     steps = 7
     observations = [[_obs(task, 100 * i + t) for t in range(steps)] for i, (task, _, _) in enumerate(PLANS)]
@@ -172,6 +177,51 @@ def test_a_two_step_window_acts_as_a_full_forward_over_its_two_timesteps(
         reference = _reference_action_logits(policy, history[len(history) - before :], observation, action)
         torch.testing.assert_close(torch.cat(policy.last_logits), reference, rtol=1e-4, atol=1e-4)
         history.append((observation, action))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_goal_in_every_timestep_acts_as_the_training_pass(tmp_path: Path, task: str) -> None:
+    """With ``goal_placement="timestep"`` the goal joins every timestep's fold: each action
+    token's logits when acting with a goal equal the goal head's in one training pass over the
+    same two-timestep window and goal, and a different goal gives different logits."""
+    from tests.test_policy import _training_batch
+
+    path = _checkpoint(tmp_path / "g", backbone="pooled", history_steps=2, discrete_history_steps=1,
+                       goal_placement="timestep", **{k: v for k, v in ACTING.items() if k != "history_steps"})  # fmt: skip
+    policy = Policy.from_checkpoint(path)
+    episode = get_task(task).rollout(2, "expert", max_steps=4)
+    goal = {k: v[-1] for k, v in episode.observations.items()}
+    policy.reset(task, goal=goal)
+    builder = policy.builder
+    history: list = []
+    before = policy.model.config.history_for(builder.spec.action.kind) - 1
+    for t in range(episode.length):
+        observation = {k: v[t] for k, v in episode.observations.items()}
+        action = policy.act(observation)
+        window = history[len(history) - before :] if before else []
+        obs = {k: np.stack([h[0][k] for h in window] + [observation[k]]) for k in observation}
+        seq = builder.build(obs, np.stack([h[1] for h in window] + [action]))
+        batch = _training_batch(seq, builder.layout.pad_id)
+        goal_tokens = policy.core.goal_tokens(builder, goal)
+        batch |= {"goal_ids": torch.from_numpy(goal_tokens.ids)[None], "goal_types": torch.from_numpy(goal_tokens.types).long()[None],
+                  "goal_local_positions": torch.from_numpy(goal_tokens.local_positions).long()[None],
+                  "goal_attention_mask": torch.ones(1, len(goal_tokens), dtype=torch.bool),
+                  "goal_patches": torch.from_numpy(goal_tokens.patches)[None],
+                  "goal_patch_positions": torch.from_numpy(goal_tokens.patch_positions)[None],
+                  "goal_patch_mask": torch.ones(1, len(goal_tokens.patches), dtype=torch.bool)}  # fmt: skip
+        with torch.no_grad():
+            logits = policy.model(batch, goal=True, logits=True)["goal_logits"][0]
+        low, high = builder.action_id_range()
+        reference = logits[len(seq) - 1 - builder.action_size : len(seq) - 1, low:high]
+        torch.testing.assert_close(torch.cat(policy.last_logits), reference, rtol=1e-4, atol=1e-4)
+        history.append((observation, action))
+    other = {k: v[0] for k, v in episode.observations.items()}
+    policy.reset(task, goal=other)
+    policy.act({k: v[-1] for k, v in episode.observations.items()})
+    moved = torch.cat(policy.last_logits)
+    policy.reset(task, goal=goal)
+    policy.act({k: v[-1] for k, v in episode.observations.items()})
+    assert not torch.allclose(moved, torch.cat(policy.last_logits))
 
 
 def test_a_refused_request_changes_no_row(tmp_path: Path) -> None:

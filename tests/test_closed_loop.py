@@ -28,7 +28,9 @@ TASK = "dmc-cartpole-balance"
 #: the paper has them, 16 windows of the whole context; pooled timesteps with the CPU recipes'
 #: departures (actions never inputs, 2 timesteps), so as many action targets a batch takes 256
 #: windows. With action tokens as inputs, a pooled model trained so copies the last action (0.53).
-SETTINGS = {"decoder": ({}, 16), "pooled": ({"backbone": "pooled", **ACTING}, 256)}
+#: Pooled trains 360 steps: at 240 it sat at the bar, and a change of the fold's summation order
+#: alone (the same sums, rounded differently) took it from a pass to 0.47.
+SETTINGS = {"decoder": ({}, 16, 240), "pooled": ({"backbone": "pooled", **ACTING}, 256, 360)}
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
@@ -40,16 +42,17 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
              progress=False, pixels=False)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, batch_size = SETTINGS[request.param]
-        return train(root / "data", root / "run", preset="debug", max_steps=240, batch_size=batch_size, lr=2e-3,
-                     warmup_steps=24, val_every=120, workers=0, progress=False, rollout_episodes=2,
+        model, batch_size, steps = SETTINGS[request.param]
+        return train(root / "data", root / "run", preset="debug", max_steps=steps, batch_size=batch_size, lr=2e-3,
+                     warmup_steps=24, val_every=steps // 2, workers=0, progress=False, rollout_episodes=2,
                      model=model)  # fmt: skip
 
 
 def test_training_logs_closed_loop_scores_and_keeps_the_best(run: Path) -> None:
     assert run.name == "best"
     history = json.loads((run.parent / "rollouts.json").read_text())
-    assert [h["step"] for h in history["history"]] == [120, 240]
+    steps = json.loads((run / "meta.json").read_text())["settings"]["max_steps"]
+    assert [h["step"] for h in history["history"]] == [steps // 2, steps]
     minutes = [h["minutes"] for h in history["history"]]
     assert 0 < minutes[0] < minutes[1] < 10  # training minutes beside each score: the curve's x
     assert (run.parent / "scores.png").stat().st_size > 10_000

@@ -376,3 +376,99 @@ def test_pooled_dynamics_reads_every_next_value_from_the_last_action(monkeypatch
     dynamics_targets = seen["targets"][1]  # the policy's loss comes first
     assert dynamics_targets.tolist() == batch["ids"][values].tolist()
     assert len(dynamics_targets) == 5 * builder.group_sizes()["values"]  # 5 timesteps after the first
+
+
+@pytest.mark.parametrize("task", ["babyai-GoToRedBall", "dmc-reacher-easy"])
+def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before(task: str) -> None:
+    """The pooled fold's MLP runs once per distinct (id, position, segment) and once per image
+    patch, and the loss and every gradient equal the fold that runs it on every token, with and
+    without the goal prefix (whose tokens carry the goal segment's vector; reacher's goal holds
+    an image patch, as its timesteps do)."""
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", backbone="pooled"))
+    _, one = _episode_tokens(task, 4)
+    observation = int((one["types"] < int(TokenType.SEPARATOR)).sum())
+    goal_length = int((one["types"][0] == int(TokenType.SEPARATOR)).nonzero()[0])  # timestep 0's observation
+    goal = _slice(one, 0, goal_length)
+    images = int((one["types"] == int(TokenType.IMAGE)).sum())
+    goal_images = int((goal["types"] == int(TokenType.IMAGE)).sum())
+    batch = {k: torch.cat([v, v]) for k, v in one.items()}  # two equal rows: every key twice
+    batch |= {f"goal_{k}": torch.cat([v, v]) for k, v in goal.items() if k in ("ids", "types", "local_positions", "patches", "patch_positions", "patch_mask")}  # fmt: skip
+    batch["goal_attention_mask"] = torch.ones_like(batch["goal_ids"], dtype=torch.bool)
+    rows: list[int] = []
+    model.pool.mlp.register_forward_hook(
+        lambda module, inputs, output: rows.append(inputs[0].numel() // inputs[0].shape[-1])
+    )
+    plain = GatoModel.pool_keys.__get__(model)
+    for goal in (False, True):
+        results = []
+        for keys in (plain, lambda *args, **kwargs: None):
+            model.pool_keys = keys  # type: ignore[method-assign]
+            model.zero_grad()
+            rows.clear()
+            loss = model(batch, goal=goal)["loss"]
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((loss.detach(), grads, sum(rows)))
+        (loss_a, grads_a, rows_a), (loss_b, grads_b, rows_b) = results
+        # each distinct token once (an image patch once per row)
+        distinct = observation + images + (goal_length + goal_images if goal else 0)
+        assert rows_a <= distinct < rows_b
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)  # summed in another order
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_b:
+            # the patch encoder's backward is not bit-reproducible here: two identical passes
+            # differ by ~5e-4 in the embedding's gradient (scale ~0.2)
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=2e-3 if images else 1e-6)
+
+
+def test_pooled_dynamics_targets_are_capped_by_a_uniform_subset(monkeypatch) -> None:
+    """``dynamics_max_targets`` keeps that many of a batch's dynamics targets, drawn from all of
+    them; 0 keeps every one; a negative cap is refused naming the field."""
+    torch.manual_seed(0)
+    _, batch = _episode_tokens("dmc-cartpole-swingup", 6)
+    batch = {k: v for k, v in batch.items() if not k.startswith("patch")}
+    keep = batch["types"] != int(TokenType.IMAGE)
+    batch = {k: v[keep][None] if v.dim() == 2 else v for k, v in batch.items()}
+    targets = {}
+    for cap in (0, 7):
+        model = GatoModel(Config.from_name("debug", backbone="pooled", dynamics_max_targets=cap))
+        seen: list[torch.Tensor] = []
+
+        def spy(logits, t, *args, seen=seen, original=model.token_losses):
+            seen.append(t)
+            return original(logits, t, *args)
+
+        monkeypatch.setattr(model, "token_losses", spy)
+        model(batch)
+        targets[cap] = seen[1]  # the policy's loss comes first
+    assert len(targets[0]) == 25 and len(targets[7]) == 7
+    assert set(targets[7].tolist()) <= set(targets[0].tolist())
+    with pytest.raises(ValueError, match="dynamics_max_targets"):
+        Config.from_name("debug", dynamics_max_targets=-1)
+
+
+def test_a_goal_in_every_timestep_reaches_each_timesteps_fold_and_needs_pooled_timesteps() -> None:
+    """``goal_placement="timestep"``: the goal head's logits at the first timestep already depend
+    on the goal (no prefix token to attend to: the goal is in the timestep's own fold), the loss
+    trains the goal segment's vector, and any backbone but ``pooled`` is refused naming the field."""
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", backbone="pooled", goal_placement="timestep"))
+    _, batch = _episode_tokens("dmc-point_mass-easy", 3)
+    batch = {k: v for k, v in batch.items() if not k.startswith("patch")}
+    keep = batch["types"] != int(TokenType.IMAGE)
+    batch = {k: v[keep][None] for k, v in batch.items()}
+    values = (batch["types"] == int(TokenType.CONTINUOUS)) & (batch["timesteps"] == 0)
+    outs = []
+    for shift in (0, 7):
+        goal = {"goal_ids": batch["ids"][values][None] + shift, "goal_types": batch["types"][values][None],
+                "goal_local_positions": batch["local_positions"][values][None],
+                "goal_attention_mask": torch.ones(1, int(values.sum()), dtype=torch.bool)}  # fmt: skip
+        outs.append(model(batch | goal, goal=True, logits=True))
+    separator = int((batch["types"][0] == int(TokenType.SEPARATOR)).nonzero()[0])  # timestep 0's
+    assert outs[0]["goal_logits"].shape[1] == batch["ids"].shape[1]
+    assert not torch.allclose(outs[0]["goal_logits"][0, separator], outs[1]["goal_logits"][0, separator])
+    outs[0]["loss"].backward()
+    assert model.goal_segment.grad is not None and model.goal_segment.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"goal_placement 'timestep'.*'pooled'"):
+        Config.from_name("debug", goal_placement="timestep")

@@ -165,3 +165,27 @@ def test_weights_of_tasks_the_dataset_lacks_are_refused_before_any_work(
                              "--goal_every", "-1"], capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0 and "goal_every: expected a step interval >= 0" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_discrete_bodies_get_their_own_token_budget(smoke_dataset: Path) -> None:
+    """``discrete_batch_tokens`` sets the budget of BabyAI's batches; the control tasks keep
+    ``batch_tokens``."""
+    from gato_like.data_pipelines.loader import DatasetSource
+
+    weights = {"dmc-point_mass-easy": 1.0, "babyai-GoToRedBall": 1.0, "captions": 0.0}
+    tasks = DatasetSource.open(smoke_dataset).tasks
+    control, babyai = tasks.index("dmc-point_mass-easy"), tasks.index("babyai-GoToRedBall")
+    rows: dict[int, dict[int, int]] = {}
+    for budget in (0, 2400):
+        config = LoaderConfig(context_length=512, history_steps=2, discrete_history_steps=1, task_batches=True,
+                              batch_tokens=600, discrete_batch_tokens=budget, seed=3, domain_weights=weights)  # fmt: skip
+        most: dict[int, int] = {}
+        for _, batch in zip(
+            range(40), make_dataloader(smoke_dataset, 64, config, num_workers=0), strict=False
+        ):
+            task, (n, width) = int(batch["task"][0]), batch["ids"].shape
+            assert n == 1 or n * width <= (budget or 600) if task == babyai else n * width <= 600
+            most[task] = max(most.get(task, 0), n)
+        rows[budget] = most
+    assert rows[2400][babyai] > 2 * rows[0][babyai]
+    assert control in rows[2400]  # and its batches kept the 600-token budget (above)

@@ -27,13 +27,14 @@ class GatoData(L.LightningDataModule):
         discrete_history_steps: int = 0,
         task_batches: bool = True,
         batch_tokens: int = 0,
+        discrete_batch_tokens: int = 0,
         backbone: str = "decoder",
         perceiver_latents: int = 0,
     ) -> None:
         super().__init__()
         self.backbone, self.perceiver_latents = backbone, perceiver_latents
         self.task_batches = task_batches
-        self.batch_tokens = batch_tokens
+        self.batch_tokens, self.discrete_batch_tokens = batch_tokens, discrete_batch_tokens
         self.history_steps, self.discrete_history_steps = history_steps, discrete_history_steps
         self.data = str(data)
         self.batch_size = batch_size
@@ -59,6 +60,7 @@ class GatoData(L.LightningDataModule):
             discrete_history_steps=self.discrete_history_steps,
             task_batches=self.task_batches,
             batch_tokens=self.batch_tokens,
+            discrete_batch_tokens=self.discrete_batch_tokens,
         )
         return make_dataloader(
             self.data,

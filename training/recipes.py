@@ -28,6 +28,7 @@ class Recipe:
     rollout_episodes: int = 2
     workers: int = 0
     batch_tokens: int = 0
+    discrete_batch_tokens: int = 0
     domain_weights: dict[str, float] = field(default_factory=dict)
     """Share of the optimizer steps per task (1 for a task not named; names the dataset lacks are
     ignored): more steps for the tasks the recipe's runs learned last."""
@@ -65,7 +66,9 @@ RECIPES: dict[str, Recipe] = {
             # 0.52 after, BabyAI lower with 2-timestep windows: docs/results.md); BabyAI's views
             # learn faster from 1-timestep windows (BabyAI alone, 5000 steps: 0.34 against 0.21)
             preset="debug",
-            model={"backbone": "pooled", **ACTING, "discrete_history_steps": 1},
+            # dynamics_max_targets: a BabyAI view is 147 dynamics targets, each a softmax over
+            # the vocabulary; 512 a batch keep the loss's mean and cost ~a control batch's
+            model={"backbone": "pooled", **ACTING, "discrete_history_steps": 1, "dynamics_max_targets": 512},
             max_steps=20000,  # ~48 minutes on a 2-core AMD EPYC: as measured; the clock caps slower machines
             max_minutes=56.0,  # + the last rollouts: <= 60 minutes in all
             batch_size=1024,  # a cap; batch_tokens binds (~400 two-step control windows)
@@ -74,6 +77,9 @@ RECIPES: dict[str, Recipe] = {
             val_every=7500,
             rollout_episodes=3,
             batch_tokens=4096,
+            # BabyAI alone, 2500 steps, 10000 episodes a level, 30 episodes: 0.28 with ~52
+            # one-timestep windows a batch against 0.21 with ~13 (docs/results.md)
+            discrete_batch_tokens=16384,
         ),
         Recipe(
             "cpu-demo",

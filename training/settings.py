@@ -39,6 +39,8 @@ class TrainConfig:
     """Sequences per step and device (default: the recipe's)."""
     batch_tokens: int | None = None
     """About this many tokens a batch at most, each batch one task (0: batch_size sequences; default: the recipe's)."""
+    discrete_batch_tokens: int | None = None
+    """batch_tokens for tasks with discrete actions, e.g. BabyAI (0: batch_tokens; default: the recipe's)."""
     context_length: int | None = None
     """Tokens per sequence (default: the preset's)."""
     lr: float | None = None
@@ -99,7 +101,7 @@ class TrainConfig:
         chosen = BASE if self.recipe is None else get_recipe(self.recipe)
         filled = {
             name: getattr(chosen, name)
-            for name in ("preset", "max_steps", "max_minutes", "batch_size", "batch_tokens", "lr", "warmup_steps",
+            for name in ("preset", "max_steps", "max_minutes", "batch_size", "batch_tokens", "discrete_batch_tokens", "lr", "warmup_steps",
                          "workers", "val_every", "rollout_episodes", "goal_every")
             if getattr(self, name) is None
         }  # fmt: skip

@@ -259,7 +259,7 @@ def train(
     assert c.preset is not None and c.max_steps is not None and c.batch_size is not None  # resolved
     assert c.lr is not None and c.warmup_steps is not None and c.workers is not None
     assert c.val_every is not None and c.rollout_episodes is not None and c.goal_every is not None
-    assert c.batch_tokens is not None
+    assert c.batch_tokens is not None and c.discrete_batch_tokens is not None
     precision = c.precision
     if c.rollout_episodes < 0:
         raise ValueError(f"rollout_episodes: expected >= 0, got {c.rollout_episodes}")
@@ -275,6 +275,7 @@ def train(
     domain_weights = _domain_weights(data, c)
     datamodule = GatoData(data, c.batch_size, model_config.context_length, c.workers, tasks=c.task_names, seed=c.seed,
                           history_steps=model_config.history_steps, batch_tokens=c.batch_tokens,
+                          discrete_batch_tokens=c.discrete_batch_tokens,
                           discrete_history_steps=model_config.discrete_history_steps,
                           domain_weights=domain_weights, backbone=model_config.backbone,
                           perceiver_latents=model_config.perceiver_latents)  # fmt: skip
@@ -333,6 +334,7 @@ def train(
         "overrides": dict(c.model or {}),
         "recipe": c.recipe,
         "batch_tokens": c.batch_tokens,
+        "discrete_batch_tokens": c.discrete_batch_tokens,
         "domain_weights": dict(domain_weights or {}),
         "goal_every": c.goal_every,
         "workers": c.workers,
