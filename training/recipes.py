@@ -69,7 +69,7 @@ RECIPES: dict[str, Recipe] = {
             # dynamics_max_targets: a BabyAI view is 147 dynamics targets, each a softmax over
             # the vocabulary; 512 a batch keep the loss's mean and cost ~a control batch's
             model={"backbone": "pooled", **ACTING, "discrete_history_steps": 1, "dynamics_max_targets": 512},
-            max_steps=20000,  # ~48 minutes on a 2-core AMD EPYC: as measured; the clock caps slower machines
+            max_steps=20000,  # ~51 minutes on a 2-core AMD EPYC: as measured; the clock caps slower machines
             max_minutes=56.0,  # + the last rollouts: <= 60 minutes in all
             batch_size=1024,  # a cap; batch_tokens binds (~400 two-step control windows)
             lr=2e-3,
