@@ -321,23 +321,21 @@ class TimestepPool(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         d = config.n_embd
+
         # pre-norm: the embeddings start ~0.1 in scale, where GELU is nearly linear and the sum
         # would start as the linear average an attention pool computes
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
-        )
+        def per_token_mlp() -> nn.Sequential:
+            return nn.Sequential(
+                nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
+            )
+
+        self.mlp = per_token_mlp()
         self.norm = nn.LayerNorm(d)
         self.group = nn.Parameter(torch.zeros(POOLED_GROUPS, d))
         # the goal's own MLP: through the fold's, goal value n and observation value n would add
         # up symmetrically (the goal segment's vector starts at zero), and a sum symmetric in the
         # two cannot carry their difference, which is what reaching needs
-        self.goal_mlp = (
-            nn.Sequential(
-                nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
-            )
-            if config.goal_placement == "timestep"
-            else None
-        )
+        self.goal_mlp = per_token_mlp() if config.goal_placement == "timestep" else None
 
     def forward(
         self,
