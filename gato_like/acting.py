@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gato_like.model import GatoModel, KVCache
+from gato_like.model import GatoModel, GoalFold, KVCache
 from gato_like.tokenizers import EmbodimentSpec, SequenceBuilder, TextTokenizer, TokenSequence, TokenType
 from gato_like.tokenizers.vocab import bin_centres, bin_of
 
@@ -61,8 +61,8 @@ class Row:
     """``(1, 1, D)``: the last action token of the newest timestep (already in ``steps``), not yet
     in the cache: nothing needs its logits, so it is fed with the next observation (one forward
     pass a step fewer; with ``history_steps`` windows it is re-encoded with its timestep anyway)."""
-    fold: Tensor | None = None
-    """``(1, groups, D)``: the goal joined to every timestep's fold (``goal_placement="timestep"``),
+    fold: GoalFold | None = None
+    """The goal joined to every timestep's fold (``goal_placement`` ``timestep`` or ``relative``),
     else None."""
     temperature: float = 0.0
     """0: the config's decoding (greedy bins, or ``discrete_decoding``); > 0: sample every action
@@ -185,7 +185,7 @@ class ActingCore:
     # -- embedding -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def embed(self, tokens: TokenSequence, goal: bool = False, fold: Tensor | None = None) -> Tensor:
+    def embed(self, tokens: TokenSequence, goal: bool = False, fold: GoalFold | None = None) -> Tensor:
         """Backbone inputs ``(1, n, D)`` of a token sequence (``goal``: as the goal segment;
         ``fold``: a goal joined to every timestep, :meth:`goal_fold`)."""
         return self.embed_many([tokens], goal, [fold])[0]
@@ -195,7 +195,7 @@ class ActingCore:
         self,
         sequences: Sequence[TokenSequence],
         goal: bool = False,
-        folds: Sequence[Tensor | None] | None = None,
+        folds: Sequence[GoalFold | None] | None = None,
         raw: bool = False,
     ) -> list[Tensor]:
         """Backbone inputs ``(1, n_i, D)`` of several token sequences, embedded in one call (one
@@ -240,7 +240,10 @@ class ActingCore:
         for i, s in enumerate(sequences):
             row_types = types_t[i : i + 1, : len(s)]
             fold = folds[i] if folds is not None else None
-            out.append(self.model.backbone_inputs(x[i : i + 1, : len(s)], row_types, t(timesteps[i : i + 1, : len(s)]), fold))  # type: ignore[arg-type]  # fmt: skip
+            row = x[i : i + 1, : len(s)]
+            if fold is not None:  # goal_placement "relative": each value meets its goal value
+                row = self.model.offset_goal(row, t(ids[i : i + 1, : len(s)]), row_types, local_t[i : i + 1, : len(s)], fold)  # type: ignore[arg-type]  # fmt: skip
+            out.append(self.model.backbone_inputs(row, row_types, t(timesteps[i : i + 1, : len(s)]), None if fold is None else fold.sum))  # type: ignore[arg-type]  # fmt: skip
         return out
 
     @staticmethod
@@ -253,15 +256,22 @@ class ActingCore:
                              tokens.patch_positions)  # fmt: skip
 
     @torch.inference_mode()
-    def goal_fold(self, builder: SequenceBuilder, goal: Mapping[str, Any] | None) -> Tensor | None:
-        """``(1, groups, D)``: the goal's share of every timestep's fold under
-        ``goal_placement="timestep"`` (as the training pass computes it), else None."""
-        if goal is None or self.config.goal_placement != "timestep":
+    def goal_fold(self, builder: SequenceBuilder, goal: Mapping[str, Any] | None) -> GoalFold | None:
+        """The goal's share of every timestep's fold under ``goal_placement`` ``timestep`` or
+        ``relative`` (batch 1, as the training pass computes it), else None."""
+        if goal is None or self.config.goal_placement == "prefix":
             return None
         tokens = self.goal_tokens(builder, goal)
         x = self.embed_many([tokens], goal=True, raw=True)[0]
         types = torch.from_numpy(tokens.types.astype(np.int64))[None].to(self.device)
-        return self.model.pool.goal_fold(x, types, torch.ones_like(types, dtype=torch.bool))
+        valid = torch.ones_like(types, dtype=torch.bool)
+        fold = GoalFold(self.model.pool.goal_fold(x, types, valid))
+        if self.config.goal_placement == "relative":
+            ids = torch.from_numpy(tokens.ids.astype(np.int64))[None].to(self.device)
+            local = torch.from_numpy(tokens.local_positions.astype(np.int64))[None].to(self.device)
+            local = self.model.input_positions(types, local)
+            fold = GoalFold(fold.sum, *self.model.goal_values(ids, types, local, valid))
+        return fold
 
     @torch.inference_mode()
     def encode_prefix(self, builder: SequenceBuilder, prompt: Prompt | None = None, goal: Mapping[str, Any] | None = None) -> Tensor:  # fmt: skip

@@ -104,14 +104,19 @@ class Config:
     one-timestep BabyAI windows they were ~40 % of the step."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
-    goal_placement: Literal["prefix", "timestep"] = "prefix"
+    goal_placement: Literal["prefix", "timestep", "relative"] = "prefix"
     """Where the goal head reads the goal observation. ``prefix``: a segment before the first
     timestep, with its own segment vector (Gato's prompt position; checkpoints without this field
     were trained so). ``timestep`` (pooled timesteps only): the goal's tokens, with the segment
     vector, join every timestep's fold, each group into that timestep's token of the same group,
     so the goal and the current observation meet in one token, as a goal-conditioned MLP reads
     them side by side (the prefix scored 0/20 on the point-mass goals where that MLP scored 20/20:
-    docs/results.md)."""
+    docs/results.md). ``relative`` (pooled only): as ``timestep``, and each continuous
+    observation value whose goal has a value at the same (group, position) also carries the
+    embedding of their difference (goal minus observation, in the bins' [-1, 1] scale) into the
+    fold's per-token MLP, so "which way, how far" is one token's feature, as a point-mass target's
+    offset is, instead of a relation the backbone must learn between two summed features (``timestep``
+    also scored 0/20)."""
     value_embedding: Literal["off", "add", "replace"] = "add"
     """Departure from Gato: an ordinal embedding of a continuous token's bin (Fourier features of
     its position in [-1, 1] through a linear layer), so neighbouring bins start out close and
@@ -176,12 +181,14 @@ class Config:
             )
         if self.dynamics_inputs not in ("masked", "executed"):
             problems.append(f"dynamics_inputs: expected 'masked' or 'executed', got {self.dynamics_inputs!r}")
-        if self.goal_placement not in ("prefix", "timestep"):
-            problems.append(f"goal_placement: expected 'prefix' or 'timestep', got {self.goal_placement!r}")
-        elif self.goal_placement == "timestep" and self.backbone != "pooled":
+        if self.goal_placement not in ("prefix", "timestep", "relative"):
             problems.append(
-                f"goal_placement 'timestep' folds the goal into pooled timesteps: it needs backbone "
-                f"'pooled', got {self.backbone!r}"
+                f"goal_placement: expected 'prefix', 'timestep' or 'relative', got {self.goal_placement!r}"
+            )
+        elif self.goal_placement != "prefix" and self.backbone != "pooled":
+            problems.append(
+                f"goal_placement {self.goal_placement!r} folds the goal into pooled timesteps: it needs "
+                f"backbone 'pooled', got {self.backbone!r}"
             )
         if self.dynamics_max_targets < 0:
             problems.append(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,40 @@ class ValueEmbedding(nn.Module):
         return self.proj(torch.cat([u[..., None], angles.sin(), angles.cos()], dim=-1))
 
 
+class OffsetEmbedding(nn.Module):
+    """Embedding of a signed offset between two bin centres: ``(...,)`` in [-2, 2] -> ``(..., D)``.
+
+    The offset is compressed, ``c = sign(d) log(1 + k|d|) / log(1 + 2k)`` (k = 64), so the last few
+    bins before a goal are as far apart as the first few hundred, then goes through Fourier
+    features ``[c, sin(pi f c), cos(pi f c)]`` (f from 1 to 256 in equal ratios) and one linear
+    layer. ``c`` itself is a feature: its sign, the way to go, is one linear read.
+    """
+
+    def __init__(self, dim: int, frequencies: int = 16, sharpness: float = 64.0) -> None:
+        super().__init__()
+        self.sharpness = sharpness
+        k = torch.logspace(0, 8, frequencies, base=2.0)
+        self.register_buffer("freqs", k * math.pi, persistent=False)
+        self.proj = nn.Linear(2 * frequencies + 1, dim)
+
+    def forward(self, offset: Tensor) -> Tensor:
+        c = offset.sign() * torch.log1p(self.sharpness * offset.abs()) / math.log1p(2 * self.sharpness)
+        angles = c[..., None] * self.get_buffer("freqs")
+        return self.proj(torch.cat([c[..., None], angles.sin(), angles.cos()], dim=-1))
+
+
+class GoalFold(NamedTuple):
+    """A goal placed in every pooled timestep (``goal_placement`` ``timestep`` or ``relative``)."""
+
+    sum: Tensor
+    """``(B, groups, D)``: the goal's share of every timestep's fold (:meth:`TimestepPool.goal_fold`)."""
+    values: Tensor | None = None
+    """``(B, groups, P)``: the goal's continuous values (bin centres in [-1, 1]) by group and
+    position (``relative`` only, :meth:`GatoModel.goal_values`)."""
+    present: Tensor | None = None
+    """``(B, groups, P)`` True where the goal has such a value."""
+
+
 def hl_gauss_targets(bins: Tensor, count: int, sigma: float) -> Tensor:
     """HL-Gauss target distributions ``(N, count)`` for target bins ``(N,)``: the mass of a normal
     centred on each target bin's centre (standard deviation ``sigma`` bins) that falls in each bin,
@@ -335,7 +369,7 @@ class TimestepPool(nn.Module):
         # the goal's own MLP: through the fold's, goal value n and observation value n would add
         # up symmetrically (the goal segment's vector starts at zero), and a sum symmetric in the
         # two cannot carry their difference, which is what reaching needs
-        self.goal_mlp = per_token_mlp() if config.goal_placement == "timestep" else None
+        self.goal_mlp = per_token_mlp() if config.goal_placement != "prefix" else None
 
     def forward(
         self,
@@ -411,6 +445,7 @@ class GatoModel(nn.Module):
         )
         self.local = nn.Embedding(config.max_local_positions, d)
         self.goal_segment = nn.Parameter(torch.zeros(d))
+        self.goal_offset = OffsetEmbedding(d) if config.goal_placement == "relative" else None
         self.masked_action = nn.Parameter(torch.zeros(d)) if config.action_input_dropout > 0 else None
         self.patches: nn.Module = (
             TimmPatchEncoder(config)
@@ -498,6 +533,52 @@ class GatoModel(nn.Module):
         keys = ((segment * self.config.vocab_size) + token) * rows + local
         return keys.masked_fill(types == int(TokenType.IMAGE), -1)
 
+    def goal_values(
+        self, ids: Tensor, types: Tensor, local_positions: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """A goal's continuous values by (group, position), for ``goal_placement="relative"``:
+        ``(B, groups, P)`` bin centres in [-1, 1] and ``(B, groups, P)`` True where the goal has one.
+
+        Args:
+            ids, types, valid: ``(B, G)`` the goal's tokens; local_positions: ``(B, G)`` as
+                :meth:`input_positions` gives them (a value's index inside its group).
+        """
+        low, high = self.continuous_range
+        rows = self.config.max_local_positions
+        b = ids.shape[0]
+        has = valid & (types == int(TokenType.CONTINUOUS)) & (ids >= low) & (ids < high)
+        u = (2.0 * (ids - low).clamp(0, high - low - 1).float() + 1.0) / (high - low) - 1.0
+        slot = token_groups(types).clamp(max=POOLED_GROUPS - 1) * rows + local_positions.clamp(0, rows - 1)
+        slot = slot.masked_fill(~has, POOLED_GROUPS * rows)  # one spare column takes the rest
+        values = u.new_zeros(b, POOLED_GROUPS * rows + 1).scatter_(1, slot, u * has)
+        present = torch.zeros_like(values, dtype=torch.bool).scatter_(1, slot, has)
+        return values[:, :-1].view(b, POOLED_GROUPS, rows), present[:, :-1].view(b, POOLED_GROUPS, rows)
+
+    def offset_goal(
+        self, x: Tensor, ids: Tensor, types: Tensor, local_positions: Tensor, fold: GoalFold
+    ) -> Tensor:
+        """Token embeddings ``x`` ``(B, L, D)`` with, at each continuous observation value whose goal
+        has a value at the same (group, position), the embedding of their offset (goal minus
+        value) added: the fold's per-token MLP then reads value, dimension and the way to the goal
+        together. ``x`` unchanged without ``goal_placement="relative"``.
+
+        Args:
+            ids, types: ``(B, L)``; local_positions: ``(B, L)`` as :meth:`input_positions` gives them;
+            fold: the goal (:class:`GoalFold` with ``values``, batch 1 or B).
+        """
+        if self.goal_offset is None or fold.values is None or fold.present is None:
+            return x
+        low, high = self.continuous_range
+        rows = self.config.max_local_positions
+        b = ids.shape[0]
+        slot = token_groups(types).clamp(max=POOLED_GROUPS - 1) * rows + local_positions.clamp(0, rows - 1)
+        values = fold.values.flatten(1).expand(b, -1)
+        present = fold.present.flatten(1).expand(b, -1)
+        has = present.gather(1, slot) & (types == int(TokenType.CONTINUOUS)) & (ids >= low) & (ids < high)
+        u = (2.0 * (ids - low).clamp(0, high - low - 1).float() + 1.0) / (high - low) - 1.0
+        offset = (values.gather(1, slot) - u) * has
+        return x + self.goal_offset(offset).to(x.dtype) * has[..., None].to(x.dtype)
+
     def embed(
         self,
         ids: Tensor,
@@ -549,7 +630,8 @@ class GatoModel(nn.Module):
         Returns ``hidden`` (B, L', D), ``loss`` and the per-head losses (logits are computed only at
         the target positions); with ``logits=True`` also ``policy_logits``/``dynamics_logits``
         (B, L, V). With ``goal=True`` the batch's goal observation is prepended (L' = goal tokens
-        + L; with ``goal_placement="timestep"`` it joins every timestep's fold instead, L' = L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
+        + L; with ``goal_placement`` ``timestep`` or ``relative`` it joins every timestep's fold instead,
+        L' = L) and the goal head's loss (and ``goal_logits``) replaces the policy and dynamics heads'.
         The dynamics head's targets are ``dynamics_ids`` (B, L; -1 where there is none) when
         ``config.dynamics_target`` is ``delta`` (a batch without them is scored on its discrete
         observations only), else ``ids``. With ``config.dynamics_inputs="executed"`` the dynamics
@@ -574,13 +656,19 @@ class GatoModel(nn.Module):
             g = self.embed(batch["goal_ids"], batch["goal_types"], batch["goal_local_positions"],
                            batch.get("goal_patches"), batch.get("goal_patch_positions"), batch.get("goal_patch_mask"))  # fmt: skip
             g = g + self.goal_segment
-            if self.config.goal_placement == "timestep":  # the goal joins every timestep's fold
-                fold = self.pool.goal_fold(g, batch["goal_types"], batch["goal_attention_mask"])
+            if self.config.goal_placement != "prefix":  # the goal joins every timestep's fold
+                fold = GoalFold(self.pool.goal_fold(g, batch["goal_types"], batch["goal_attention_mask"]))
+                if self.goal_offset is not None:  # and each value meets its goal value
+                    fold = GoalFold(fold.sum, *self.goal_values(
+                        batch["goal_ids"], batch["goal_types"], batch["goal_local_positions"], batch["goal_attention_mask"]))  # fmt: skip
+                    x = self.offset_goal(x, batch["ids"], batch["types"], batch["local_positions"], fold)
             else:
                 x = torch.cat([g, x], dim=1)
                 n_goal = g.shape[1]
         types, timesteps, valid = batch["types"], batch["timesteps"], batch["attention_mask"]
         keys = self.pool_keys(batch["ids"], types, batch["local_positions"])
+        if fold is not None and fold.values is not None:
+            keys = None  # the offsets make equal tokens embed apart
         if goal and fold is None:  # the goal is a segment before the first timestep
             goal_keys = self.pool_keys(batch["goal_ids"], batch["goal_types"], batch["goal_local_positions"], 1)  # fmt: skip
             if keys is not None and goal_keys is not None:
@@ -588,7 +676,7 @@ class GatoModel(nn.Module):
             types = torch.cat([batch["goal_types"], types], dim=1)
             timesteps = torch.cat([torch.full_like(batch["goal_types"], -1), timesteps], dim=1)
             valid = torch.cat([batch["goal_attention_mask"], valid], dim=1)
-        x, predicts = self.trunk(x, types, timesteps, valid, keys, fold)
+        x, predicts = self.trunk(x, types, timesteps, valid, keys, None if fold is None else fold.sum)
         h = self.ln_f(x)
         out: dict[str, Tensor] = {"hidden": h}
         if goal:

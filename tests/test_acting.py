@@ -55,11 +55,12 @@ def test_server_actions_equal_local_policy_actions_for_every_head(tmp_path: Path
     sampled) share the server's forward passes; each gets exactly the actions a local Policy
     computes alone on the same observations. The contexts are short, so windows roll over.
     ``pooled-acting``: the CPU recipes' departures, every action token from one pass;
-    ``pooled-goal``: those, with the goal joined to every timestep (``goal_placement``)."""
+    ``pooled-goal``: those, with the goal joined to every timestep and each value offset from its
+    goal value (``goal_placement="relative"``)."""
     context = {"decoder": 512, "perceiver": 48, "pooled": 24, "pooled-acting": 24, "pooled-goal": 24}[
         backbone
     ]
-    extra = {"pooled-acting": ACTING, "pooled-goal": {**ACTING, "goal_placement": "timestep"}}.get(
+    extra = {"pooled-acting": ACTING, "pooled-goal": {**ACTING, "goal_placement": "relative"}}.get(
         backbone, {}
     )
     path = _checkpoint(tmp_path / backbone, backbone=backbone.split("-")[0], context_length=context, **extra)
@@ -179,15 +180,19 @@ def test_a_two_step_window_acts_as_a_full_forward_over_its_two_timesteps(
         history.append((observation, action))
 
 
+@pytest.mark.parametrize("placement", ["timestep", "relative"])
 @pytest.mark.parametrize("task", TASKS)
-def test_a_goal_in_every_timestep_acts_as_the_training_pass(tmp_path: Path, task: str) -> None:
-    """With ``goal_placement="timestep"`` the goal joins every timestep's fold: each action
-    token's logits when acting with a goal equal the goal head's in one training pass over the
-    same two-timestep window and goal, and a different goal gives different logits."""
+def test_a_goal_in_every_timestep_acts_as_the_training_pass(
+    tmp_path: Path, task: str, placement: str
+) -> None:
+    """With ``goal_placement`` ``timestep`` the goal joins every timestep's fold (``relative``:
+    and each value carries its offset from the goal's): each action token's logits when acting
+    with a goal equal the goal head's in one training pass over the same two-timestep window and
+    goal, and a different goal gives different logits."""
     from tests.test_policy import _training_batch
 
     path = _checkpoint(tmp_path / "g", backbone="pooled", history_steps=2, discrete_history_steps=1,
-                       goal_placement="timestep", **{k: v for k, v in ACTING.items() if k != "history_steps"})  # fmt: skip
+                       goal_placement=placement, **{k: v for k, v in ACTING.items() if k != "history_steps"})  # fmt: skip
     policy = Policy.from_checkpoint(path)
     episode = get_task(task).rollout(2, "expert", max_steps=4)
     goal = {k: v[-1] for k, v in episode.observations.items()}

@@ -448,12 +448,16 @@ def test_pooled_dynamics_targets_are_capped_by_a_uniform_subset(monkeypatch) -> 
         Config.from_name("debug", dynamics_max_targets=-1)
 
 
-def test_a_goal_in_every_timestep_reaches_each_timesteps_fold_and_needs_pooled_timesteps() -> None:
-    """``goal_placement="timestep"``: the goal head's logits at the first timestep already depend
-    on the goal (no prefix token to attend to: the goal is in the timestep's own fold), the loss
-    trains the goal segment's vector, and any backbone but ``pooled`` is refused naming the field."""
+@pytest.mark.parametrize("placement", ["timestep", "relative"])
+def test_a_goal_in_every_timestep_reaches_each_timesteps_fold_and_needs_pooled_timesteps(
+    placement: str,
+) -> None:
+    """``goal_placement`` ``timestep``/``relative``: the goal head's logits at the first timestep
+    already depend on the goal (no prefix token to attend to: the goal is in the timestep's own
+    fold), the loss trains the goal segment's vector (``relative``: and the offset embedding), and
+    any backbone but ``pooled`` is refused naming the field."""
     torch.manual_seed(0)
-    model = GatoModel(Config.from_name("debug", backbone="pooled", goal_placement="timestep"))
+    model = GatoModel(Config.from_name("debug", backbone="pooled", goal_placement=placement))
     _, batch = _episode_tokens("dmc-point_mass-easy", 3)
     batch = {k: v for k, v in batch.items() if not k.startswith("patch")}
     keep = batch["types"] != int(TokenType.IMAGE)
@@ -470,5 +474,11 @@ def test_a_goal_in_every_timestep_reaches_each_timesteps_fold_and_needs_pooled_t
     assert not torch.allclose(outs[0]["goal_logits"][0, separator], outs[1]["goal_logits"][0, separator])
     outs[0]["loss"].backward()
     assert model.goal_segment.grad is not None and model.goal_segment.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match=r"goal_placement 'timestep'.*'pooled'"):
-        Config.from_name("debug", goal_placement="timestep")
+    if placement == "relative":
+        assert model.goal_offset is not None
+        assert (
+            model.goal_offset.proj.weight.grad is not None
+            and model.goal_offset.proj.weight.grad.abs().sum() > 0
+        )
+    with pytest.raises(ValueError, match=rf"goal_placement '{placement}'.*'pooled'"):
+        Config.from_name("debug", goal_placement=placement)
