@@ -86,11 +86,14 @@ def measure(
     kinds: list[str],
     mlp_data: str | None = None,
     mlp_seconds: float = 30.0,
+    action_decoding: str | None = None,
 ) -> dict[str, Any]:
     from gato_like.envs.registry import get_task
     from gato_like.policy import Policy
 
     policy = Policy.from_checkpoint(ckpt)
+    if action_decoding is not None:
+        policy.model.config.action_decoding = action_decoding  # read at every act
     results: dict[str, Any] = {}
     for name in tasks:
         task = get_task(name)
@@ -138,7 +141,8 @@ def measure(
         results[name] = {
             k: {"success_rate": round(float(np.mean(v)), 4), "goals": len(v)} for k, v in rows.items()
         }
-    return {"checkpoint": str(ckpt), "max_steps": max_steps, "tasks": results}
+    decoding = policy.model.config.action_decoding
+    return {"checkpoint": str(ckpt), "max_steps": max_steps, "action_decoding": decoding, "tasks": results}
 
 
 def main() -> None:
@@ -151,8 +155,14 @@ def main() -> None:
     parser.add_argument("--mlp_data", default=None, help="goal-reaching demos for the MLP reference")
     parser.add_argument("--mlp_seconds", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--action_decoding",
+        choices=("argmax", "mean", "median"),
+        default=None,
+        help="decode continuous actions this way instead of as the checkpoint's config says",
+    )
     args = parser.parse_args()
-    summary = measure(args.ckpt, args.tasks.split(","), args.goals, args.max_steps, args.kinds.split(","), args.mlp_data, args.mlp_seconds)  # fmt: skip
+    summary = measure(args.ckpt, args.tasks.split(","), args.goals, args.max_steps, args.kinds.split(","), args.mlp_data, args.mlp_seconds, args.action_decoding)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
