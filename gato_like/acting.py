@@ -278,8 +278,18 @@ class ActingCore:
         """Backbone inputs ``(1, p, D)`` of a goal (without separators, as the goal segment) followed
         by a prompt demonstration; ``p`` is 0 without either. Raises ``ValueError`` when ``p`` is more
         than half the context."""
+        return self._encode_prefix(builder, prompt, goal, self.goal_fold(builder, goal))
+
+    @torch.inference_mode()
+    def _encode_prefix(
+        self,
+        builder: SequenceBuilder,
+        prompt: Prompt | None,
+        goal: Mapping[str, Any] | None,
+        fold: GoalFold | None,
+    ) -> Tensor:
+        """:meth:`encode_prefix` given the goal's :meth:`goal_fold` (which ``reset`` keeps too)."""
         parts = []
-        fold = self.goal_fold(builder, goal)
         if goal is not None and fold is None:
             parts.append(self.embed(self.goal_tokens(builder, goal), goal=True))
         if prompt is not None:
@@ -321,13 +331,14 @@ class ActingCore:
                 problem = self.model.position_problem(spec.name, builder.group_sizes())
                 if problem is not None:
                     raise ValueError(f"reset: {problem}")
-                prefix = self.encode_prefix(builder, prompt, goal)
+                fold = self.goal_fold(builder, goal)
+                prefix = self._encode_prefix(builder, prompt, goal, fold)
             except (ValueError, TypeError) as error:
                 errors.append(error)
                 continue
             errors.append(None)
             row.spec, row.builder, row.prefix = spec, builder, prefix
-            row.fold = self.goal_fold(builder, goal)
+            row.fold = fold
             row.head = "goal" if goal is not None else "policy"
             row.steps, row.length, row.pending = [], 0, None
             row.temperature = temperatures[i]
