@@ -102,6 +102,11 @@ class Config:
     so the loss stays an unbiased estimate of the mean over all; 0: every one). Each target is a
     softmax over the whole vocabulary, and a BabyAI timestep has 147 of them: in a batch of 200
     one-timestep BabyAI windows they were ~40 % of the step."""
+    dynamics_readout: Literal["adapter", "mlp"] = "adapter"
+    """Pooled timesteps: how the dynamics head reads each next value from one hidden state plus
+    the value's position embedding. ``adapter`` (checkpoints without this field): the dynamics
+    head's small adapter alone; ``mlp``: first a residual MLP of the feed-forward width over that
+    sum, so different positions can read different functions of the state."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
     goal_placement: Literal["prefix", "timestep", "relative"] = "prefix"
@@ -117,6 +122,11 @@ class Config:
     fold's per-token MLP, so "which way, how far" is one token's feature, as a point-mass target's
     offset is, instead of a relation the backbone must learn between two summed features (``timestep``
     also scored 0/20)."""
+    goal_offset_octaves: float = 2.0
+    """``relative`` only: the offset embedding's Fourier frequencies run from 1 to 2**this (16 in
+    equal ratios). 2 (up to 4): smooth in the offset, so the way to a goal seen at few training
+    states carries over to unseen ones; 8 (up to 256, checkpoints without this field) tells
+    offsets a bin apart, and scored below it on the point-mass goals (docs/results.md)."""
     value_embedding: Literal["off", "add", "replace"] = "add"
     """Departure from Gato: an ordinal embedding of a continuous token's bin (Fourier features of
     its position in [-1, 1] through a linear layer), so neighbouring bins start out close and
@@ -189,6 +199,12 @@ class Config:
             problems.append(
                 f"goal_placement {self.goal_placement!r} folds the goal into pooled timesteps: it needs "
                 f"backbone 'pooled', got {self.backbone!r}"
+            )
+        if self.dynamics_readout not in ("adapter", "mlp"):
+            problems.append(f"dynamics_readout: expected 'adapter' or 'mlp', got {self.dynamics_readout!r}")
+        if not 0.0 <= self.goal_offset_octaves <= 10.0:
+            problems.append(
+                f"goal_offset_octaves: expected 0 to 10 (frequencies up to 2**octaves), got {self.goal_offset_octaves}"
             )
         if self.dynamics_max_targets < 0:
             problems.append(
@@ -271,6 +287,7 @@ class Config:
         data.setdefault("dynamics_target", "absolute")  # written before the field existed
         data.setdefault("dynamics_inputs", "masked")  # likewise
         data.setdefault("value_frequencies", "linear")
+        data.setdefault("goal_offset_octaves", 8.0)  # the offset embedding's frequencies before the field
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -197,14 +197,20 @@ class OffsetEmbedding(nn.Module):
 
     The offset is compressed, ``c = sign(d) log(1 + k|d|) / log(1 + 2k)`` (k = 64), so the last few
     bins before a goal are as far apart as the first few hundred, then goes through Fourier
-    features ``[c, sin(pi f c), cos(pi f c)]`` (f from 1 to 256 in equal ratios) and one linear
-    layer. ``c`` itself is a feature: its sign, the way to go, is one linear read.
+    features ``[c, sin(pi f c), cos(pi f c)]`` (``frequencies`` values of f from 1 to
+    ``2**octaves`` in equal ratios) and one linear layer. ``c`` itself is a feature: its sign, the
+    way to go, is one linear read. Low frequencies (``octaves`` 2) keep the embedding smooth in the
+    offset, so what was learned at the offsets seen carries over to unseen ones; up to 256 (8, the
+    first version) the features told offsets a bin apart and the goal head learned less
+    (docs/results.md).
     """
 
-    def __init__(self, dim: int, frequencies: int = 16, sharpness: float = 64.0) -> None:
+    def __init__(
+        self, dim: int, frequencies: int = 16, sharpness: float = 64.0, octaves: float = 2.0
+    ) -> None:
         super().__init__()
         self.sharpness = sharpness
-        k = torch.logspace(0, 8, frequencies, base=2.0)
+        k = torch.logspace(0, octaves, frequencies, base=2.0)
         self.register_buffer("freqs", k * math.pi, persistent=False)
         self.proj = nn.Linear(2 * frequencies + 1, dim)
 
@@ -445,7 +451,11 @@ class GatoModel(nn.Module):
         )
         self.local = nn.Embedding(config.max_local_positions, d)
         self.goal_segment = nn.Parameter(torch.zeros(d))
-        self.goal_offset = OffsetEmbedding(d) if config.goal_placement == "relative" else None
+        self.goal_offset = (
+            OffsetEmbedding(d, octaves=config.goal_offset_octaves)
+            if config.goal_placement == "relative"
+            else None
+        )
         self.masked_action = nn.Parameter(torch.zeros(d)) if config.action_input_dropout > 0 else None
         self.patches: nn.Module = (
             TimmPatchEncoder(config)
@@ -462,6 +472,14 @@ class GatoModel(nn.Module):
         rank = max(d // 8, 16)  # small bottleneck adapters: the heads share the trunk and the output layer
         self.dynamics_adapter = nn.Sequential(nn.Linear(d, rank), nn.GELU(), nn.Linear(rank, d))
         self.goal_adapter = nn.Sequential(nn.Linear(d, rank), nn.GELU(), nn.Linear(rank, d))
+        # pooled timesteps' dynamics readout: one hidden state and a value's position -> that value
+        self.readout_mlp = (
+            nn.Sequential(
+                nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
+            )
+            if config.backbone == "pooled" and config.dynamics_readout == "mlp"
+            else None
+        )
         self.apply(self._init)
         for block in self.blocks:  # GPT-2 scaled init of residual projections
             assert isinstance(block, Block)
@@ -471,6 +489,11 @@ class GatoModel(nn.Module):
             out_layer = adapter[-1]
             assert isinstance(out_layer, nn.Linear)
             nn.init.zeros_(out_layer.weight)  # heads start as the policy head
+            nn.init.zeros_(out_layer.bias)
+        if self.readout_mlp is not None:  # starts as the adapter's readout
+            out_layer = self.readout_mlp[-1]
+            assert isinstance(out_layer, nn.Linear)
+            nn.init.zeros_(out_layer.weight)
             nn.init.zeros_(out_layer.bias)
 
     @staticmethod
@@ -760,8 +783,7 @@ class GatoModel(nn.Module):
             keep = where[torch.randperm(len(where), device=where.device)[:cap]]
             mask = torch.zeros_like(mask).reshape(-1).index_fill_(0, keep, True).view_as(mask)
         readout = h.gather(1, before.clamp(min=0)[..., None].expand(-1, -1, h.shape[-1]))[mask]  # (N, D)
-        local = batch["local_positions"][mask].clamp(max=self.config.max_local_positions - 1)
-        logits = self.head_logits(readout + self.local(local), "dynamics").float()  # (N, V)
+        logits = self.readout_logits(readout, batch["local_positions"][mask]).float()  # (N, V)
         return self.token_losses(logits, ids[mask], 1.0, self.config.dynamics_sigma_bins)
 
     def trunk(
@@ -948,9 +970,15 @@ class GatoModel(nn.Module):
     def readout_logits(self, hidden: Tensor, positions: Tensor) -> Tensor:
         """A pooled timestep's dynamics readout (as trained in :meth:`_readout_dynamics_loss`):
         logits ``(n, V)`` of the next timestep's values at group ``positions`` ``(n,)``, from the
-        final hidden state ``(D,)`` of the last action token before them."""
+        final hidden state ``(D,)`` (or one per position, ``(n, D)``) of the last action token
+        before them. With ``dynamics_readout="mlp"`` the sum of hidden state and position
+        embedding first goes through its own MLP (residual), so each position can read a
+        different function of the state."""
         local = positions.clamp(max=self.config.max_local_positions - 1)
-        return self.head_logits(hidden[None] + self.local(local), "dynamics")
+        z = (hidden[None] if hidden.dim() == 1 else hidden) + self.local(local)
+        if self.readout_mlp is not None:
+            z = z + self.readout_mlp(z)
+        return self.head_logits(z, "dynamics")
 
     def backbone_inputs(
         self, x: Tensor, types: Tensor, timesteps: Tensor, fold: Tensor | None = None

@@ -2,6 +2,8 @@
 cache against full recomputation (including a context-window roll-over)."""
 
 import itertools
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,6 +271,60 @@ def test_geometric_value_frequencies_tell_neighbouring_bins_apart() -> None:
         assert low < float((features[0] - features[1]).abs().max()) < high, spacing
     with pytest.raises(ValueError, match="value_frequencies: expected 'linear' or 'geometric'"):
         Config.from_name("debug", value_frequencies="log")
+
+
+def test_goal_offset_octaves_set_the_offset_embedding_and_older_checkpoints_keep_theirs(
+    tmp_path: Path,
+) -> None:
+    """``goal_offset_octaves`` bounds the offset embedding's frequencies (2**octaves); a config
+    written before the field (``relative`` checkpoints of the first version) loads with 8, the
+    frequencies it was trained with; out of range is refused, naming the field."""
+    import json
+
+    config = Config.from_name("debug", backbone="pooled", goal_placement="relative")
+    model = GatoModel(config)
+    assert model.goal_offset is not None
+    top = float(model.goal_offset.get_buffer("freqs").max())
+    assert top == pytest.approx(math.pi * 2**config.goal_offset_octaves) and config.goal_offset_octaves == 2.0
+    data = config.to_dict()
+    del data["goal_offset_octaves"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    older = Config.from_file(tmp_path / "config.json")
+    assert older.goal_offset_octaves == 8.0
+    assert float(GatoModel(older).goal_offset.get_buffer("freqs").max()) == pytest.approx(math.pi * 256)
+    with pytest.raises(ValueError, match="goal_offset_octaves: expected 0 to 10"):
+        Config.from_name("debug", goal_offset_octaves=-1.0)
+
+
+def test_pooled_dynamics_readout_mlp_starts_as_the_adapter_and_learns() -> None:
+    """``dynamics_readout="mlp"``: its last layer starts at zero, so the dynamics loss equals the
+    adapter readout's with the same other weights; the dynamics loss trains it (the policy's does
+    not), and the rollout's ``readout_logits`` goes through it as the loss does."""
+    torch.manual_seed(0)
+    _, batch = _episode_tokens("dmc-point_mass-easy", 6)
+    plain = GatoModel(Config.from_name("debug", backbone="pooled", dynamics_target="delta"))
+    model = GatoModel(
+        Config.from_name("debug", backbone="pooled", dynamics_target="delta", dynamics_readout="mlp")
+    )
+    assert plain.readout_mlp is None and model.readout_mlp is not None
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("readout_mlp.") for k in missing)
+    out = model(batch)
+    with torch.no_grad():
+        torch.testing.assert_close(out["dynamics_loss"], plain(batch)["dynamics_loss"])
+    out["policy_loss"].backward(retain_graph=True)
+    assert model.readout_mlp[-1].weight.grad is None or not model.readout_mlp[-1].weight.grad.any()
+    out["dynamics_loss"].backward()
+    assert model.readout_mlp[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():  # moved off zero: the readout now differs from the adapter's alone
+        model.readout_mlp[-1].bias.fill_(0.1)
+        positions = torch.arange(4)
+        hidden = torch.randn(64)
+        assert not torch.allclose(
+            model.readout_logits(hidden, positions), plain.readout_logits(hidden, positions)
+        )
+    with pytest.raises(ValueError, match="dynamics_readout: expected 'adapter' or 'mlp'"):
+        Config.from_name("debug", dynamics_readout="wide")
 
 
 def test_dynamics_sigma_applies_to_the_dynamics_head_only() -> None:
