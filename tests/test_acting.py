@@ -188,7 +188,7 @@ def test_a_goal_in_every_timestep_acts_as_the_training_pass(
     """With ``goal_placement`` ``timestep`` the goal joins every timestep's fold (``relative``:
     and each value carries its offset from the goal's): each action token's logits when acting
     with a goal equal the goal head's in one training pass over the same two-timestep window and
-    goal, and a different goal gives different logits."""
+    goal, and a different goal gives different logits. A reset computes the goal's fold once."""
     from tests.test_policy import _training_batch
 
     path = _checkpoint(tmp_path / "g", backbone="pooled", history_steps=2, discrete_history_steps=1,
@@ -196,7 +196,12 @@ def test_a_goal_in_every_timestep_acts_as_the_training_pass(
     policy = Policy.from_checkpoint(path)
     episode = get_task(task).rollout(2, "expert", max_steps=4)
     goal = {k: v[-1] for k, v in episode.observations.items()}
+    folds: list = []
+    fold = policy.core.goal_fold
+    policy.core.goal_fold = lambda *args: folds.append(fold(*args)) or folds[-1]  # type: ignore[method-assign]
     policy.reset(task, goal=goal)
+    del policy.core.goal_fold
+    assert len(folds) == 1 and policy.envs[0].fold is folds[0]  # one fold a reset: the prefix's is the row's
     builder = policy.builder
     history: list = []
     before = policy.model.config.history_for(builder.spec.action.kind) - 1
