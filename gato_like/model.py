@@ -351,6 +351,13 @@ def position_problem(config: Config, body: str, sizes: dict[str, int]) -> str | 
     return None
 
 
+def pre_norm_mlp(config: Config) -> nn.Sequential:
+    """``LayerNorm -> Linear(D, ff_dim) -> GELU -> Linear(ff_dim, D)``, ``(..., D) -> (..., D)``:
+    the pooled fold's per-token MLPs and the pooled dynamics readout's."""
+    d = config.n_embd
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d))
+
+
 class TimestepPool(nn.Module):
     """The ``pooled`` representation's fold: each (timestep, group) of observation tokens becomes
     one token, ``LayerNorm(sum_i MLP(LayerNorm(e_i))) + group embedding`` (DeepSets), where ``e_i`` is the token's
@@ -364,18 +371,13 @@ class TimestepPool(nn.Module):
 
         # pre-norm: the embeddings start ~0.1 in scale, where GELU is nearly linear and the sum
         # would start as the linear average an attention pool computes
-        def per_token_mlp() -> nn.Sequential:
-            return nn.Sequential(
-                nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
-            )
-
-        self.mlp = per_token_mlp()
+        self.mlp = pre_norm_mlp(config)
         self.norm = nn.LayerNorm(d)
         self.group = nn.Parameter(torch.zeros(POOLED_GROUPS, d))
         # the goal's own MLP: through the fold's, goal value n and observation value n would add
         # up symmetrically (the goal segment's vector starts at zero), and a sum symmetric in the
         # two cannot carry their difference, which is what reaching needs
-        self.goal_mlp = per_token_mlp() if config.goal_placement != "prefix" else None
+        self.goal_mlp = pre_norm_mlp(config) if config.goal_placement != "prefix" else None
 
     def forward(
         self,
@@ -474,24 +476,19 @@ class GatoModel(nn.Module):
         self.goal_adapter = nn.Sequential(nn.Linear(d, rank), nn.GELU(), nn.Linear(rank, d))
         # pooled timesteps' dynamics readout: one hidden state and a value's position -> that value
         self.readout_mlp = (
-            nn.Sequential(
-                nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d)
-            )
-            if config.backbone == "pooled" and config.dynamics_readout == "mlp"
-            else None
+            pre_norm_mlp(config) if config.backbone == "pooled" and config.dynamics_readout == "mlp" else None
         )
         self.apply(self._init)
         for block in self.blocks:  # GPT-2 scaled init of residual projections
             assert isinstance(block, Block)
             for p in (block.proj.weight, block.fc_out.weight):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
-        for adapter in (self.dynamics_adapter, self.goal_adapter):
+        # residual branches start at zero: the heads as the policy head, the readout MLP as the
+        # adapter's readout alone
+        for adapter in (self.dynamics_adapter, self.goal_adapter, self.readout_mlp):
+            if adapter is None:
+                continue
             out_layer = adapter[-1]
-            assert isinstance(out_layer, nn.Linear)
-            nn.init.zeros_(out_layer.weight)  # heads start as the policy head
-            nn.init.zeros_(out_layer.bias)
-        if self.readout_mlp is not None:  # starts as the adapter's readout
-            out_layer = self.readout_mlp[-1]
             assert isinstance(out_layer, nn.Linear)
             nn.init.zeros_(out_layer.weight)
             nn.init.zeros_(out_layer.bias)
@@ -975,7 +972,7 @@ class GatoModel(nn.Module):
         embedding first goes through its own MLP (residual), so each position can read a
         different function of the state."""
         local = positions.clamp(max=self.config.max_local_positions - 1)
-        z = (hidden[None] if hidden.dim() == 1 else hidden) + self.local(local)
+        z = hidden + self.local(local)  # (n, D): one hidden state broadcasts over the positions
         if self.readout_mlp is not None:
             z = z + self.readout_mlp(z)
         return self.head_logits(z, "dynamics")
