@@ -75,6 +75,11 @@ class Config:
     """Loss weight of the policy head (action and text tokens)."""
     dynamics_weight: float = 0.5
     """Loss weight of the dynamics head (next timestep's proprio/discrete observation tokens)."""
+    dynamics_on_discrete: bool = True
+    """Train the dynamics head on bodies whose actions are discrete choices (BabyAI) too. Off
+    (the `cpu` recipe): their windows give the dynamics head no targets, so a 147-value view's
+    next frame does not compete with the policy for a narrow trunk (BabyAI alone, 2000 steps:
+    policy loss 0.63 against 0.91; docs/results.md); the control bodies keep theirs."""
     dynamics_target: Literal["absolute", "delta"] = "absolute"
     """What the dynamics head predicts for a proprio value: its change since the previous
     timestep, tokenized like any proprio value (``delta``: the prediction is the last value plus
@@ -107,6 +112,12 @@ class Config:
     the value's position embedding. ``adapter`` (checkpoints without this field): the dynamics
     head's small adapter alone; ``mlp``: first a residual MLP of the feed-forward width over that
     sum, so different positions can read different functions of the state."""
+    pool_width: int = 0
+    """Pooled timesteps: the width of the fold's sum. 0 (checkpoints without this field): the
+    per-token MLP maps to ``n_embd`` and the normalized sum is the token. W > 0: the per-token
+    MLP maps to W, and the token is ``Linear(W, n_embd)(GELU(LayerNorm(sum)))`` (DeepSets' outer
+    function), so a group of many values (a BabyAI view: 147) is summed in W dimensions, as a
+    plain MLP's first layer sums them, before it is narrowed to the backbone's width."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
     goal_placement: Literal["prefix", "timestep", "relative"] = "prefix"
@@ -205,6 +216,14 @@ class Config:
         if not 0.0 <= self.goal_offset_octaves <= 10.0:
             problems.append(
                 f"goal_offset_octaves: expected 0 to 10 (frequencies up to 2**octaves), got {self.goal_offset_octaves}"
+            )
+        if self.pool_width < 0:
+            problems.append(
+                f"pool_width: expected 0 (the fold sums in n_embd) or a width > 0, got {self.pool_width}"
+            )
+        elif self.pool_width and self.backbone != "pooled":
+            problems.append(
+                f"pool_width widens the pooled fold: it needs backbone 'pooled', got {self.backbone!r}"
             )
         if self.dynamics_max_targets < 0:
             problems.append(

@@ -224,7 +224,7 @@ class GoalFold(NamedTuple):
     """A goal placed in every pooled timestep (``goal_placement`` ``timestep`` or ``relative``)."""
 
     sum: Tensor
-    """``(B, groups, D)``: the goal's share of every timestep's fold (:meth:`TimestepPool.goal_fold`)."""
+    """``(B, groups, W)``: the goal's share of every timestep's fold (:meth:`TimestepPool.goal_fold`)."""
     values: Tensor | None = None
     """``(B, groups, P)``: the goal's continuous values (bin centres in [-1, 1]) by group and
     position (``relative`` only, :meth:`GatoModel.goal_values`)."""
@@ -351,11 +351,13 @@ def position_problem(config: Config, body: str, sizes: dict[str, int]) -> str | 
     return None
 
 
-def pre_norm_mlp(config: Config) -> nn.Sequential:
-    """``LayerNorm -> Linear(D, ff_dim) -> GELU -> Linear(ff_dim, D)``, ``(..., D) -> (..., D)``:
-    the pooled fold's per-token MLPs and the pooled dynamics readout's."""
+def pre_norm_mlp(config: Config, out: int | None = None) -> nn.Sequential:
+    """``LayerNorm -> Linear(D, ff_dim) -> GELU -> Linear(ff_dim, out)``, ``(..., D) -> (..., out)``
+    (``out`` defaults to D): the pooled fold's per-token MLPs and the pooled dynamics readout's."""
     d = config.n_embd
-    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, d))
+    return nn.Sequential(
+        nn.LayerNorm(d), nn.Linear(d, config.ff_dim), nn.GELU(), nn.Linear(config.ff_dim, out or d)
+    )
 
 
 class TimestepPool(nn.Module):
@@ -363,21 +365,29 @@ class TimestepPool(nn.Module):
     one token, ``LayerNorm(sum_i MLP(LayerNorm(e_i))) + group embedding`` (DeepSets), where ``e_i`` is the token's
     input embedding (id, value, position inside its group). Summing a per-token nonlinearity lets
     the one token carry a nonlinear function of every value and its dimension, which an attention
-    average over linear values does only slowly (docs/model.md)."""
+    average over linear values does only slowly (docs/model.md). With ``pool_width`` W > 0 the
+    sum is W wide and the token is ``LayerNorm(Linear(W, D)(GELU(LayerNorm(sum))))``."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         d = config.n_embd
+        self.width = config.pool_width or d  # the sum's width
 
         # pre-norm: the embeddings start ~0.1 in scale, where GELU is nearly linear and the sum
         # would start as the linear average an attention pool computes
-        self.mlp = pre_norm_mlp(config)
+        self.mlp = pre_norm_mlp(config, self.width)
+        # DeepSets' outer function when the sum is wider than the backbone (pool_width)
+        self.outer = (
+            nn.Sequential(nn.LayerNorm(self.width), nn.GELU(), nn.Linear(self.width, d))
+            if config.pool_width
+            else None
+        )
         self.norm = nn.LayerNorm(d)
         self.group = nn.Parameter(torch.zeros(POOLED_GROUPS, d))
         # the goal's own MLP: through the fold's, goal value n and observation value n would add
         # up symmetrically (the goal segment's vector starts at zero), and a sum symmetric in the
         # two cannot carry their difference, which is what reaching needs
-        self.goal_mlp = pre_norm_mlp(config) if config.goal_placement != "prefix" else None
+        self.goal_mlp = pre_norm_mlp(config, self.width) if config.goal_placement != "prefix" else None
 
     def forward(
         self,
@@ -397,17 +407,19 @@ class TimestepPool(nn.Module):
         result is the same sum; a BabyAI view repeats a few (value, cell) pairs across a batch,
         and its ~150 tokens a timestep through the MLP were most of a BabyAI step.
 
-        ``fold`` ``(B, groups, D)``, optional: a sum of MLP outputs (:meth:`goal_fold`) added to
-        every filled slot of its group before the norm, as if those tokens were in each timestep.
+        ``fold`` ``(B, groups, W)``, optional: a sum of MLP outputs (:meth:`goal_fold`) added to
+        every filled slot of its group before the norm, as if those tokens were in each timestep
+        (W: the sum's width, ``pool_width`` or D).
 
         Returns:
             ``(B, slots, D)`` pooled tokens and ``(B, slots)`` True where a slot received a token.
         """
         b, _, d = x.shape
+        w = self.width
         where = slot.masked_fill(~observation, 0)
         if keys is None:
             z = self.mlp(x) * observation[..., None].to(x.dtype)
-            pooled = x.new_zeros(b, slots, d).scatter_add_(1, where[..., None].expand(-1, -1, d), z)
+            pooled = x.new_zeros(b, slots, w).scatter_add_(1, where[..., None].expand(-1, -1, w), z)
         else:
             rows = x.reshape(-1, d)
             index = observation.reshape(-1).nonzero().squeeze(1)  # (N,) the observation tokens
@@ -417,22 +429,24 @@ class TimestepPool(nn.Module):
             first = torch.empty_like(distinct).scatter_(0, inverse, index)  # one row per key
             z = self.mlp(rows[first]).to(x.dtype)[inverse]  # (N, D)
             target = torch.div(index, slot.shape[1], rounding_mode="floor") * slots + where.reshape(-1)[index]
-            pooled = x.new_zeros(b * slots, d).index_add_(0, target, z).view(b, slots, d)
+            pooled = x.new_zeros(b * slots, w).index_add_(0, target, z).view(b, slots, w)
         filled = torch.zeros(b, slots, device=x.device).scatter_add_(1, where, observation.float()) > 0
         group = torch.arange(slots, device=x.device) % POOLED_GROUPS
         if fold is not None:
             pooled = pooled + fold[:, group].to(pooled.dtype) * filled[..., None].to(pooled.dtype)
+        if self.outer is not None:
+            pooled = self.outer(pooled)
         return self.norm(pooled) + self.group[group], filled
 
     def goal_fold(self, g: Tensor, types: Tensor, valid: Tensor) -> Tensor:
-        """The goal's share of every timestep's fold: ``(B, groups, D)``, per group the sum of the
+        """The goal's share of every timestep's fold: ``(B, groups, W)``, per group the sum of the
         goal's own MLP over its embedded tokens ``g`` ``(B, G, D)`` (the goal segment's vector
         included) whose ``valid`` ``(B, G)`` is True; ``types`` ``(B, G)``."""
-        b, _, d = g.shape
+        b, w = g.shape[0], self.width
         mlp = self.goal_mlp if self.goal_mlp is not None else self.mlp
         z = mlp(g).to(g.dtype) * valid[..., None].to(g.dtype)
         group = token_groups(types).clamp(max=POOLED_GROUPS - 1)
-        return g.new_zeros(b, POOLED_GROUPS, d).scatter_add_(1, group[..., None].expand(-1, -1, d), z)
+        return g.new_zeros(b, POOLED_GROUPS, w).scatter_add_(1, group[..., None].expand(-1, -1, w), z)
 
 
 class GatoModel(nn.Module):
@@ -751,6 +765,12 @@ class GatoModel(nn.Module):
                 dynamics_mask = dynamics_mask & (dynamics_ids >= 0)  # -1: no target (loader.NO_TARGET)
             else:  # a hand-made batch (e.g. for logits only): no change targets, discrete ones only
                 dynamics_mask = dynamics_mask & (batch["types"] != int(TokenType.CONTINUOUS))
+        if not self.config.dynamics_on_discrete:  # rows of bodies with discrete actions: no targets
+            layout = self.config.layout
+            low, high = layout.discrete_offset, layout.discrete_offset + layout.discrete_values
+            actions = batch["types"] == int(TokenType.ACTION)
+            discrete = (actions & (batch["ids"] >= low) & (batch["ids"] < high)).any(1)  # (B,)
+            dynamics_mask = dynamics_mask & ~discrete[:, None]
         if self.config.backbone == "pooled":
             return self._readout_dynamics_loss(h, batch, dynamics_ids, dynamics_mask, predicts)
         return self._next_token_loss(h, "dynamics", dynamics_ids, dynamics_mask, predicts)

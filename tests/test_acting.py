@@ -180,7 +180,7 @@ def test_a_two_step_window_acts_as_a_full_forward_over_its_two_timesteps(
         history.append((observation, action))
 
 
-@pytest.mark.parametrize("placement", ["timestep", "relative"])
+@pytest.mark.parametrize("placement", ["timestep", "relative", "relative-wide"])
 @pytest.mark.parametrize("task", TASKS)
 def test_a_goal_in_every_timestep_acts_as_the_training_pass(
     tmp_path: Path, task: str, placement: str
@@ -188,11 +188,14 @@ def test_a_goal_in_every_timestep_acts_as_the_training_pass(
     """With ``goal_placement`` ``timestep`` the goal joins every timestep's fold (``relative``:
     and each value carries its offset from the goal's): each action token's logits when acting
     with a goal equal the goal head's in one training pass over the same two-timestep window and
-    goal, and a different goal gives different logits. A reset computes the goal's fold once."""
+    goal, and a different goal gives different logits. A reset computes the goal's fold once.
+    ``relative-wide``: the fold sums in a width above the backbone's (``pool_width``)."""
     from tests.test_policy import _training_batch
 
+    wide = {"pool_width": 96} if placement.endswith("-wide") else {}
     path = _checkpoint(tmp_path / "g", backbone="pooled", history_steps=2, discrete_history_steps=1,
-                       goal_placement=placement, **{k: v for k, v in ACTING.items() if k != "history_steps"})  # fmt: skip
+                       goal_placement=placement.split("-")[0], **wide,
+                       **{k: v for k, v in ACTING.items() if k != "history_steps"})  # fmt: skip
     policy = Policy.from_checkpoint(path)
     episode = get_task(task).rollout(2, "expert", max_steps=4)
     goal = {k: v[-1] for k, v in episode.observations.items()}

@@ -434,14 +434,19 @@ def test_pooled_dynamics_reads_every_next_value_from_the_last_action(monkeypatch
     assert len(dynamics_targets) == 5 * builder.group_sizes()["values"]  # 5 timesteps after the first
 
 
+@pytest.mark.parametrize("width", [0, 96])
 @pytest.mark.parametrize("task", ["babyai-GoToRedBall", "dmc-reacher-easy"])
-def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before(task: str) -> None:
+def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before(
+    task: str, width: int
+) -> None:
     """The pooled fold's MLP runs once per distinct (id, position, segment) and once per image
     patch, and the loss and every gradient equal the fold that runs it on every token, with and
     without the goal prefix (whose tokens carry the goal segment's vector; reacher's goal holds
-    an image patch, as its timesteps do)."""
+    an image patch, as its timesteps do); also when the fold sums in a wider space
+    (``pool_width``), whose outer function then gets gradients."""
     torch.manual_seed(0)
-    model = GatoModel(Config.from_name("debug", backbone="pooled"))
+    model = GatoModel(Config.from_name("debug", backbone="pooled", pool_width=width))
+    assert model.pool.mlp[-1].out_features == (width or 64)
     _, one = _episode_tokens(task, 4)
     observation = int((one["types"] < int(TokenType.SEPARATOR)).sum())
     goal_length = int((one["types"][0] == int(TokenType.SEPARATOR)).nonzero()[0])  # timestep 0's observation
@@ -472,6 +477,7 @@ def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before
         assert rows_a <= distinct < rows_b
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)  # summed in another order
         assert grads_a.keys() == grads_b.keys()
+        assert any(name.startswith("pool.outer.") for name in grads_a) == bool(width)
         for name in grads_b:
             # the patch encoder's backward is not bit-reproducible here: two identical passes
             # differ by ~5e-4 in the embedding's gradient (scale ~0.2)
@@ -502,6 +508,36 @@ def test_pooled_dynamics_targets_are_capped_by_a_uniform_subset(monkeypatch) -> 
     assert set(targets[7].tolist()) <= set(targets[0].tolist())
     with pytest.raises(ValueError, match="dynamics_max_targets"):
         Config.from_name("debug", dynamics_max_targets=-1)
+
+
+@pytest.mark.parametrize("backbone", ["pooled", "decoder"])
+def test_dynamics_on_discrete_off_gives_discrete_bodies_no_dynamics_targets(
+    monkeypatch, backbone: str
+) -> None:
+    """``dynamics_on_discrete=False``: a BabyAI batch gives the dynamics head no targets (its loss
+    is 0 and still part of the graph), a control batch keeps exactly the targets it had."""
+    counts: dict[tuple[str, bool], int] = {}
+    for task in ("babyai-GoToRedBall", "dmc-cartpole-swingup"):
+        _, batch = _episode_tokens(task, 3)
+        batch = {k: v for k, v in batch.items() if not k.startswith("patch")}
+        keep = batch["types"] != int(TokenType.IMAGE)
+        batch = {k: v[keep][None] if v.dim() == 2 else v for k, v in batch.items()}
+        for on in (True, False):
+            torch.manual_seed(0)
+            model = GatoModel(Config.from_name("debug", backbone=backbone, dynamics_on_discrete=on))
+            seen: list[torch.Tensor] = []
+
+            def spy(logits, t, *args, seen=seen, original=model.token_losses):
+                seen.append(t)
+                return original(logits, t, *args)
+
+            monkeypatch.setattr(model, "token_losses", spy)
+            out = model(batch)
+            counts[task, on] = len(seen[1]) if len(seen) > 1 else 0
+            if not counts[task, on]:
+                assert float(out["dynamics_loss"]) == 0.0 and out["loss"].requires_grad
+    assert counts["babyai-GoToRedBall", True] > 0 and counts["babyai-GoToRedBall", False] == 0
+    assert counts["dmc-cartpole-swingup", False] == counts["dmc-cartpole-swingup", True] > 0
 
 
 @pytest.mark.parametrize("placement", ["timestep", "relative"])
@@ -538,3 +574,13 @@ def test_a_goal_in_every_timestep_reaches_each_timesteps_fold_and_needs_pooled_t
         )
     with pytest.raises(ValueError, match=rf"goal_placement '{placement}'.*'pooled'"):
         Config.from_name("debug", goal_placement=placement)
+
+
+def test_pool_width_is_validated_and_needs_pooled_timesteps() -> None:
+    """A negative ``pool_width`` or one on another backbone is refused naming the field; 0 is
+    the fold as built (no outer function), which checkpoints without the field load as."""
+    with pytest.raises(ValueError, match="pool_width: expected 0"):
+        Config.from_name("debug", backbone="pooled", pool_width=-1)
+    with pytest.raises(ValueError, match="pool_width widens the pooled fold: it needs backbone 'pooled'"):
+        Config.from_name("debug", pool_width=128)
+    assert GatoModel(Config.from_name("debug", backbone="pooled")).pool.outer is None
