@@ -427,7 +427,7 @@ class TimestepPool(nn.Module):
             key = torch.where(key < 0, -1 - index, key)  # an image patch: a key of its own
             distinct, inverse = torch.unique(key, return_inverse=True)
             first = torch.empty_like(distinct).scatter_(0, inverse, index)  # one row per key
-            z = self.mlp(rows[first]).to(x.dtype)[inverse]  # (N, D)
+            z = self.mlp(rows[first]).to(x.dtype)[inverse]  # (N, W)
             target = torch.div(index, slot.shape[1], rounding_mode="floor") * slots + where.reshape(-1)[index]
             pooled = x.new_zeros(b * slots, w).index_add_(0, target, z).view(b, slots, w)
         filled = torch.zeros(b, slots, device=x.device).scatter_add_(1, where, observation.float()) > 0
