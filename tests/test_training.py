@@ -117,6 +117,7 @@ def test_eval_command_scores_writes_json_and_plot(trained: Path, tmp_path: Path)
     # the run was scored once, at its end (its validations came later than max_steps)
     assert "| optimizer steps | 300 (the " in card and "closed-loop score" in card
     assert "gato-like eval --ckpt" in card
+    assert "| next-observation (dynamics) loss | weight 0.5" in card  # a departure from Gato's losses
     assert "{{" not in card and "Undefined" not in card
 
 
