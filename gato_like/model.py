@@ -459,6 +459,7 @@ class GatoModel(nn.Module):
         self.tokens = nn.Embedding(config.vocab_size, d)
         layout = config.layout
         self.continuous_range = (layout.continuous_offset, layout.continuous_offset + layout.continuous_bins)
+        self.discrete_range = layout.ranges()["discrete"]
         self.text_size = layout.text_size
         self.values = (
             ValueEmbedding(d, layout.continuous_bins, spacing=config.value_frequencies)
@@ -766,8 +767,7 @@ class GatoModel(nn.Module):
             else:  # a hand-made batch (e.g. for logits only): no change targets, discrete ones only
                 dynamics_mask = dynamics_mask & (batch["types"] != int(TokenType.CONTINUOUS))
         if not self.config.dynamics_on_discrete:  # rows of bodies with discrete actions: no targets
-            layout = self.config.layout
-            low, high = layout.discrete_offset, layout.discrete_offset + layout.discrete_values
+            low, high = self.discrete_range
             actions = batch["types"] == int(TokenType.ACTION)
             discrete = (actions & (batch["ids"] >= low) & (batch["ids"] < high)).any(1)  # (B,)
             dynamics_mask = dynamics_mask & ~discrete[:, None]
