@@ -86,6 +86,11 @@ class LoaderConfig:
     """``batch_tokens`` for tasks whose actions are discrete (0: ``batch_tokens``), as
     ``discrete_history_steps`` is for the history: a one-timestep BabyAI window is ~150 tokens
     of which the pooled representation feeds 4 to the backbone, so its batches can hold more."""
+    length_groups: float = 1.25
+    """With a token budget: a batch's windows are within this factor of its first (random)
+    window's length, so a batch of short windows is not padded to a prompted one (a BabyAI
+    window is ~157 tokens, ~314 with a prompt: a third of a mixed batch was padding). Every
+    window is still used once, in a different order; 0: windows in buffer order, any length."""
     on_error: str = "raise"
     """``raise`` on a corrupt shard or sample, or ``skip`` it with a warning."""
     seed: int = 0
@@ -608,16 +613,48 @@ def _task_batches(
             samples, candidates = sampler.episode_samples(episode, bounds, rng, pool, count)
             buffer += samples
             pool.append((episode.key, candidates))
-        batch: list[dict[str, Any]] = []
-        longest, budget = 0, sampler.batch_tokens(name)
-        while buffer and len(batch) < group:
-            index = rng.randrange(len(buffer))
-            longest = max(longest, len(buffer[index]["ids"]))
-            if batch and budget and (len(batch) + 1) * longest > budget:
-                break  # the batch is closed before a window that would overflow its token budget
-            batch.append(buffer.pop(index))
-        if batch:
-            yield batch
+        budget = sampler.batch_tokens(name)
+        if not buffer:
+            continue
+        if budget and config.length_groups:
+            batch = _length_group(buffer, group, budget, config.length_groups, rng)
+        else:
+            batch, longest = [], 0
+            while buffer and len(batch) < group:
+                index = rng.randrange(len(buffer))
+                longest = max(longest, len(buffer[index]["ids"]))
+                if batch and budget and (len(batch) + 1) * longest > budget:
+                    break  # the batch is closed before a window that would overflow its token budget
+                batch.append(buffer.pop(index))
+        yield batch
+
+
+def _length_group(
+    buffer: list[dict[str, Any]], group: int, budget: int, factor: float, rng: random.Random
+) -> list[dict[str, Any]]:
+    """Take a batch out of ``buffer``: a random first window, then, in random order, windows
+    whose length is within ``factor`` of the first's, while the batch holds at most ``group``
+    windows and its padded size ``windows x longest`` stays within ``budget``."""
+    first = buffer.pop(rng.randrange(len(buffer)))
+    batch, longest = [first], len(first["ids"])
+    low, high = longest / factor, longest * factor
+    order = list(range(len(buffer)))
+    rng.shuffle(order)
+    taken = []
+    for index in order:
+        if len(batch) >= group:
+            break
+        length = len(buffer[index]["ids"])
+        if not low <= length <= high:
+            continue
+        if (len(batch) + 1) * max(longest, length) > budget:
+            break  # the batch is closed before a window that would overflow its token budget
+        longest = max(longest, length)
+        batch.append(buffer[index])
+        taken.append(index)
+    for index in sorted(taken, reverse=True):
+        buffer.pop(index)
+    return batch
 
 
 def _mix(

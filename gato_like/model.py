@@ -458,8 +458,8 @@ class GatoModel(nn.Module):
         d = config.n_embd
         self.tokens = nn.Embedding(config.vocab_size, d)
         layout = config.layout
-        self.continuous_range = (layout.continuous_offset, layout.continuous_offset + layout.continuous_bins)
-        self.discrete_range = layout.ranges()["discrete"]
+        ranges = layout.ranges()
+        self.continuous_range, self.discrete_range = ranges["continuous"], ranges["discrete"]
         self.text_size = layout.text_size
         self.values = (
             ValueEmbedding(d, layout.continuous_bins, spacing=config.value_frequencies)

@@ -189,3 +189,26 @@ def test_discrete_bodies_get_their_own_token_budget(smoke_dataset: Path) -> None
         rows[budget] = most
     assert rows[2400][babyai] > 2 * rows[0][babyai]
     assert control in rows[2400]  # and its batches kept the 600-token budget (above)
+
+
+def test_token_budget_batches_group_windows_of_like_length(smoke_dataset: Path) -> None:
+    """With a token budget, a batch holds windows within ``length_groups`` of each other's length,
+    so a prompted window (about twice as long) does not pad a batch of plain ones; without
+    grouping the same stream's batches are padded."""
+    padding: dict[float, float] = {}
+    for factor in (0.0, 1.25):
+        config = LoaderConfig(context_length=512, history_steps=1, task_batches=True, batch_tokens=2400,
+                              seed=3, domain_weights={"babyai-GoToRedBall": 1.0, "captions": 0.0,
+                              "dmc-point_mass-easy": 0.0}, length_groups=factor)  # fmt: skip
+        real = padded = 0
+        for _, batch in zip(
+            range(40), make_dataloader(smoke_dataset, 64, config, num_workers=0), strict=False
+        ):
+            n, width = batch["ids"].shape
+            assert n == 1 or n * width <= 2400
+            lengths = batch["attention_mask"].sum(1).float()
+            if factor:
+                assert float(lengths.max() / lengths.min()) <= factor**2 + 1e-6, lengths
+            real, padded = real + int(lengths.sum()), padded + n * width
+        padding[factor] = 1 - real / padded
+    assert padding[1.25] < 0.1 and padding[0.0] > 2 * padding[1.25], padding
