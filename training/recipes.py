@@ -54,17 +54,6 @@ SUITE_WEIGHTS = {
     "dmc-pendulum-swingup": 2.0,
 }
 
-#: Shares tried in the `cpu` recipe's hour with windows of like length (docs/results.md, "Windows
-#: of like length"): half for the two tasks learned first, more for the BabyAI levels learned last.
-#: That hour also ran in fp32 and scored 0.75 (BabyAI 0.42 over 30 episodes a level, against 0.61),
-#: so no recipe uses them; ``--domain_weights`` takes them.
-CPU_WEIGHTS = {
-    "dmc-cartpole-balance": 0.5,
-    "babyai-GoToRedBall": 0.5,
-    "babyai-GoToLocal": 1.5,
-    "babyai-PickupLoc": 2.0,
-}
-
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
