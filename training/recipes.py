@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
                 "dynamics_max_targets": 512,
                 "dynamics_on_discrete": False,
             },
-            max_steps=30000,  # the clock binds first on a 2-core AMD EPYC (~430 steps a minute, validations included)
+            max_steps=30000,  # the clock binds first on a 2-core AMD EPYC (340-460 steps a minute over the hours run, validations included)
             max_minutes=56.0,  # + the last rollouts: <= 60 minutes in all
             batch_size=1024,  # a cap; batch_tokens binds (~400 two-step control windows)
             lr=2e-3,
