@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -65,3 +67,61 @@ def test_ddp_two_cpu_processes_split_data_and_agree_on_weights(smoke_dataset: Pa
     initial = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")  # rank 0's export
     assert all(torch.equal(initial[n], weights[0][n]) for n in initial)
     assert json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["step"] == 6
+
+
+class _ClipRecorder:
+    """Stands in for the FSDP-wrapped module: records the norm it is asked to clip to."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        self.calls.append(max_norm)
+
+
+def _module_with_grads() -> tuple[Any, torch.optim.Optimizer]:
+    from gato_like.config import Config
+    from gato_like.training.module import GatoLightning
+
+    module = GatoLightning(Config.from_name("debug", n_layer=1))
+    for parameter in module.parameters():
+        parameter.grad = torch.full_like(parameter, 10.0)
+    return module, torch.optim.SGD(module.parameters(), lr=0.1)
+
+
+def test_fsdp_clips_by_norm_through_the_fsdp_module() -> None:
+    """Lightning's FSDP precision plugin refuses clipping by norm (it raised on an H200 with
+    ``--strategy fsdp``); the module hands the norm to the FSDP wrapper's ``clip_grad_norm_``."""
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module, optimizer = _module_with_grads()
+    wrapper = _ClipRecorder()
+    module.trainer = SimpleNamespace(  # type: ignore[assignment]
+        strategy=FSDPStrategy(),
+        model=wrapper,
+        precision_plugin=Precision(),
+        gradient_clip_val=None,
+        gradient_clip_algorithm=None,
+    )
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    assert wrapper.calls == [1.0]
+    module.configure_gradient_clipping(optimizer, None, None)  # no clip value: nothing clipped
+    assert wrapper.calls == [1.0]
+    assert all(bool((p.grad == 10.0).all()) for p in module.parameters())
+
+
+def test_single_device_still_clips_the_total_norm() -> None:
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    module, optimizer = _module_with_grads()
+    module.trainer = SimpleNamespace(  # type: ignore[assignment]
+        strategy=SingleDeviceStrategy("cpu"),
+        precision_plugin=Precision(),
+        gradient_clip_val=1.0,
+        gradient_clip_algorithm=None,
+    )
+    module.configure_gradient_clipping(optimizer, 1.0, "norm")
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    assert abs(float(total) - 1.0) < 1e-4

@@ -138,6 +138,27 @@ class GatoLightning(L.LightningModule):
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by norm under FSDP too. Lightning's FSDP precision plugin refuses clipping by norm
+        (``MisconfigurationException``, Lightning issue #19235; seen on an H200 with
+        ``--strategy fsdp``): the norm of sharded gradients needs the FSDP module's own
+        ``clip_grad_norm_``, which reduces across ranks. Every other strategy clips as Lightning does."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and isinstance(self.trainer.strategy, FSDPStrategy)
+        ):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # type: ignore[operator]
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         decay: list[torch.nn.Parameter] = []
         no_decay: list[torch.nn.Parameter] = []
