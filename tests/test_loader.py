@@ -292,3 +292,25 @@ def test_discrete_bodies_get_their_own_history(smoke_dataset: Path) -> None:
     ids = {t: i for i, t in enumerate(source.tasks)}
     assert steps[ids["dmc-point_mass-easy"]] == {2} and steps[ids["babyai-GoToRedBall"]] == {1}
     assert max(prompted[ids["babyai-GoToRedBall"]]) == 1 and max(prompted[ids["dmc-point_mass-easy"]]) == 2
+
+
+def test_pad_rows_matches_one_copy_per_row() -> None:
+    """The batch padding scatters every row at once; it must equal the plain loop, on both sides,
+    with empty rows and trailing dimensions (image patches)."""
+    from gato_like.data_pipelines.loader import pad_rows
+
+    rng = np.random.default_rng(0)
+    for shape in [(), (3,), (3, 2, 2)]:
+        arrays = [rng.integers(0, 100, size=(int(n), *shape)) for n in rng.integers(0, 7, size=9)]
+        arrays[0] = arrays[0][:0]  # an empty row
+        longest = max(len(a) for a in arrays)
+        for left in (False, True):
+            expected = np.full((len(arrays), longest, *shape), -1, dtype=np.int64)
+            for i, a in enumerate(arrays):
+                if len(a) and left:
+                    expected[i, longest - len(a) :] = a
+                elif len(a):
+                    expected[i, : len(a)] = a
+            got = pad_rows(arrays, -1, np.int64, left=left)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, expected)
