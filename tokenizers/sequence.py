@@ -301,15 +301,15 @@ class SequenceBuilder:
         for key in self.tensor_keys:
             array = np.asarray(observations[key]).reshape(steps, -1)
             if self.spec.observations[key].kind == "proprio":
-                ids, kind = self.continuous.encode(array).reshape(array.shape), TokenType.CONTINUOUS
+                block, kind = self.continuous.encode(array).reshape(array.shape), TokenType.CONTINUOUS
                 if previous is not None:
                     before = np.asarray(previous[key], dtype=np.float64).reshape(array.shape)
                     delta_blocks.append(self.continuous.encode(array - before).reshape(array.shape))
             else:
-                ids, kind = self.discrete.encode(array).reshape(array.shape), TokenType.DISCRETE
-                delta_blocks.append(ids)
-            id_blocks.append(ids)
-            type_blocks.append(np.full(ids.shape, kind, dtype=np.int8))
+                block, kind = self.discrete.encode(array).reshape(array.shape), TokenType.DISCRETE
+                delta_blocks.append(block)
+            id_blocks.append(block)
+            type_blocks.append(np.full(block.shape, kind, dtype=np.int8))
         id_blocks.append(np.full((steps, 1), self.layout.separator_id, dtype=np.int64))
         type_blocks.append(np.full((steps, 1), TokenType.SEPARATOR, dtype=np.int8))
         action_ids = np.full((steps, self.action_size), -1, dtype=np.int64)

@@ -155,7 +155,7 @@ class GatoLightning(L.LightningModule):
             and gradient_clip_algorithm in (None, "norm")
             and isinstance(self.trainer.strategy, FSDPStrategy)
         ):
-            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # type: ignore[operator]
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)  # type: ignore[union-attr,operator]
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
