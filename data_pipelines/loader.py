@@ -24,7 +24,7 @@ import json
 import random
 import urllib.request
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,11 @@ class LoaderConfig:
     """Each batch comes from one task, so short control windows are not padded to a long BabyAI
     window; the task of each batch is drawn with the domain weights (a weight is a task's share of
     the optimizer steps). The dataset then yields whole collated batches."""
+    mix_tasks: bool = False
+    """With ``task_batches``: a batch draws its windows from every task whose actions are of one
+    kind (continuous or discrete), each task with its domain weight, instead of from one task; the
+    kind of each batch is drawn with its tasks' summed weights. The weights still set each task's
+    share of the windows, and control windows stay apart from BabyAI's 150-token ones."""
     batch_tokens: int = 0
     """With ``task_batches``: a batch holds at most ``batch_size`` sequences and about this many
     tokens (padding included), so a task with long timesteps (BabyAI's 150-token views) gets
@@ -601,34 +606,49 @@ def _task_batches(
     rng: random.Random,
     pools: Pools,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Batches of one task, the task drawn with ``weights`` for each batch: a weight is a task's
-    share of the optimizer steps, whatever its episodes' lengths (drawing per decoded episode gave
-    BabyAI's short episodes ~2.5x the steps of a 1000-step control task). A batch is at most
+    """Batches of one task (or, with ``config.mix_tasks``, of one kind of action), the task or
+    kind drawn with ``weights`` for each batch: a weight is a task's share of the optimizer steps
+    (of the windows, when tasks mix), whatever its episodes' lengths (drawing per decoded episode
+    gave BabyAI's short episodes ~2.5x the steps of a 1000-step control task). A batch is at most
     ``group`` windows and, with ``config.batch_tokens``, about that many tokens; windows come from
-    a per-task shuffle buffer refilled from the task's stream."""
+    a shuffle buffer per task (per kind when mixing) refilled from the tasks' streams."""
+    members: dict[str, list[str]] = defaultdict(list)  # batch kind -> its tasks
+    for name in weights:
+        kind = sampler.source.specs[name].action.kind if config.mix_tasks else name
+        members[kind].append(name)
     buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
     ready = max(group, config.window_shuffle_buffer)
     live = dict(streams)  # the weighted tasks' streams, until each is exhausted
     while live or any(buffers.values()):
-        names = [n for n in weights if n in live or buffers[n]]
-        name = rng.choices(names, weights=[weights[n] for n in names])[0]
-        buffer, pool = buffers[name], pools[name]
-        while name in live and len(buffer) < ready:
+        kinds = [k for k, names in members.items() if any(n in live for n in names) or buffers[k]]
+        kind = rng.choices(kinds, weights=[sum(weights[n] for n in members[kind]) for kind in kinds])[0]
+        buffer = buffers[kind]
+        while len(buffer) < ready:
+            drawn = [n for n in members[kind] if n in live and weights[n] > 0]
+            if not drawn:
+                break
+            # (one task: no draw, so the stream without mixing is what it was)
+            name = drawn[0] if len(drawn) == 1 else rng.choices(drawn, weights=[weights[n] for n in drawn])[0]
             try:
                 episode = next(live[name])
             except StopIteration:
                 del live[name]
-                break
+                continue
             bounds = sampler.bounds(episode)
             count = sampler.windows_per_episode(name, bounds) if config.resampled else 1
-            samples, candidates = sampler.episode_samples(episode, bounds, rng, pool, count)
+            samples, candidates = sampler.episode_samples(episode, bounds, rng, pools[name], count)
             buffer += samples
-            pool.append((episode.key, candidates))
-        budget = sampler.batch_tokens(name)
+            pools[name].append((episode.key, candidates))
+        budget = sampler.batch_tokens(members[kind][0])  # (one kind of action: one budget)
         if not buffer:
             continue
-        if budget and config.length_groups:
+        if budget and config.length_groups and len(members[kind]) == 1:
             batch = _length_group(buffer, group, budget, config.length_groups, rng)
+        elif budget and config.length_groups:
+            # mixed tasks: grouped by length they would sort apart again (a 2-timestep pendulum
+            # window is 10 tokens, reacher's 18), so only prompted and unprompted windows (~2x
+            # apart) are kept apart
+            batch = _length_group(buffer, group, budget, np.inf, rng, key=_prompted)
         else:
             batch, longest = [], 0
             while buffer and len(batch) < group:
@@ -640,15 +660,26 @@ def _task_batches(
         yield batch
 
 
+def _prompted(sample: dict[str, Any]) -> bool:
+    return bool(sample["prompt_mask"][0])
+
+
 def _length_group(
-    buffer: list[dict[str, Any]], group: int, budget: int, factor: float, rng: random.Random
+    buffer: list[dict[str, Any]],
+    group: int,
+    budget: int,
+    factor: float,
+    rng: random.Random,
+    key: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Take a batch out of ``buffer``: a random first window, then, in random order, windows
-    whose length is within ``factor`` of the first's, while the batch holds at most ``group``
-    windows and its padded size ``windows x longest`` stays within ``budget``."""
+    whose length is within ``factor`` of the first's (and, with ``key``, whose key is the
+    first's), while the batch holds at most ``group`` windows and its padded size
+    ``windows x longest`` stays within ``budget``."""
     first = buffer.pop(rng.randrange(len(buffer)))
     batch, longest = [first], len(first["ids"])
     low, high = longest / factor, longest * factor
+    same = None if key is None else key(first)
     order = list(range(len(buffer)))
     rng.shuffle(order)
     taken = []
@@ -656,7 +687,7 @@ def _length_group(
         if len(batch) >= group:
             break
         length = len(buffer[index]["ids"])
-        if not low <= length <= high:
+        if not low <= length <= high or (key is not None and key(buffer[index]) != same):
             continue
         if (len(batch) + 1) * max(longest, length) > budget:
             break  # the batch is closed before a window that would overflow its token budget

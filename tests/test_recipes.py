@@ -71,6 +71,49 @@ def test_a_one_pass_stream_of_task_batches_never_mixes_tasks(smoke_dataset: Path
     assert len({int(b["task"][0]) for b in batches}) == 3
 
 
+@pytest.fixture(scope="module")
+def two_bodies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two control tasks (continuous actions) and a BabyAI level (discrete), proprio only."""
+    from gato_like.data_pipelines.generate import generate
+
+    root = tmp_path_factory.mktemp("two_bodies")
+    generate(root, tasks=["dmc-point_mass-easy", "dmc-cartpole-balance", "babyai-GoToRedBall"], episodes=2,
+             max_steps=40, normalizer_episodes=1, pixels=False, workers=1, progress=False)  # fmt: skip
+    return root
+
+
+def test_mixed_batches_mix_the_tasks_of_one_kind_of_action_by_their_weights(two_bodies: Path) -> None:
+    from gato_like.data_pipelines.loader import DatasetSource
+
+    tasks = DatasetSource.open(two_bodies).tasks
+    ids = {name: tasks.index(name) for name in tasks}
+    control = {ids["dmc-point_mass-easy"], ids["dmc-cartpole-balance"]}
+    weights = {"dmc-point_mass-easy": 3.0, "dmc-cartpole-balance": 1.0, "babyai-GoToRedBall": 4.0}
+    config = LoaderConfig(context_length=512, history_steps=2, task_batches=True, mix_tasks=True, batch_tokens=600,
+                          seed=4, domain_weights=weights)  # fmt: skip
+    windows = dict.fromkeys(ids.values(), 0)
+    mixed = kinds = 0
+    for _, batch in zip(range(200), make_dataloader(two_bodies, 32, config, num_workers=0), strict=False):
+        held = set(batch["task"].tolist())
+        assert held <= control or held == {ids["babyai-GoToRedBall"]}  # never both kinds of action
+        mixed += len(held) == 2
+        kinds += held <= control
+        for task in batch["task"].tolist():
+            windows[task] += 1
+    assert mixed > 0.8 * kinds  # a control batch holds both bodies (not one task a batch)
+    assert 0.35 <= kinds / 200 <= 0.65  # a kind's share of batches: its weights' sum (4 of 8)
+    share = windows[ids["dmc-point_mass-easy"]] / (
+        windows[ids["dmc-point_mass-easy"]] + windows[ids["dmc-cartpole-balance"]]
+    )
+    assert 0.65 <= share <= 0.85, windows  # a task's share of its kind's windows: its weight (3 of 4)
+
+    # without mixing, the same weights make batches of one task each
+    config = LoaderConfig(context_length=512, history_steps=2, task_batches=True, batch_tokens=600, seed=4,
+                          domain_weights=weights)  # fmt: skip
+    for _, batch in zip(range(30), make_dataloader(two_bodies, 32, config, num_workers=0), strict=False):
+        assert len(set(batch["task"].tolist())) == 1
+
+
 def test_a_time_budget_anneals_the_learning_rate_by_the_clock() -> None:
     from gato_like.training.module import OptimConfig, lr_factor
 

@@ -1,6 +1,6 @@
 """Exact resume: a training process killed (SIGKILL, no clean-up) after its step-4 checkpoint and
 resumed from ``OUT/lightning/last.ckpt`` repeats the uninterrupted run's losses step for step and
-ends with the same weights."""
+ends with the same weights, the moving average of the weights it exports included."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 STEPS, EVERY, KILL_AT = 8, 4, 6
 ARGS: dict[str, Any] = dict(preset="debug", max_steps=STEPS, batch_size=2, context_length=256, lr=1e-3,
                             warmup_steps=2, val_every=EVERY, val_batches=1, workers=1, progress=False,
-                            model={"dropout": 0.1})  # fmt: skip
+                            model={"dropout": 0.1}, ema_decay=0.9)  # fmt: skip
 
 
 class Losses(L.Callback):

@@ -30,10 +30,11 @@ class GatoData(L.LightningDataModule):
         discrete_batch_tokens: int = 0,
         backbone: str = "decoder",
         perceiver_latents: int = 0,
+        mix_tasks: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, self.perceiver_latents = backbone, perceiver_latents
-        self.task_batches = task_batches
+        self.task_batches, self.mix_tasks = task_batches, mix_tasks
         self.batch_tokens, self.discrete_batch_tokens = batch_tokens, discrete_batch_tokens
         self.history_steps, self.discrete_history_steps = history_steps, discrete_history_steps
         self.data = str(data)
@@ -59,6 +60,7 @@ class GatoData(L.LightningDataModule):
             history_steps=self.history_steps,
             discrete_history_steps=self.discrete_history_steps,
             task_batches=self.task_batches,
+            mix_tasks=self.mix_tasks,
             batch_tokens=self.batch_tokens,
             discrete_batch_tokens=self.discrete_batch_tokens,
         )

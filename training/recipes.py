@@ -29,11 +29,15 @@ class Recipe:
     workers: int = 0
     batch_tokens: int = 0
     discrete_batch_tokens: int = 0
+    mix_tasks: bool = False
+    """Batches mix the tasks of one kind of action (continuous or discrete) instead of one task each."""
     domain_weights: dict[str, float] = field(default_factory=dict)
     """Share of the optimizer steps per task (1 for a task not named; names the dataset lacks are
     ignored): more steps for the tasks the recipe's runs learned last."""
     goal_every: int = 4
     """Train the goal head every this many steps (0: never); each such step is a second pass."""
+    ema_decay: float = 0.0
+    """Export and roll out a moving average of the weights with this decay per step (0: off)."""
 
 
 #: The departures that make the agent act on a CPU budget (docs/acting.md, the ablation).

@@ -22,6 +22,7 @@ from gato_like.data_pipelines.shards import atomic_write_bytes
 from gato_like.envs.registry import TASKS
 from gato_like.model import GatoModel
 from gato_like.tokenizers import TextTokenizer
+from gato_like.training.averaging import exported_model
 
 #: Tasks that have data but no simulator to roll out in (they are never scored).
 UNSCORED = ("captions",)
@@ -152,7 +153,7 @@ class RolloutScores(L.Callback):
         from gato_like.policy import Policy
         from gato_like.training.evaluate import eval_seed, normalized_score, play_episode
 
-        model = module.model
+        model = exported_model(trainer, module)  # the moving average when the run keeps one
         assert isinstance(model, GatoModel)
         was_training = model.training
         started = time.perf_counter()
@@ -214,7 +215,7 @@ class RolloutScores(L.Callback):
     def export(self, trainer: L.Trainer, module: L.LightningModule, entry: dict[str, Any], chosen: str | None = None) -> None:  # fmt: skip
         """The module's weights now, scored as ``entry``, to ``out/best``; ``chosen``: why these
         weights are the run's (at its end)."""
-        model = module.model
+        model = exported_model(trainer, module)  # the moving average when the run keeps one
         assert isinstance(model, GatoModel)
         meta = dict(self.meta(trainer, module))
         meta["rollout"] = {"step": entry["step"], "mean_score": round(entry["mean_score"], 4), "stderr": entry.get("stderr"),

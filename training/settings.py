@@ -41,6 +41,8 @@ class TrainConfig:
     """About this many tokens a batch at most, each batch one task (0: batch_size sequences; default: the recipe's)."""
     discrete_batch_tokens: int | None = None
     """batch_tokens for tasks with discrete actions, e.g. BabyAI (0: batch_tokens; default: the recipe's)."""
+    mix_tasks: bool | None = None
+    """A batch mixes every task whose actions are of its kind (continuous or discrete) instead of holding one task (default: the recipe's)."""
     context_length: int | None = None
     """Tokens per sequence (default: the preset's)."""
     lr: float | None = None
@@ -77,6 +79,8 @@ class TrainConfig:
     """Each task's share of the optimizer steps, e.g. --domain_weights '{"dmc-reacher-easy": 2}' (default: the recipe's for the tasks it names, 1 for the rest)."""
     goal_every: int | None = None
     """Train the goal head every this many steps (0: never; default: the recipe's)."""
+    ema_decay: float | None = None
+    """Export and roll out an exponential moving average of the weights with this decay per step, e.g. 0.999 (0: the raw weights; default: the recipe's)."""
     seed: int = 0
     """Seed of the model, the data order and the sampler."""
     resume: bool = False
@@ -102,7 +106,7 @@ class TrainConfig:
         filled = {
             name: getattr(chosen, name)
             for name in ("preset", "max_steps", "max_minutes", "batch_size", "batch_tokens", "discrete_batch_tokens", "lr", "warmup_steps",
-                         "workers", "val_every", "rollout_episodes", "goal_every")
+                         "workers", "val_every", "rollout_episodes", "goal_every", "ema_decay", "mix_tasks")
             if getattr(self, name) is None
         }  # fmt: skip
         return replace(

@@ -20,6 +20,7 @@ from gato_like.config import CONFIG_FILE, Config
 from gato_like.data_pipelines.loader import check_domain_weights
 from gato_like.model import position_problem
 from gato_like.tokenizers import SequenceBuilder, TextTokenizer
+from gato_like.training.averaging import EMAWeights, exported_model
 from gato_like.training.data import GatoData
 from gato_like.training.module import GatoLightning, OptimConfig
 from gato_like.training.progress import PlainProgress, count_timesteps
@@ -78,7 +79,12 @@ class ExportCheckpoint(L.Callback):
         self.exported = trainer.global_step
         specs, tasks = self.specs_and_tasks()
         save_checkpoint(
-            self.out / "checkpoint", module.model, TextTokenizer(), specs, tasks, self.meta(trainer, module)
+            self.out / "checkpoint",
+            exported_model(trainer, module),
+            TextTokenizer(),
+            specs,
+            tasks,
+            self.meta(trainer, module),
         )
 
     def meta(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
@@ -279,6 +285,11 @@ def train(
         raise ValueError(f"rollout_episodes: expected >= 0, got {c.rollout_episodes}")
     if c.goal_every < 0:
         raise ValueError(f"goal_every: expected a step interval >= 0 (0: never), got {c.goal_every}")
+    assert c.ema_decay is not None and c.mix_tasks is not None  # resolved
+    if not 0.0 <= c.ema_decay < 1.0:
+        raise ValueError(
+            f"ema_decay: expected a decay per step in [0, 1) (0: no averaging), got {c.ema_decay}"
+        )
     torch.set_num_threads(c.threads or thread_policy(c.workers))
     L.seed_everything(c.seed, workers=True)
     out = Path(out)
@@ -292,7 +303,7 @@ def train(
                           discrete_batch_tokens=c.discrete_batch_tokens,
                           discrete_history_steps=model_config.discrete_history_steps,
                           domain_weights=domain_weights, backbone=model_config.backbone,
-                          perceiver_latents=model_config.perceiver_latents)  # fmt: skip
+                          perceiver_latents=model_config.perceiver_latents, mix_tasks=c.mix_tasks)  # fmt: skip
     check_domain_weights(domain_weights, datamodule.task_names)  # before any work, not when the loader starts
     export = ExportCheckpoint(out, datamodule, c.val_every, {})
     specs, task_entries = export.specs_and_tasks()
@@ -349,8 +360,10 @@ def train(
         "recipe": c.recipe,
         "batch_tokens": c.batch_tokens,
         "discrete_batch_tokens": c.discrete_batch_tokens,
+        "mix_tasks": c.mix_tasks,
         "domain_weights": dict(domain_weights or {}),
         "goal_every": c.goal_every,
+        "ema_decay": c.ema_decay,
         "workers": c.workers,
         "torch_threads": torch.get_num_threads(),
         "rollout_episodes": c.rollout_episodes,
@@ -386,6 +399,8 @@ def train(
     )
     # the bar draws only on a terminal; to a file or a CI log, a plain line a minute instead
     plain = [PlainProgress()] if progress and not sys.stdout.isatty() else []
+    # first: the average takes each step before the exports and rollouts of that step read it
+    averaging = [EMAWeights(c.ema_decay)] if c.ema_decay else []
     trainer = L.Trainer(
         max_steps=c.max_steps,
         max_epochs=1,  # one endless resampled stream: max_steps (or max_time) ends training
@@ -401,7 +416,7 @@ def train(
         limit_val_batches=c.val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
-        callbacks=[state, export, *rollouts, *plain, *(callbacks or [])],
+        callbacks=[*averaging, state, export, *rollouts, *plain, *(callbacks or [])],
         enable_progress_bar=progress and not plain,
         log_every_n_steps=c.log_every,
     )
