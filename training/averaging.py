@@ -48,14 +48,18 @@ class EMAWeights(L.Callback):
                 "ema_decay: the weight average keeps a full copy of the model on every rank, which "
                 "a sharded (FSDP) run does not have; train with --ema_decay 0 or --strategy ddp"
             )
-        model = module.model  # type: ignore[attr-defined]
         # buffers are constants here (no batch norm): the copy's stay as they were built
-        self.average = AveragedModel(model, multi_avg_fn=self._update, use_buffers=False)
+        self.average = AveragedModel(_model(module), multi_avg_fn=self._update, use_buffers=False)
         if self._pending is not None:
             self.average.load_state_dict(self._pending)
             self._pending = None
 
-    def _update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor) -> None:
+    def _update(
+        self,
+        averaged: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        current: tuple[torch.Tensor, ...] | list[torch.Tensor],
+        count: torch.Tensor | int,
+    ) -> None:
         n = int(count)
         get_ema_multi_avg_fn(min(self.decay, (1.0 + n) / (10.0 + n)))(averaged, current, count)
 
@@ -65,7 +69,7 @@ class EMAWeights(L.Callback):
         # once per optimizer step (gradient accumulation calls this per batch); the count of
         # updates is the average's own, so a resumed run goes on where its state stopped
         if self.average is not None and trainer.global_step > int(self.average.n_averaged):
-            self.average.update_parameters(module.model)  # type: ignore[attr-defined]
+            self.average.update_parameters(_model(module))
 
     def model(self) -> GatoModel:
         """The averaged model (raises before training has set it up)."""
@@ -94,6 +98,13 @@ def exported_model(trainer: L.Trainer, module: L.LightningModule) -> GatoModel:
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, EMAWeights) and callback.average is not None:
             return callback.model()
-    model = module.model  # type: ignore[attr-defined]
+    model = _model(module)
     assert isinstance(model, GatoModel)
+    return model
+
+
+def _model(module: L.LightningModule) -> torch.nn.Module:
+    model = getattr(module, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a module with a .model (a GatoModel), got {type(module).__name__}")
     return model
