@@ -96,7 +96,7 @@ RECIPES: dict[str, Recipe] = {
             # the tasks of one kind of action share each batch: the suite's hour scored 0.65 and
             # 0.82 at steps 7,500 and 15,000 (3 episodes a task) where one-task batches had
             # 0.35-0.49 and 0.59-0.65 in the three hours before; 10 episodes a task at the end:
-            # 0.77, control 0.87, BabyAI 0.62 (docs/results.md, "Batches that mix the tasks")
+            # 0.79, control 0.86, BabyAI 0.66 (docs/results.md, "Batches that mix the tasks")
             mix_tasks=True,
         ),
         Recipe(
