@@ -79,3 +79,12 @@ def test_bad_decay_is_refused_before_any_work(smoke_dataset: Path, tmp_path: Pat
     with pytest.raises(ValueError, match=r"ema_decay: expected a decay per step in \[0, 1\)"):
         train(smoke_dataset, tmp_path / "run", preset="debug", max_steps=2, ema_decay=decay, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sharded_run_is_refused_with_the_option_named() -> None:
+    class FSDPStrategy:  # stands in for Lightning's: the callback reads the strategy's kind
+        pass
+
+    module = SimpleNamespace(model=GatoModel(Config.from_name("debug")))
+    with pytest.raises(ValueError, match=r"ema_decay: .*sharded \(FSDP\).*--ema_decay 0"):
+        EMAWeights(0.999).setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")  # type: ignore[arg-type]
