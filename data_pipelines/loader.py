@@ -624,7 +624,7 @@ def _task_batches(
         kind = rng.choices(kinds, weights=[sum(weights[n] for n in members[kind]) for kind in kinds])[0]
         buffer = buffers[kind]
         while len(buffer) < ready:
-            drawn = [n for n in members[kind] if n in live and weights[n] > 0]
+            drawn = [n for n in members[kind] if n in live]  # (only weighted tasks have streams)
             if not drawn:
                 break
             # (one task: no draw, so the stream without mixing is what it was)

@@ -29,16 +29,15 @@ class EMAWeights(L.Callback):
     this callback's state in the same file, so a resumed run continues the same average.
 
     Args:
-        decay: the average's decay per step once warmed up, in (0, 1); 0.999 averages over the
-            last ~1,000 steps.
+        decay: the average's decay per step once warmed up, in [0, 1); 0.999 averages over the
+            last ~1,000 steps, 0 keeps the raw weights.
     """
 
     def __init__(self, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay: expected a decay in (0, 1) (0 turns averaging off), got {decay}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay: expected a decay per step in [0, 1) (0: no averaging), got {decay}")
         self.decay = decay
         self.average: AveragedModel | None = None
-        self._pending: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.average is not None:
@@ -50,9 +49,6 @@ class EMAWeights(L.Callback):
             )
         # buffers are constants here (no batch norm): the copy's stay as they were built
         self.average = AveragedModel(_model(module), multi_avg_fn=self._update, use_buffers=False)
-        if self._pending is not None:
-            self.average.load_state_dict(self._pending)
-            self._pending = None
 
     def _update(
         self,
@@ -80,16 +76,15 @@ class EMAWeights(L.Callback):
         return inner
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "average": None if self.average is None else self.average.state_dict()}
+        return {"average": None if self.average is None else self.average.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         average = state.get("average")
         if average is None:
             return
-        if self.average is None:
-            self._pending = average
-        else:
-            self.average.load_state_dict(average)
+        if self.average is None:  # Lightning restores callbacks after their setup
+            raise RuntimeError("EMAWeights: the state came before setup made the average to load it into")
+        self.average.load_state_dict(average)
 
 
 def exported_model(trainer: L.Trainer, module: L.LightningModule) -> GatoModel:

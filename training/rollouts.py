@@ -20,7 +20,6 @@ import torch
 from gato_like.checkpoint import Checkpoint, save_checkpoint
 from gato_like.data_pipelines.shards import atomic_write_bytes
 from gato_like.envs.registry import TASKS
-from gato_like.model import GatoModel
 from gato_like.tokenizers import TextTokenizer
 from gato_like.training.averaging import exported_model
 
@@ -154,7 +153,6 @@ class RolloutScores(L.Callback):
         from gato_like.training.evaluate import eval_seed, normalized_score, play_episode
 
         model = exported_model(trainer, module)  # the moving average when the run keeps one
-        assert isinstance(model, GatoModel)
         was_training = model.training
         started = time.perf_counter()
         checkpoint = Checkpoint(model, TextTokenizer(), self.specs, self.tasks)
@@ -216,7 +214,6 @@ class RolloutScores(L.Callback):
         """The module's weights now, scored as ``entry``, to ``out/best``; ``chosen``: why these
         weights are the run's (at its end)."""
         model = exported_model(trainer, module)  # the moving average when the run keeps one
-        assert isinstance(model, GatoModel)
         meta = dict(self.meta(trainer, module))
         meta["rollout"] = {"step": entry["step"], "mean_score": round(entry["mean_score"], 4), "stderr": entry.get("stderr"),
                            "episodes": self.episodes, "scores": {n: None if s is None else round(s, 4) for n, s in entry["scores"].items()}}  # fmt: skip

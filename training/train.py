@@ -286,10 +286,7 @@ def train(
     if c.goal_every < 0:
         raise ValueError(f"goal_every: expected a step interval >= 0 (0: never), got {c.goal_every}")
     assert c.ema_decay is not None and c.mix_tasks is not None  # resolved
-    if not 0.0 <= c.ema_decay < 1.0:
-        raise ValueError(
-            f"ema_decay: expected a decay per step in [0, 1) (0: no averaging), got {c.ema_decay}"
-        )
+    averaging = [EMAWeights(c.ema_decay)] if c.ema_decay else []  # (a bad decay refused before any work)
     torch.set_num_threads(c.threads or thread_policy(c.workers))
     L.seed_everything(c.seed, workers=True)
     out = Path(out)
@@ -399,8 +396,6 @@ def train(
     )
     # the bar draws only on a terminal; to a file or a CI log, a plain line a minute instead
     plain = [PlainProgress()] if progress and not sys.stdout.isatty() else []
-    # first: the average takes each step before the exports and rollouts of that step read it
-    averaging = [EMAWeights(c.ema_decay)] if c.ema_decay else []
     trainer = L.Trainer(
         max_steps=c.max_steps,
         max_epochs=1,  # one endless resampled stream: max_steps (or max_time) ends training
@@ -416,6 +411,7 @@ def train(
         limit_val_batches=c.val_batches,
         num_sanity_val_steps=0,
         logger=loggers,
+        # the average first: it takes each step before the exports and rollouts of that step read it
         callbacks=[*averaging, state, export, *rollouts, *plain, *(callbacks or [])],
         enable_progress_bar=progress and not plain,
         log_every_n_steps=c.log_every,
