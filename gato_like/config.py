@@ -118,6 +118,15 @@ class Config:
     MLP maps to W, and the token is ``Linear(W, n_embd)(GELU(LayerNorm(sum)))`` (DeepSets' outer
     function), so a group of many values (a BabyAI view: 147) is summed in W dimensions, as a
     plain MLP's first layer sums them, before it is narrowed to the backbone's width."""
+    pool_condition: Literal["none", "text"] = "none"
+    """Pooled timesteps: what the values group's fold reads besides each value. ``none``
+    (checkpoints without this field): each value alone, through the fold's per-token MLP.
+    ``text``: in a timestep that has text (BabyAI's mission), every value also goes through a
+    second MLP that reads the value's embedding plus a projection of the timestep's folded text,
+    and those outputs join the values' sum, so the token can hold "the object in front is the one
+    the mission names", a conjunction of words and cells that a sum of per-value terms cannot
+    form and the trunk after it learned slowly (BabyAI's own baselines condition the view on the
+    instruction with FiLM for this reason). Timesteps without text fold as with ``none``."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
     goal_placement: Literal["prefix", "timestep", "relative"] = "prefix"
@@ -224,6 +233,12 @@ class Config:
         elif self.pool_width and self.backbone != "pooled":
             problems.append(
                 f"pool_width widens the pooled fold: it needs backbone 'pooled', got {self.backbone!r}"
+            )
+        if self.pool_condition not in ("none", "text"):
+            problems.append(f"pool_condition: expected 'none' or 'text', got {self.pool_condition!r}")
+        elif self.pool_condition != "none" and self.backbone != "pooled":
+            problems.append(
+                f"pool_condition conditions the pooled fold: it needs backbone 'pooled', got {self.backbone!r}"
             )
         if self.dynamics_max_targets < 0:
             problems.append(

@@ -388,6 +388,15 @@ class TimestepPool(nn.Module):
         # up symmetrically (the goal segment's vector starts at zero), and a sum symmetric in the
         # two cannot carry their difference, which is what reaching needs
         self.goal_mlp = pre_norm_mlp(config, self.width) if config.goal_placement != "prefix" else None
+        # pool_condition "text": the values read the timestep's folded text through their own MLP
+        # (FiLM-like: the text shifts a small hidden layer that each value's embedding feeds)
+        self.condition: nn.Module | None = None
+        self.condition_in: nn.Module | None = None
+        self.condition_out: nn.Module | None = None
+        if config.pool_condition == "text":
+            self.condition = nn.Sequential(nn.LayerNorm(self.width), nn.Linear(self.width, d))
+            self.condition_in = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+            self.condition_out = nn.Linear(d, self.width)
 
     def forward(
         self,
@@ -432,11 +441,59 @@ class TimestepPool(nn.Module):
             pooled = x.new_zeros(b * slots, w).index_add_(0, target, z).view(b, slots, w)
         filled = torch.zeros(b, slots, device=x.device).scatter_add_(1, where, observation.float()) > 0
         group = torch.arange(slots, device=x.device) % POOLED_GROUPS
+        if self.condition is not None:
+            pooled = pooled + self.conditioned(x, slot, observation, pooled, filled, keys)
         if fold is not None:
             pooled = pooled + fold[:, group].to(pooled.dtype) * filled[..., None].to(pooled.dtype)
         if self.outer is not None:
             pooled = self.outer(pooled)
         return self.norm(pooled) + self.group[group], filled
+
+    def conditioned(
+        self,
+        x: Tensor,
+        slot: Tensor,
+        observation: Tensor,
+        pooled: Tensor,
+        filled: Tensor,
+        keys: Tensor | None = None,
+    ) -> Tensor:
+        """``pool_condition`` ``text``: ``(B, slots, W)``, in each values slot whose timestep has
+        text the sum over its values of ``out(GELU(in(e_i) + condition(text sum)))``, zero
+        elsewhere: the text shifts a D-wide hidden layer of every value (FiLM's shift). ``in`` runs
+        once per distinct key as the fold's MLP does; only the GELU and ``out`` run per token.
+        ``x`` (B, L, D), ``slot``, ``observation`` and ``keys`` (B, L) as :meth:`forward`'s;
+        ``pooled`` (B, slots, W) the plain sums, ``filled`` (B, slots)."""
+        assert self.condition is not None and self.condition_in is not None and self.condition_out is not None
+        b, slots, w = pooled.shape
+        steps = slots // POOLED_GROUPS
+        text_group, values_group = (
+            _GROUP_OF_TYPE[int(TokenType.TEXT)],
+            _GROUP_OF_TYPE[int(TokenType.CONTINUOUS)],
+        )
+        text = pooled.view(b, steps, POOLED_GROUPS, w)[:, :, text_group]  # (B, T, W)
+        has_text = filled.view(b, steps, POOLED_GROUPS)[:, :, text_group]  # (B, T)
+        step = torch.div(slot, POOLED_GROUPS, rounding_mode="floor").clamp(min=0, max=steps - 1)
+        value = observation & (slot % POOLED_GROUPS == values_group)
+        value = value & torch.gather(has_text, 1, step)
+        row, column = value.nonzero(as_tuple=True)  # (N,) the conditioned value tokens
+        out = pooled.new_zeros(b * slots, w)
+        if len(row) == 0:
+            return out.view(b, slots, w)
+        # flat indices and index_select: their backward is an index_add, not an index_put
+        flat = row * x.shape[1] + column
+        rows = x.reshape(-1, x.shape[-1])
+        if keys is None:
+            hidden = self.condition_in(rows.index_select(0, flat))  # (N, D)
+        else:  # once per distinct key (a value token's key is never an image patch's -1)
+            distinct, inverse = torch.unique(keys.reshape(-1).index_select(0, flat), return_inverse=True)
+            first = torch.empty_like(distinct).scatter_(0, inverse, flat)
+            hidden = self.condition_in(rows.index_select(0, first)).index_select(0, inverse)
+        shift = (
+            self.condition(text).reshape(b * steps, -1).index_select(0, row * steps + step.reshape(-1)[flat])
+        )
+        z = self.condition_out(F.gelu(hidden + shift.to(hidden.dtype)))  # (N, W)
+        return out.index_add(0, row * slots + slot.reshape(-1)[flat], z.to(out.dtype)).view(b, slots, w)
 
     def goal_fold(self, g: Tensor, types: Tensor, valid: Tensor) -> Tensor:
         """The goal's share of every timestep's fold: ``(B, groups, W)``, per group the sum of the

@@ -584,3 +584,42 @@ def test_pool_width_is_validated_and_needs_pooled_timesteps() -> None:
     with pytest.raises(ValueError, match="pool_width widens the pooled fold: it needs backbone 'pooled'"):
         Config.from_name("debug", pool_width=128)
     assert GatoModel(Config.from_name("debug", backbone="pooled")).pool.outer is None
+
+
+def test_a_text_conditioned_fold_reads_the_mission_into_the_values_and_only_there() -> None:
+    """``pool_condition="text"``: a timestep's values token changes with its text (the mission
+    conditions how the view is read), where the plain fold's values token ignores the text; a
+    timestep without text folds exactly as the plain fold; the text and image tokens and the
+    separator and actions are untouched. Another backbone is refused naming the field."""
+    T, P, C, D, S, A = (int(TokenType[n]) for n in ("TEXT", "IMAGE", "CONTINUOUS", "DISCRETE", "SEPARATOR", "ACTION"))  # fmt: skip
+    types = torch.tensor([[T, T, P, C, C, D, S, A, C, C, D, S, A]])  # text in timestep 0 only
+    timesteps = torch.tensor([[0] * 8 + [1] * 5])
+    torch.manual_seed(0)
+    model = GatoModel(Config.from_name("debug", backbone="pooled", pool_condition="text"))
+    x = torch.randn(1, 13, model.config.n_embd)
+    inputs = model.backbone_inputs(x, types, timesteps)  # timestep 0: 3 groups + 2; timestep 1: 1 + 2
+    assert inputs.shape == (1, 8, model.config.n_embd)
+    y = x.clone()
+    y[0, 1] += torch.randn(model.config.n_embd)  # another word
+    changed = model.backbone_inputs(y, types, timesteps)
+    assert not torch.allclose(changed[0, 0], inputs[0, 0])  # the text's own token
+    assert not torch.allclose(changed[0, 2], inputs[0, 2])  # timestep 0's values read the text
+    torch.testing.assert_close(changed[0, 1], inputs[0, 1])  # the image does not
+    torch.testing.assert_close(changed[0, 3:], inputs[0, 3:])  # nor timestep 1, nor the actions
+    condition = model.pool.condition
+    model.pool.condition = None  # the plain fold, the same weights
+    plain = model.backbone_inputs(x, types, timesteps)
+    model.pool.condition = condition
+    assert not torch.allclose(plain[0, 2], inputs[0, 2])
+    torch.testing.assert_close(plain[0, 5], inputs[0, 5])  # no text: the plain fold exactly
+    torch.testing.assert_close(plain[0, :2], inputs[0, :2])
+    model.pool.condition = None  # the plain fold's values ignore the text
+    torch.testing.assert_close(model.backbone_inputs(y, types, timesteps)[0, 2], plain[0, 2])
+    model.pool.condition = condition
+    with pytest.raises(
+        ValueError, match="pool_condition conditions the pooled fold: it needs backbone 'pooled'"
+    ):
+        Config.from_name("debug", pool_condition="text")
+    with pytest.raises(ValueError, match="pool_condition: expected 'none' or 'text'"):
+        Config.from_name("debug", backbone="pooled", pool_condition="image")
+    assert GatoModel(Config.from_name("debug", backbone="pooled")).pool.condition is None

@@ -47,6 +47,15 @@ def acting_checkpoint(tmp_path_factory):
     return _save(tmp_path_factory.mktemp("ckpt") / "acting", GatoModel(config))
 
 
+@pytest.fixture(scope="module")
+def conditioned_checkpoint(tmp_path_factory):
+    """The acting checkpoint's settings with the values folded in the light of the timestep's
+    text (``pool_condition="text"``: BabyAI's view read against its mission)."""
+    torch.manual_seed(0)
+    config = Config.from_name("debug", context_length=24, backbone="pooled", pool_condition="text", **ACTING)
+    return _save(tmp_path_factory.mktemp("ckpt") / "conditioned", GatoModel(config))
+
+
 def _save(path, model):
     specs = {get_task(t).spec.name: get_task(t).spec for t in TASKS}
     tasks = {t: {"embodiment": get_task(t).spec.name} for t in TASKS}
@@ -111,7 +120,7 @@ def _reference_action_logits(
     return logits[len(seq) - 1 - builder.action_size : len(seq) - 1, low:high]
 
 
-@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled", "acting"])
+@pytest.mark.parametrize("backbone", ["decoder", "perceiver", "pooled", "acting", "conditioned"])
 @pytest.mark.parametrize("task", TASKS)
 def test_acting_in_the_simulator_matches_recomputation(request, task: str, backbone: str) -> None:
     checkpoint = request.getfixturevalue("checkpoint" if backbone == "decoder" else f"{backbone}_checkpoint")
