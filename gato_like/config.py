@@ -122,9 +122,9 @@ class Config:
     """Pooled timesteps: what the values group's fold reads besides each value. ``none``
     (checkpoints without this field): each value alone, through the fold's per-token MLP.
     ``text``: in a timestep that has text (BabyAI's mission), every value also goes through a
-    second MLP that reads the value's embedding plus a projection of the timestep's folded text,
-    and those outputs join the values' sum, so the token can hold "the object in front is the one
-    the mission names", a conjunction of words and cells that a sum of per-value terms cannot
+    small MLP whose hidden layer a projection of the timestep's folded text shifts (FiLM's
+    shift), and those outputs join the values' sum, so the token can hold "the object ahead is
+    the one the mission names", a match of words and cells that a sum of per-value terms cannot
     form and the trunk after it learned slowly (BabyAI's own baselines condition the view on the
     instruction with FiLM for this reason). Timesteps without text fold as with ``none``."""
     goal_weight: float = 0.5

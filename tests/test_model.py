@@ -434,18 +434,19 @@ def test_pooled_dynamics_reads_every_next_value_from_the_last_action(monkeypatch
     assert len(dynamics_targets) == 5 * builder.group_sizes()["values"]  # 5 timesteps after the first
 
 
-@pytest.mark.parametrize("width", [0, 96])
+@pytest.mark.parametrize(("width", "condition"), [(0, "none"), (96, "none"), (0, "text")])
 @pytest.mark.parametrize("task", ["babyai-GoToRedBall", "dmc-reacher-easy"])
 def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before(
-    task: str, width: int
+    task: str, width: int, condition: str
 ) -> None:
     """The pooled fold's MLP runs once per distinct (id, position, segment) and once per image
     patch, and the loss and every gradient equal the fold that runs it on every token, with and
     without the goal prefix (whose tokens carry the goal segment's vector; reacher's goal holds
     an image patch, as its timesteps do); also when the fold sums in a wider space
-    (``pool_width``), whose outer function then gets gradients."""
+    (``pool_width``), whose outer function then gets gradients, and when the values read the
+    mission (``pool_condition``: its first layer also runs once per distinct token)."""
     torch.manual_seed(0)
-    model = GatoModel(Config.from_name("debug", backbone="pooled", pool_width=width))
+    model = GatoModel(Config.from_name("debug", backbone="pooled", pool_width=width, pool_condition=condition))
     assert model.pool.mlp[-1].out_features == (width or 64)
     _, one = _episode_tokens(task, 4)
     observation = int((one["types"] < int(TokenType.SEPARATOR)).sum())
@@ -478,6 +479,8 @@ def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before
         torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)  # summed in another order
         assert grads_a.keys() == grads_b.keys()
         assert any(name.startswith("pool.outer.") for name in grads_a) == bool(width)
+        conditioned = any(name.startswith("pool.condition") for name in grads_a)
+        assert conditioned == (condition == "text" and task.startswith("babyai"))  # only text reads it
         for name in grads_b:
             # the patch encoder's backward is not bit-reproducible here: two identical passes
             # differ by ~5e-4 in the embedding's gradient (scale ~0.2)
