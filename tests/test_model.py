@@ -446,7 +446,9 @@ def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before
     (``pool_width``), whose outer function then gets gradients, and when the values read the
     mission (``pool_condition``: its first layer also runs once per distinct token)."""
     torch.manual_seed(0)
-    model = GatoModel(Config.from_name("debug", backbone="pooled", pool_width=width, pool_condition=condition))
+    model = GatoModel(
+        Config.from_name("debug", backbone="pooled", pool_width=width, pool_condition=condition)
+    )
     assert model.pool.mlp[-1].out_features == (width or 64)
     _, one = _episode_tokens(task, 4)
     observation = int((one["types"] < int(TokenType.SEPARATOR)).sum())
