@@ -351,6 +351,15 @@ def position_problem(config: Config, body: str, sizes: dict[str, int]) -> str | 
     return None
 
 
+def once_per_key(mlp: nn.Module, rows: Tensor, index: Tensor, key: Tensor) -> Tensor:
+    """``mlp`` over ``rows[index]`` ``(N, D) -> (N, out)``, run once per distinct ``key`` ``(N,)``
+    and gathered back (tokens with equal keys have equal rows: :meth:`GatoModel.pool_keys`).
+    ``index_select`` both ways: its backward is an ``index_add``, not an ``index_put``."""
+    distinct, inverse = torch.unique(key, return_inverse=True)
+    first = torch.empty_like(distinct).scatter_(0, inverse, index)  # one row per key
+    return mlp(rows.index_select(0, first)).index_select(0, inverse)
+
+
 def pre_norm_mlp(config: Config, out: int | None = None) -> nn.Sequential:
     """``LayerNorm -> Linear(D, ff_dim) -> GELU -> Linear(ff_dim, out)``, ``(..., D) -> (..., out)``
     (``out`` defaults to D): the pooled fold's per-token MLPs and the pooled dynamics readout's."""
@@ -434,9 +443,7 @@ class TimestepPool(nn.Module):
             index = observation.reshape(-1).nonzero().squeeze(1)  # (N,) the observation tokens
             key = keys.reshape(-1)[index]
             key = torch.where(key < 0, -1 - index, key)  # an image patch: a key of its own
-            distinct, inverse = torch.unique(key, return_inverse=True)
-            first = torch.empty_like(distinct).scatter_(0, inverse, index)  # one row per key
-            z = self.mlp(rows[first]).to(x.dtype)[inverse]  # (N, W)
+            z = once_per_key(self.mlp, rows, index, key).to(x.dtype)  # (N, W)
             target = torch.div(index, slot.shape[1], rounding_mode="floor") * slots + where.reshape(-1)[index]
             pooled = x.new_zeros(b * slots, w).index_add_(0, target, z).view(b, slots, w)
         filled = torch.zeros(b, slots, device=x.device).scatter_add_(1, where, observation.float()) > 0
@@ -485,10 +492,8 @@ class TimestepPool(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         if keys is None:
             hidden = self.condition_in(rows.index_select(0, flat))  # (N, D)
-        else:  # once per distinct key (a value token's key is never an image patch's -1)
-            distinct, inverse = torch.unique(keys.reshape(-1).index_select(0, flat), return_inverse=True)
-            first = torch.empty_like(distinct).scatter_(0, inverse, flat)
-            hidden = self.condition_in(rows.index_select(0, first)).index_select(0, inverse)
+        else:  # (a value token's key is never an image patch's -1)
+            hidden = once_per_key(self.condition_in, rows, flat, keys.reshape(-1).index_select(0, flat))
         shift = (
             self.condition(text).reshape(b * steps, -1).index_select(0, row * steps + step.reshape(-1)[flat])
         )
