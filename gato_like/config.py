@@ -127,6 +127,15 @@ class Config:
     the one the mission names", a match of words and cells that a sum of per-value terms cannot
     form and the trunk after it learned slowly (BabyAI's own baselines condition the view on the
     instruction with FiLM for this reason). Timesteps without text fold as with ``none``."""
+    value_count_embedding: bool = False
+    """Pooled timesteps: every value of a timestep's values group also embeds how many values the
+    group holds (a shared table of 64 rows, zero at initialization; larger groups share the last
+    row). False (checkpoints without this field): a value embeds its id and its index in the
+    group only, so value 0 of a point mass (its x) and value 0 of a cartpole (its cart position)
+    enter the fold alike and the per-value MLP cannot route them apart; the body then shows only
+    in the sum, and a policy trained on both learned the point mass's y and not its x. The count
+    tells bodies of different sizes apart inside each value's own term, and a new body needs no
+    new parameters (a count never trained embeds as zero)."""
     goal_weight: float = 0.5
     """Loss weight of the goal-conditioned policy head."""
     goal_placement: Literal["prefix", "timestep", "relative"] = "prefix"
@@ -239,6 +248,10 @@ class Config:
         elif self.pool_condition != "none" and self.backbone != "pooled":
             problems.append(
                 f"pool_condition conditions the pooled fold: it needs backbone 'pooled', got {self.backbone!r}"
+            )
+        if self.value_count_embedding and self.backbone != "pooled":
+            problems.append(
+                f"value_count_embedding joins the pooled fold: it needs backbone 'pooled', got {self.backbone!r}"
             )
         if self.dynamics_max_targets < 0:
             problems.append(

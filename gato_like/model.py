@@ -333,6 +333,21 @@ def group_positions(types: Tensor, local_positions: Tensor) -> Tensor:
     return torch.arange(types.shape[1], device=types.device) - run_firsts(start)
 
 
+VALUE_COUNTS = 64
+"""Rows of the ``value_count_embedding`` table: groups of 63 values and more share the last."""
+
+
+def value_counts(types: Tensor, group_positions: Tensor) -> Tensor:
+    """Per token ``(B, L)``, how many tokens its timestep's values group holds (0 outside the
+    values group). ``group_positions`` (B, L): each token's index in its group
+    (:func:`group_positions`), so a group starts where a values token has index 0."""
+    values = token_groups(types) == _GROUP_OF_TYPE[int(TokenType.CONTINUOUS)]
+    run = (values & (group_positions == 0)).long().cumsum(1)  # (B, L): the group's number
+    counts = torch.zeros(types.shape[0], types.shape[1] + 1, dtype=torch.long, device=types.device)
+    counts.scatter_add_(1, run, values.long())
+    return counts.gather(1, run) * values
+
+
 def position_problem(config: Config, body: str, sizes: dict[str, int]) -> str | None:
     """Why a body's timesteps would not fit the model's position table, or None. ``sizes``: tokens
     per timestep of each fixed-size group (``SequenceBuilder.group_sizes``). A pooled timestep
@@ -529,6 +544,7 @@ class GatoModel(nn.Module):
             else None
         )
         self.local = nn.Embedding(config.max_local_positions, d)
+        self.value_count = nn.Embedding(VALUE_COUNTS, d) if config.value_count_embedding else None
         self.goal_segment = nn.Parameter(torch.zeros(d))
         self.goal_offset = (
             OffsetEmbedding(d, octaves=config.goal_offset_octaves)
@@ -562,6 +578,8 @@ class GatoModel(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
         # residual branches start at zero: the heads as the policy head, the readout MLP as the
         # adapter's readout alone
+        if self.value_count is not None:  # starts as the model without it
+            nn.init.zeros_(self.value_count.weight)
         for adapter in (self.dynamics_adapter, self.goal_adapter, self.readout_mlp):
             if adapter is None:
                 continue
@@ -628,6 +646,8 @@ class GatoModel(nn.Module):
         token = ids.clamp(0, self.config.vocab_size - 1).long()
         local = local_positions.clamp(0, rows - 1).long()
         keys = ((segment * self.config.vocab_size) + token) * rows + local
+        if self.value_count is not None:  # the group's size is part of the embedding
+            keys = keys * VALUE_COUNTS + value_counts(types, local_positions).clamp(max=VALUE_COUNTS - 1)
         return keys.masked_fill(types == int(TokenType.IMAGE), -1)
 
     def goal_values(
@@ -705,6 +725,9 @@ class GatoModel(nn.Module):
                 x = torch.where(continuous[..., None], value + self.local(local), x)
             else:
                 x = x + value * continuous[..., None]
+        if self.value_count is not None:  # whole timesteps: local_positions index each group
+            counts = value_counts(types, local_positions)
+            x = x + self.value_count(counts.clamp(max=VALUE_COUNTS - 1)) * (counts > 0)[..., None].to(x.dtype)
         if not show_actions and self.masked_action is not None and self.config.action_input_dropout >= 1.0:
             # actions are never inputs (training and acting alike): every one is the mask embedding
             x = torch.where(

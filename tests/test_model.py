@@ -11,7 +11,14 @@ import torch
 
 from gato_like.config import PRESETS, Config
 from gato_like.envs.registry import get_task
-from gato_like.model import GatoModel, KVCache, group_positions, patch_intervals, position_problem
+from gato_like.model import (
+    GatoModel,
+    KVCache,
+    group_positions,
+    patch_intervals,
+    position_problem,
+    value_counts,
+)
 from gato_like.tokenizers import SequenceBuilder, TokenType, patch_position_intervals
 
 
@@ -487,6 +494,54 @@ def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before
             # the patch encoder's backward is not bit-reproducible here: two identical passes
             # differ by ~5e-4 in the embedding's gradient (scale ~0.2)
             torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=2e-3 if images else 1e-6)
+
+
+def test_a_value_embeds_its_groups_size_so_two_bodies_fold_apart() -> None:
+    """``value_count_embedding``: every token of a timestep's values group embeds how many the
+    group holds, so value 0 of a 4-value body (a point mass's x) and value 0 of a 5-value body (a
+    cartpole's cart position) with the same id embed apart (without it, alike); the fold's
+    once-per-key path keys on the count too, so a row holding both bodies gives the per-token
+    path's loss and gradients; the table starts at zero (the model starts as the one without it)."""
+    C, S, A, T = (int(TokenType[n]) for n in ("CONTINUOUS", "SEPARATOR", "ACTION", "TEXT"))
+    types = torch.tensor([[C, C, C, C, S, A, A, T, T, C, C, C, C, C, S, A]])
+    local = group_positions(types, torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7, 8]]))
+    assert value_counts(types, local).tolist() == [[4, 4, 4, 4, 0, 0, 0, 0, 0, 5, 5, 5, 5, 5, 0, 0]]
+    with pytest.raises(ValueError, match=r"value_count_embedding.*pooled"):
+        Config.from_name("debug", value_count_embedding=True)
+
+    torch.manual_seed(0)
+    _, cartpole = _episode_tokens("dmc-cartpole-swingup", 3)
+    _, point_mass = _episode_tokens("dmc-point_mass-easy", 3)
+    rows = []
+    for batch in (cartpole, point_mass):  # proprio only
+        keep = batch["types"] != int(TokenType.IMAGE)
+        rows.append({k: v[keep][None] for k, v in batch.items() if not k.startswith("patch")})
+    first = rows[0]["types"][0] == C
+    x_at = int((rows[1]["types"][0] == C).nonzero()[0])
+    rows[1]["ids"][0, x_at] = rows[0]["ids"][0, int(first.nonzero()[0])]  # the same id at value 0
+    rows[1]["timesteps"] = rows[1]["timesteps"] + int(rows[0]["timesteps"].max()) + 1
+    one_row = {k: torch.cat([rows[0][k], rows[1][k]], dim=1) for k in rows[0]}
+    positions = torch.tensor([[int(first.nonzero()[0])], [len(first) + x_at]])
+
+    for counted in (False, True):
+        model = GatoModel(Config.from_name("debug", backbone="pooled", value_count_embedding=counted))
+        assert model.value_count is None or not model.value_count.weight.any()
+        if model.value_count is not None:
+            torch.nn.init.normal_(model.value_count.weight)
+        local = model.input_positions(one_row["types"], one_row["local_positions"])
+        x = model.embed(one_row["ids"], one_row["types"], local)[0]
+        assert torch.equal(x[positions[0, 0]], x[positions[1, 0]]) != counted
+        results = []
+        plain = GatoModel.pool_keys.__get__(model)
+        for keys in (plain, lambda *args, **kwargs: None):
+            model.pool_keys = keys  # type: ignore[method-assign]
+            model.zero_grad()
+            loss = model(one_row)["loss"]
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))  # fmt: skip
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+        for name, grad in results[1][1].items():
+            torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_pooled_dynamics_targets_are_capped_by_a_uniform_subset(monkeypatch) -> None:
