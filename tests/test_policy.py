@@ -50,10 +50,21 @@ def acting_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def conditioned_checkpoint(tmp_path_factory):
     """The acting checkpoint's settings with the values folded in the light of the timestep's
-    text (``pool_condition="text"``: BabyAI's view read against its mission)."""
+    text (``pool_condition="text"``: BabyAI's view read against its mission) and embedding their
+    group's size (``value_count_embedding``, its table drawn away from its zero start)."""
     torch.manual_seed(0)
-    config = Config.from_name("debug", context_length=24, backbone="pooled", pool_condition="text", **ACTING)
-    return _save(tmp_path_factory.mktemp("ckpt") / "conditioned", GatoModel(config))
+    config = Config.from_name(
+        "debug",
+        context_length=24,
+        backbone="pooled",
+        pool_condition="text",
+        value_count_embedding=True,
+        **ACTING,
+    )
+    model = GatoModel(config)
+    assert model.value_count is not None
+    torch.nn.init.normal_(model.value_count.weight, std=0.5)
+    return _save(tmp_path_factory.mktemp("ckpt") / "conditioned", model)
 
 
 def _save(path, model):
