@@ -441,6 +441,22 @@ def test_pooled_dynamics_reads_every_next_value_from_the_last_action(monkeypatch
     assert len(dynamics_targets) == 5 * builder.group_sizes()["values"]  # 5 timesteps after the first
 
 
+def _loss_and_grads(
+    model: GatoModel, batch: dict, keyed: bool, goal: bool = False
+) -> tuple[torch.Tensor, dict]:
+    """Loss and every parameter's gradient of one forward and backward, the pooled fold running
+    its MLP once per distinct key (``keyed``, :meth:`GatoModel.pool_keys`) or on every token."""
+    if not keyed:
+        model.pool_keys = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        model.zero_grad()
+        loss = model(batch, goal=goal)["loss"]
+        loss.backward()
+    finally:
+        model.__dict__.pop("pool_keys", None)  # the class's method again
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize(("width", "condition"), [(0, "none"), (96, "none"), (0, "text")])
 @pytest.mark.parametrize("task", ["babyai-GoToRedBall", "dmc-reacher-easy"])
 def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before(
@@ -470,17 +486,11 @@ def test_the_pooled_fold_runs_its_mlp_once_per_distinct_token_and_sums_as_before
     model.pool.mlp.register_forward_hook(
         lambda module, inputs, output: rows.append(inputs[0].numel() // inputs[0].shape[-1])
     )
-    plain = GatoModel.pool_keys.__get__(model)
     for goal in (False, True):
         results = []
-        for keys in (plain, lambda *args, **kwargs: None):
-            model.pool_keys = keys  # type: ignore[method-assign]
-            model.zero_grad()
+        for keyed in (True, False):
             rows.clear()
-            loss = model(batch, goal=goal)["loss"]
-            loss.backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            results.append((loss.detach(), grads, sum(rows)))
+            results.append((*_loss_and_grads(model, batch, keyed, goal=goal), sum(rows)))
         (loss_a, grads_a, rows_a), (loss_b, grads_b, rows_b) = results
         # each distinct token once (an image patch once per row)
         distinct = observation + images + (goal_length + goal_images if goal else 0)
@@ -521,7 +531,7 @@ def test_a_value_embeds_its_groups_size_so_two_bodies_fold_apart() -> None:
     rows[1]["ids"][0, x_at] = rows[0]["ids"][0, int(first.nonzero()[0])]  # the same id at value 0
     rows[1]["timesteps"] = rows[1]["timesteps"] + int(rows[0]["timesteps"].max()) + 1
     one_row = {k: torch.cat([rows[0][k], rows[1][k]], dim=1) for k in rows[0]}
-    positions = torch.tensor([[int(first.nonzero()[0])], [len(first) + x_at]])
+    cart_x, point_x = int(first.nonzero()[0]), len(first) + x_at  # the two value-0 tokens in one_row
 
     for counted in (False, True):
         model = GatoModel(Config.from_name("debug", backbone="pooled", value_count_embedding=counted))
@@ -530,18 +540,14 @@ def test_a_value_embeds_its_groups_size_so_two_bodies_fold_apart() -> None:
             torch.nn.init.normal_(model.value_count.weight)
         local = model.input_positions(one_row["types"], one_row["local_positions"])
         x = model.embed(one_row["ids"], one_row["types"], local)[0]
-        assert torch.equal(x[positions[0, 0]], x[positions[1, 0]]) != counted
-        results = []
-        plain = GatoModel.pool_keys.__get__(model)
-        for keys in (plain, lambda *args, **kwargs: None):
-            model.pool_keys = keys  # type: ignore[method-assign]
-            model.zero_grad()
-            loss = model(one_row)["loss"]
-            loss.backward()
-            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))  # fmt: skip
-        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
-        for name, grad in results[1][1].items():
-            torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6)
+        assert torch.equal(x[cart_x], x[point_x]) != counted
+        (loss_a, grads_a), (loss_b, grads_b) = (
+            _loss_and_grads(model, one_row, keyed) for keyed in (True, False)
+        )
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
+        assert grads_a.keys() == grads_b.keys()
+        for name, grad in grads_b.items():
+            torch.testing.assert_close(grads_a[name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_pooled_dynamics_targets_are_capped_by_a_uniform_subset(monkeypatch) -> None:
