@@ -15,13 +15,22 @@ time is the fastest of ``--repeats`` runs, the rows alternating.
 representation and preset, each on its own batches of the same token budget (the loader counts
 the tokens of Gato's layout for every representation, so the batches hold the same timesteps),
 printing steps/s, tokens/s and timesteps/s side by side: tokens/s alone flatters a representation
-that spends more backbone inputs on a timestep."""
+that spends more backbone inputs on a timestep.
+
+``--recipe NAME``: instead, that recipe's own model on its own batches (its token budgets, its
+task mixing; control and BabyAI batches in the loader's proportions), the loader's milliseconds
+per batch in the training process (the recipe's ``workers``: 0), then the model's step with the
+goal head every 4th step (the recipe's), every 16th and never, and at the widths ``--widths``
+(``n_embd x ff_dim``; the recipe's goal interval):
+
+    .venv/bin/python benchmarks/train_step.py --data data/suite60p --recipe cpu --steps 40"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import time
+from dataclasses import replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,7 +39,7 @@ from gato_like.config import Config
 from gato_like.model import GatoModel
 from gato_like.training.data import GatoData
 from gato_like.training.progress import count_timesteps
-from gato_like.training.recipes import ACTING
+from gato_like.training.recipes import ACTING, get_recipe
 from gato_like.training.train import cpu_has_bf16
 
 
@@ -78,8 +87,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="the fastest of this many runs per row")
     parser.add_argument("--backbones", default="", help="comma list: the representations side by side")
     parser.add_argument("--presets", default="", help="with --backbones: comma list, one per backbone")
+    parser.add_argument("--recipe", default="", help="a recipe's own model and batches (e.g. cpu)")
+    parser.add_argument(
+        "--widths", default="64x256,96x384,128x512", help="with --recipe: n_embd x ff_dim rows"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.recipe:
+        recipe_rows(args)
+        return
     if args.backbones:
         side_by_side(args)
         return
@@ -145,6 +161,47 @@ def side_by_side(args: argparse.Namespace) -> None:
         print(
             f"{name:28s} {args.steps / s:8.2f} {tokens / s:9.0f} {timesteps / s:12.0f} {timesteps / args.steps:15.0f}"
         )
+
+
+def recipe_rows(args: argparse.Namespace) -> None:
+    """A recipe's step: its loader's cost per batch, then goal intervals and widths side by side."""
+    recipe = get_recipe(args.recipe)
+    config = Config.from_name(recipe.preset, **recipe.model)
+    data = GatoData(args.data, recipe.batch_size, config.context_length, 0, seed=0,
+                    history_steps=config.history_steps, discrete_history_steps=config.discrete_history_steps,
+                    batch_tokens=recipe.batch_tokens, discrete_batch_tokens=recipe.discrete_batch_tokens,
+                    backbone=config.backbone, mix_tasks=recipe.mix_tasks)  # fmt: skip
+    stream = iter(data._loader(0))
+    next(stream)  # the first batch fills the shuffle buffers
+    start = time.perf_counter()
+    batches = [next(stream) for _ in range(args.steps)]
+    loader = (time.perf_counter() - start) / args.steps
+    bf16 = cpu_has_bf16()
+    rows: dict[str, tuple[Config, int]] = {
+        f"goal head every {recipe.goal_every}th step (the recipe)": (config, recipe.goal_every),
+        "goal head every 16th step": (config, 16),
+        "no goal head": (config, 0),
+    }
+    for width in args.widths.split(","):
+        n_embd, ff_dim = (int(x) for x in width.split("x"))
+        if (n_embd, ff_dim) != (config.n_embd, config.ff_dim):
+            rows[f"width {n_embd}, feed-forward {ff_dim}"] = (
+                replace(config, n_embd=n_embd, ff_dim=ff_dim),
+                recipe.goal_every,
+            )
+    seconds: dict[str, float] = {}
+    for _ in range(args.repeats):  # alternate, so drift on a shared machine hits every row alike
+        for name, (row_config, goal_every) in rows.items():
+            took = timed_steps(row_config, batches, bf16, goal_every=goal_every)
+            seconds[name] = min(seconds.get(name, float("inf")), took)
+    discrete = sum(int(b["ids"].shape[1] > 64) for b in batches)
+    print(f"{args.steps} batches of the {args.recipe!r} recipe on {args.data} ({discrete} of them BabyAI-sized); "
+          f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} threads")  # fmt: skip
+    print(f"the loader in the training process: {1e3 * loader:.0f} ms a batch")
+    base = next(iter(seconds.values()))
+    print(f"{'model step (forward, backward, AdamW)':52s} {'ms/step':>8s} {'speed-up':>8s}")
+    for name, s in seconds.items():
+        print(f"{name:52s} {1e3 * s / args.steps:8.0f} {base / s:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -385,6 +385,24 @@ def test_evaluate_rolls_out_in_the_simulator_with_a_video(checkpoint, tmp_path) 
     assert (tmp_path / "dmc-reacher-easy.gif").stat().st_size > 0 and (tmp_path / "eval.json").is_file()
 
 
+def test_evaluate_runs_with_the_threads_it_is_given_and_refuses_a_bad_count(checkpoint, tmp_path) -> None:
+    """``threads`` sets torch's intra-op threads for the rollouts (evaluations side by side on a
+    small machine); a count below 1 is refused before any rollout, naming the field."""
+    from gato_like.training.evaluate import evaluate
+
+    before = torch.get_num_threads()
+    try:
+        summary = evaluate(checkpoint, tmp_path, tasks=["dmc-reacher-easy"], episodes=1, max_steps=5,
+                           threads=1, write_card_file=False, media=False)  # fmt: skip
+        assert torch.get_num_threads() == 1 and "--threads 1" in summary["command"]
+        for bad in (0, -2, True, 1.5):
+            with pytest.raises(ValueError, match="threads: expected a count of torch threads >= 1"):
+                evaluate(checkpoint, tmp_path / "bad", episodes=1, threads=bad)
+        assert not (tmp_path / "bad").exists()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_dynamics_decoding_of_a_continuous_distribution() -> None:
     """median: robust to a far-off mode; mean: the centre of mass; argmax: the mode."""
     continuous = int(TokenType.CONTINUOUS)

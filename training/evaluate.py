@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from gato_like.checkpoint import Checkpoint
 from gato_like.data_pipelines.inspect import save_gif
@@ -68,6 +69,10 @@ def evaluate(
     )
     if episodes < 1:
         raise ValueError(f"episodes: expected >= 1, got {episodes}")
+    if c.threads is not None:
+        if isinstance(c.threads, bool) or not isinstance(c.threads, int) or c.threads < 1:
+            raise ValueError(f"threads: expected a count of torch threads >= 1, got {c.threads!r}")
+        torch.set_num_threads(c.threads)
     policy = Policy.from_checkpoint(checkpoint)
     known = policy.checkpoint.tasks
     names = tasks or [t for t in sorted(known) if t != "captions"]
@@ -144,6 +149,7 @@ def evaluate(
             + (["--max_steps", str(max_steps)] if max_steps else [])
             + (["--seed", str(seed)] if seed else [])
             + (["--gym", gym] if gym else [])
+            + (["--threads", str(c.threads)] if c.threads else [])
         )
     summary = {
         "checkpoint": str(checkpoint),

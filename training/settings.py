@@ -170,6 +170,9 @@ class EvalConfig:
     gym: str | None = None
     """A gymnasium environment id (e.g. InvertedPendulum-v5): roll the checkpoint's task with that
     environment's spaces out in it; mean return beside a uniform-random policy's."""
+    threads: int | None = None
+    """Torch intra-op threads for the policy (default: torch's, one per core). Give 1 to each of
+    evaluations run side by side: two on 2 cores with torch's default took ~8x as long."""
 
     @property
     def task_names(self) -> list[str] | None:
