@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gato_like.config import Config
 from gato_like.model import GatoModel
+from gato_like.tokenizers import TokenType
 from gato_like.training.data import GatoData
 from gato_like.training.progress import count_timesteps
 from gato_like.training.recipes import ACTING, get_recipe
@@ -170,7 +171,8 @@ def recipe_rows(args: argparse.Namespace) -> None:
     data = GatoData(args.data, recipe.batch_size, config.context_length, 0, seed=0,
                     history_steps=config.history_steps, discrete_history_steps=config.discrete_history_steps,
                     batch_tokens=recipe.batch_tokens, discrete_batch_tokens=recipe.discrete_batch_tokens,
-                    backbone=config.backbone, mix_tasks=recipe.mix_tasks)  # fmt: skip
+                    domain_weights=recipe.domain_weights or None, backbone=config.backbone,
+                    mix_tasks=recipe.mix_tasks)  # fmt: skip
     stream = iter(data._loader(0))
     next(stream)  # the first batch fills the shuffle buffers
     start = time.perf_counter()
@@ -194,8 +196,8 @@ def recipe_rows(args: argparse.Namespace) -> None:
         for name, (row_config, goal_every) in rows.items():
             took = timed_steps(row_config, batches, bf16, goal_every=goal_every)
             seconds[name] = min(seconds.get(name, float("inf")), took)
-    discrete = sum(int(b["ids"].shape[1] > 64) for b in batches)
-    print(f"{args.steps} batches of the {args.recipe!r} recipe on {args.data} ({discrete} of them BabyAI-sized); "
+    discrete = sum(bool((b["types"] == int(TokenType.DISCRETE)).any()) for b in batches)
+    print(f"{args.steps} batches of the {args.recipe!r} recipe on {args.data} ({discrete} of discrete observations); "
           f"{'bf16 autocast' if bf16 else 'fp32'}, {args.threads} threads")  # fmt: skip
     print(f"the loader in the training process: {1e3 * loader:.0f} ms a batch")
     base = next(iter(seconds.values()))
