@@ -21,7 +21,7 @@ that spends more backbone inputs on a timestep.
 task mixing; control and BabyAI batches in the loader's proportions), the loader's milliseconds
 per batch in the training process (the recipe's ``workers``: 0), then the model's step with the
 goal head every 4th step (the recipe's), every 16th and never, and at the widths ``--widths``
-(``n_embd x ff_dim``; the recipe's goal interval):
+(``n_embd x ff_dim``, optionally ``x n_layer``; the recipe's goal interval):
 
     .venv/bin/python benchmarks/train_step.py --data data/suite60p --recipe cpu --steps 40"""
 
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--presets", default="", help="with --backbones: comma list, one per backbone")
     parser.add_argument("--recipe", default="", help="a recipe's own model and batches (e.g. cpu)")
     parser.add_argument(
-        "--widths", default="64x256,96x384,128x512", help="with --recipe: n_embd x ff_dim rows"
+        "--widths", default="64x256,96x384,128x512", help="with --recipe: n_embd x ff_dim [x n_layer] rows"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -185,10 +185,11 @@ def recipe_rows(args: argparse.Namespace) -> None:
         "no goal head": (config, 0),
     }
     for width in args.widths.split(","):
-        n_embd, ff_dim = (int(x) for x in width.split("x"))
-        if (n_embd, ff_dim) != (config.n_embd, config.ff_dim):
-            rows[f"width {n_embd}, feed-forward {ff_dim}"] = (
-                replace(config, n_embd=n_embd, ff_dim=ff_dim),
+        n_embd, ff_dim, *layers = (int(x) for x in width.split("x"))
+        n_layer = layers[0] if layers else config.n_layer
+        if (n_embd, ff_dim, n_layer) != (config.n_embd, config.ff_dim, config.n_layer):
+            rows[f"width {n_embd}, feed-forward {ff_dim}, {n_layer} layers"] = (
+                replace(config, n_embd=n_embd, ff_dim=ff_dim, n_layer=n_layer),
                 recipe.goal_every,
             )
     seconds: dict[str, float] = {}
