@@ -208,6 +208,10 @@ def test_weights_of_tasks_the_dataset_lacks_are_refused_before_any_work(
                              "--goal_every", "-1"], capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0 and "goal_every: expected a step interval >= 0" in result.stderr
     assert not (tmp_path / "run").exists()
+    result = subprocess.run([BIN / "gato-like", "train", "--data", str(smoke_dataset), "--out", str(tmp_path / "run"),
+                             "--threads", "0"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "threads: expected a count of torch threads >= 1" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_discrete_bodies_get_their_own_token_budget(smoke_dataset: Path) -> None:
