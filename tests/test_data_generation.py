@@ -238,6 +238,30 @@ def test_dart_perturbation_records_the_clean_expert_action() -> None:
     assert noisy.executed_actions is not None and (noisy.executed_actions != noisy.actions).any()
 
 
+def test_expert_labels_record_the_experts_action_where_the_policy_went() -> None:
+    """DAgger: a policy acts (here one that always pushes right), the expert labels the states
+    it reaches; replaying the executed actions reproduces the episode."""
+    task = get_task("dmc-cartpole-balance")
+
+    def push_right(observation: dict[str, np.ndarray]) -> np.ndarray:
+        return np.ones(1, dtype=np.float32)
+
+    episode = task.rollout(7, push_right, render=False, max_steps=40, expert_labels=True)
+    assert episode.executed_actions is not None
+    np.testing.assert_array_equal(episode.executed_actions, np.ones((40, 1), dtype=np.float32))
+    env = task._environment(7)
+    env.reset()
+    expert = task.expert(env.physics)
+    for t in (0, 20, 39):  # the labels are the expert's in the states the pushes reached
+        x, cos_theta, sin_theta = episode.observations["position"][t]
+        env.physics.data.qpos[:] = [x, np.arctan2(sin_theta, cos_theta)]
+        env.physics.data.qvel[:] = episode.observations["velocity"][t]
+        np.testing.assert_allclose(expert(env.physics), episode.actions[t], atol=1e-3)
+    assert np.abs(episode.actions - episode.executed_actions).mean() > 0.1
+    with pytest.raises(ValueError, match="expert_labels: the expert labels a callable policy's states"):
+        task.rollout(7, "random", render=False, max_steps=5, expert_labels=True)
+
+
 def test_perturbation_settings_are_recorded_and_checked(tmp_path: Path) -> None:
     from gato_like.envs.base import Perturbation
 

@@ -368,18 +368,27 @@ class ControlTask:
         max_steps: int | None = None,
         perturbation: Perturbation | None = None,
         record: bool = False,
+        expert_labels: bool = False,
     ) -> Episode:
         """One episode from ``seed``: ``policy`` is ``expert``, ``random`` (uniform actions) or a
         callable from the observation ``{key: array}`` to the action (e.g. ``Policy.act``).
         ``render`` or ``record``: the camera's 64x64 frames in ``observations["pixels"]``.
 
         ``perturbation`` (expert only): execute a perturbed action, record the expert's clean one
-        (``actions``); the rewards are those of the executed actions."""
+        (``actions``); the rewards are those of the executed actions.
+
+        ``expert_labels`` (a callable ``policy`` only): the policy acts and the expert labels
+        (DAgger): ``actions`` are the expert's at the states the policy visits, ``executed_actions``
+        the policy's, the rewards the policy's."""
         env = self._environment(seed)
         timestep = env.reset()
         goal = None if self.goals is None else self.goal(seed)
+        if expert_labels and not callable(policy):
+            raise ValueError(
+                f"expert_labels: the expert labels a callable policy's states, got policy {policy!r}"
+            )
         expert = None
-        if policy == "expert":
+        if policy == "expert" or expert_labels:
             expert = self.expert(env.physics) if goal is None else self.goals.expert(env.physics, goal)  # type: ignore[union-attr,misc]
         rng = np.random.default_rng([seed, 1])
         perturb = (
@@ -409,8 +418,11 @@ class ControlTask:
             else:
                 action = rng.uniform(-1.0, 1.0, self.action_size)
             action = np.asarray(action, dtype=np.float32).reshape(self.action_size)
-            actions.append(action)
             executed: np.ndarray = action
+            if expert_labels:  # the policy's action executes, the expert's is the label
+                assert expert is not None
+                action = np.asarray(expert(env.physics), dtype=np.float32).reshape(self.action_size)
+            actions.append(action)
             if perturb is not None:
                 if held == 0 and noise_rng.random() < perturb.random_prob:
                     held = int(noise_rng.integers(1, perturb.hold + 1))
@@ -418,7 +430,7 @@ class ControlTask:
                 if held > 0:
                     executed, held = push, held - 1
                 else:
-                    executed = action + perturb.noise * noise_rng.standard_normal(self.action_size)
+                    executed = executed + perturb.noise * noise_rng.standard_normal(self.action_size)
                 executed = np.clip(executed, -1.0, 1.0).astype(np.float32)
             executed_actions.append(executed)
             timestep = env.step(executed)
@@ -439,7 +451,7 @@ class ControlTask:
             source=f"{policy if isinstance(policy, str) else 'learned'} policy in {'dm_control' if self.domain != 'arm3' else 'mujoco'} ({self.domain}/{self.task})"
             + (f", DART noise {perturb.noise} random {perturb.random_prob}" if perturb else ""),
             seed=seed,
-            executed_actions=np.stack(executed_actions) if perturb is not None else None,
+            executed_actions=np.stack(executed_actions) if perturb is not None or expert_labels else None,
         )
 
 
