@@ -286,7 +286,9 @@ def train(
     if c.goal_every < 0:
         raise ValueError(f"goal_every: expected a step interval >= 0 (0: never), got {c.goal_every}")
     if c.threads is not None and (isinstance(c.threads, bool) or c.threads < 1):
-        raise ValueError(f"threads: expected a count of torch threads >= 1 (or none: from the cores), got {c.threads!r}")
+        raise ValueError(
+            f"threads: expected a count of torch threads >= 1 (or none: from the cores), got {c.threads!r}"
+        )
     assert c.ema_decay is not None and c.mix_tasks is not None  # resolved
     averaging = [EMAWeights(c.ema_decay)] if c.ema_decay else []  # (a bad decay refused before any work)
     torch.set_num_threads(c.threads or thread_policy(c.workers))
