@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gato_like.envs.control import PendulumExpert, _pole_energy_terms, _wrap
+from gato_like.envs.control import PendulumExpert, _wrap
 from gato_like.envs.registry import get_task
 from gato_like.policy import Policy
 from gato_like.training.evaluate import eval_seed
@@ -39,15 +39,13 @@ class Recorder:
         self.policy, self.task, self.keys = policy, task, keys
         self.rows: list[tuple[float, float, float, float]] = []
         self.expert: PendulumExpert | None = None
-        self.inertia, self.mgl = 0.0, 1.0
 
     def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray:
         physics = self.task._envs[os.getpid()].physics  # the simulator reuses one environment a process
         if self.expert is None:
             self.expert = PendulumExpert(physics)
-            self.inertia, self.mgl = _pole_energy_terms(physics, "pole", "hinge")
         theta, w = _wrap(physics.data.qpos[0]), float(physics.data.qvel[0])
-        energy = (0.5 * self.inertia * w**2 + self.mgl * (np.cos(theta) - 1.0)) / self.mgl
+        energy = self.expert.energy(theta, w) / self.expert.mgl
         action = self.policy.act({k: v for k, v in observation.items() if k in self.keys})
         along = float(np.sign(w) or 1.0)
         expert = float(self.expert(physics)[0])

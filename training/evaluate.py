@@ -24,7 +24,7 @@ from gato_like.data_pipelines.inspect import save_gif
 from gato_like.data_pipelines.shards import atomic_write_bytes
 from gato_like.envs import Env, from_gymnasium, get_task
 from gato_like.policy import Policy
-from gato_like.training.settings import EvalConfig
+from gato_like.training.settings import EvalConfig, check_threads
 
 
 def evaluate(
@@ -69,9 +69,8 @@ def evaluate(
     )
     if episodes < 1:
         raise ValueError(f"episodes: expected >= 1, got {episodes}")
+    check_threads(c.threads)
     if c.threads is not None:
-        if isinstance(c.threads, bool) or not isinstance(c.threads, int) or c.threads < 1:
-            raise ValueError(f"threads: expected a count of torch threads >= 1, got {c.threads!r}")
         torch.set_num_threads(c.threads)
     policy = Policy.from_checkpoint(checkpoint)
     known = policy.checkpoint.tasks

@@ -117,6 +117,13 @@ class TrainConfig:
         )
 
 
+def check_threads(threads: object) -> None:
+    """Refuse a torch thread count that is not None or an integer >= 1 (``train``, ``eval``),
+    before any work."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: expected a count of torch threads >= 1, got {threads!r}")
+
+
 @dataclass
 class FinetuneConfig:
     """How to adapt. Every default is meant for 5-50 demos without tuning."""

@@ -26,7 +26,7 @@ from gato_like.training.module import GatoLightning, OptimConfig
 from gato_like.training.progress import PlainProgress, count_timesteps
 from gato_like.training.rollouts import RolloutScores, plot_scores
 from gato_like.training.rollouts import rollout_tasks as rollout_tasks_of
-from gato_like.training.settings import TrainConfig
+from gato_like.training.settings import TrainConfig, check_threads
 
 
 class ExportCheckpoint(L.Callback):
@@ -285,10 +285,7 @@ def train(
         raise ValueError(f"rollout_episodes: expected >= 0, got {c.rollout_episodes}")
     if c.goal_every < 0:
         raise ValueError(f"goal_every: expected a step interval >= 0 (0: never), got {c.goal_every}")
-    if c.threads is not None and (isinstance(c.threads, bool) or c.threads < 1):
-        raise ValueError(
-            f"threads: expected a count of torch threads >= 1 (or none: from the cores), got {c.threads!r}"
-        )
+    check_threads(c.threads)
     assert c.ema_decay is not None and c.mix_tasks is not None  # resolved
     averaging = [EMAWeights(c.ema_decay)] if c.ema_decay else []  # (a bad decay refused before any work)
     torch.set_num_threads(c.threads or thread_policy(c.workers))

@@ -187,11 +187,15 @@ class PendulumExpert:
         self.gain = lqr_gain(physics, np.zeros(1), np.diag([10.0, 1.0]), np.eye(1))
         self.inertia, self.mgl = _pole_energy_terms(physics, "pole", "hinge")
 
+    def energy(self, theta: float, theta_dot: float) -> float:
+        """The pole's energy relative to upright: 0 at rest there, ``-2 mgl`` at rest below."""
+        return 0.5 * self.inertia * theta_dot**2 + self.mgl * (np.cos(theta) - 1.0)
+
     def __call__(self, physics: Any) -> np.ndarray:
         theta, theta_dot = _wrap(physics.data.qpos[0]), float(physics.data.qvel[0])
         if np.cos(theta) > 0.95:
             return np.clip(-self.gain @ np.array([theta, theta_dot]), -1.0, 1.0)
-        energy = 0.5 * self.inertia * theta_dot**2 + self.mgl * (np.cos(theta) - 1.0)
+        energy = self.energy(theta, theta_dot)
         return np.clip(np.array([-5.0 * energy * (np.sign(theta_dot) or 1.0)]), -1.0, 1.0)
 
 
