@@ -56,16 +56,18 @@ def train_mlp(
     out_dim: int,
     seconds: float,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    max_steps: int | None = None,
 ) -> tuple[nn.Module, int]:
     """The references' network: a 2-layer MLP (256 units) from ``x`` (N, F) to ``out_dim``
-    outputs, Adam (1e-3) on batches of 256 rows of ``loss(prediction, y[rows])`` for ``seconds``.
-    Returns the network in eval mode and the steps taken."""
+    outputs, Adam (1e-3) on batches of 256 rows of ``loss(prediction, y[rows])`` for ``seconds``,
+    or for ``max_steps`` optimizer steps where given (``256 * max_steps`` samples, whatever the
+    machine's speed). Returns the network in eval mode and the steps taken."""
     net = nn.Sequential(
         nn.Linear(x.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, out_dim)
     )
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     started, steps = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
+    while steps < max_steps if max_steps else time.perf_counter() - started < seconds:
         index = torch.randint(0, len(x), (256,))
         value = loss(net(x[index]), y[index])
         optimizer.zero_grad()
@@ -76,7 +78,12 @@ def train_mlp(
 
 
 def fit(
-    task: str, root: str, seconds: float, seed: int, max_episodes: int | None = None
+    task: str,
+    root: str,
+    seconds: float,
+    seed: int,
+    max_episodes: int | None = None,
+    max_steps: int | None = None,
 ) -> tuple[nn.Module, Features, Any, int]:
     from gato_like.data_pipelines.loader import DatasetSource
     from gato_like.data_pipelines.shards import iter_task
@@ -113,6 +120,7 @@ def fit(
         nn.functional.cross_entropy
         if discrete
         else (lambda pred, target: ((torch.tanh(pred) - target) ** 2).mean()),
+        max_steps,
     )
 
     def actor(observation: dict[str, Any]) -> np.ndarray:
@@ -133,6 +141,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/mlp_reference")
     parser.add_argument("--tasks", default=None, help="comma list (default: every task with a simulator)")
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train for this many steps of 256 samples instead of --seconds (e.g. the samples a task gets in an hour)",
+    )
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -148,7 +162,7 @@ def main() -> None:
     names = rollout_tasks(index, args.tasks.split(",") if args.tasks else None)
     results: dict[str, Any] = {}
     for name in names:
-        _, _, actor, steps = fit(name, args.data, args.seconds, args.seed, args.max_episodes)
+        _, _, actor, steps = fit(name, args.data, args.seconds, args.seed, args.max_episodes, args.steps)
         task = get_task(name)
         returns = [
             task.rollout(
