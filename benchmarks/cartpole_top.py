@@ -16,40 +16,24 @@ timesteps show the pole up, and how far off centre the cart is in them.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import numpy as np
 import torch
+from expert_beside import ExpertBeside  # (benchmarks/, beside this script)
 
 from gato_like.envs.control import CartpoleExpert, _wrap
-from gato_like.envs.registry import get_task
 from gato_like.policy import Policy
-from gato_like.training.evaluate import eval_seed
 
 TASK = "dmc-cartpole-swingup"
 UP = 0.85  # cos(theta) above which the expert switches to LQR
 
 
-class Recorder:
-    """The policy as the simulator's actor, recording per step ``(x, theta, x', theta', the policy's
-    action, the expert's)`` from the episode's own physics in ``rows``."""
-
-    def __init__(self, policy: Policy, task: Any, keys: frozenset[str]) -> None:
-        self.policy, self.task, self.keys = policy, task, keys
-        self.rows: list[tuple[float, ...]] = []
-        self.expert: CartpoleExpert | None = None
-
-    def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray:
-        physics = self.task._envs[os.getpid()].physics  # the simulator reuses one environment a process
-        if self.expert is None:
-            self.expert = CartpoleExpert(physics)
-        x, theta = physics.data.qpos
-        x_dot, theta_dot = physics.data.qvel
-        action = self.policy.act({k: v for k, v in observation.items() if k in self.keys})
-        expert = float(self.expert(physics)[0])
-        self.rows.append((x, _wrap(theta), x_dot, theta_dot, float(action[0]), expert))
-        return action
+def state_row(physics: Any, expert: CartpoleExpert, action: np.ndarray, expert_u: float) -> tuple[float, ...]:
+    """``(x, theta, x', theta', the policy's action, the expert's)`` of one step."""
+    x, theta = physics.data.qpos
+    x_dot, theta_dot = physics.data.qvel
+    return (x, _wrap(theta), x_dot, theta_dot, float(action[0]), expert_u)
 
 
 def data_counts(root: str) -> None:
@@ -82,23 +66,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    policy = Policy.from_checkpoint(args.ckpt)
-    task = get_task(TASK)
-    recorder = Recorder(policy, task, frozenset(policy.checkpoint.spec_for(TASK).observations))
+    recorder = ExpertBeside(Policy.from_checkpoint(args.ckpt), TASK, CartpoleExpert, state_row)
     print(f"{'episode':>7s} {'return':>7s} {'first step up':>14s} {'|x| while up':>13s}")
-    rows: list[tuple[float, ...]] = []
+    episodes = []
     for i in range(args.episodes):
-        recorder.rows = []
-        policy.reset(TASK)
-        played = task.rollout(eval_seed(TASK, args.seed, i), recorder, render=False)
-        episode = np.array(recorder.rows)
+        played, episode = recorder.episode(args.seed, i)
         up = np.cos(episode[:, 1]) > UP
         first = int(np.argmax(up)) if up.any() else -1
         offset = np.abs(episode[up, 0]).mean() if up.any() else float("nan")
         print(f"{i:7d} {played.episode_return:7.0f} {first:14d} {offset:13.2f}")
-        rows += recorder.rows
+        episodes.append(episode)
 
-    table = np.array(rows)
+    table = np.concatenate(episodes)
     up = np.cos(table[:, 1]) > UP
     state, policy_u, expert_u = table[up, :4], table[up, 4], table[up, 5]
     free = np.abs(expert_u) < 0.95  # where the expert's LQR is not clipped, its action is linear

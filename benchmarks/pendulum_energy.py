@@ -15,42 +15,32 @@ positive is pumping and negative braking).
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import numpy as np
 import torch
+from expert_beside import ExpertBeside  # (benchmarks/, beside this script)
 
 from gato_like.envs.control import PendulumExpert, _wrap
-from gato_like.envs.registry import get_task
 from gato_like.policy import Policy
-from gato_like.training.evaluate import eval_seed
 
 TASK = "dmc-pendulum-swingup"
 #: energy bands, in units of m g l (the energy a pole at rest below lacks: -2)
 BANDS = [(-2.01, -1.0), (-1.0, -0.3), (-0.3, -0.05), (-0.05, 0.05), (0.05, 0.3), (0.3, 10.0)]
 
 
-class Recorder:
-    """The policy as the simulator's actor, recording per step ``(E / mgl, the policy's torque
-    along the swing, the expert's, cos(theta))`` in ``rows`` from the episode's own physics."""
-
-    def __init__(self, policy: Policy, task: Any, keys: frozenset[str]) -> None:
-        self.policy, self.task, self.keys = policy, task, keys
-        self.rows: list[tuple[float, float, float, float]] = []
-        self.expert: PendulumExpert | None = None
-
-    def __call__(self, observation: dict[str, np.ndarray]) -> np.ndarray:
-        physics = self.task._envs[os.getpid()].physics  # the simulator reuses one environment a process
-        if self.expert is None:
-            self.expert = PendulumExpert(physics)
-        theta, w = _wrap(physics.data.qpos[0]), float(physics.data.qvel[0])
-        energy = self.expert.energy(theta, w) / self.expert.mgl
-        action = self.policy.act({k: v for k, v in observation.items() if k in self.keys})
-        along = float(np.sign(w) or 1.0)
-        expert = float(self.expert(physics)[0])
-        self.rows.append((energy, float(action[0]) * along, expert * along, float(np.cos(theta))))
-        return action
+def energy_row(
+    physics: Any, expert: PendulumExpert, action: np.ndarray, expert_u: float
+) -> tuple[float, ...]:
+    """``(E / mgl, the policy's torque along the swing, the expert's, cos(theta))`` of one step."""
+    theta, w = _wrap(physics.data.qpos[0]), float(physics.data.qvel[0])
+    along = float(np.sign(w) or 1.0)
+    return (
+        expert.energy(theta, w) / expert.mgl,
+        float(action[0]) * along,
+        expert_u * along,
+        float(np.cos(theta)),
+    )
 
 
 def main() -> None:
@@ -66,20 +56,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    policy = Policy.from_checkpoint(args.ckpt)
-    task = get_task(TASK)
-    recorder = Recorder(policy, task, frozenset(policy.checkpoint.spec_for(TASK).observations))
-    rows: list[tuple[float, float, float, float]] = []
+    recorder = ExpertBeside(Policy.from_checkpoint(args.ckpt), TASK, PendulumExpert, energy_row)
+    episodes = []
     print(f"{'episode':>7s} {'return':>7s} {'E > 0.1 mgl':>12s} {'top (cos > 0.95)':>17s}")
     for i in range(args.episodes):
-        recorder.rows = []
-        policy.reset(TASK)
-        played = task.rollout(eval_seed(TASK, args.seed, i), recorder, render=False)
-        e = np.array([r[0] for r in recorder.rows])
-        top = np.array([r[3] for r in recorder.rows]) > 0.95
+        played, rows = recorder.episode(args.seed, i)
+        e, top = rows[:, 0], rows[:, 3] > 0.95
         print(f"{i:7d} {played.episode_return:7.0f} {np.mean(e > 0.1):12.0%} {np.mean(top):17.0%}")
-        rows += recorder.rows
-    table = np.array(rows)
+        episodes.append(rows)
+    table = np.concatenate(episodes)
     print(
         f"\n{'E / mgl':>16s} {'steps':>7s} {'policy torque':>14s} {'expert torque':>14s} {'|policy - expert|':>18s}"
     )
