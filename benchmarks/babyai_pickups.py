@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 TASK = "babyai-PickupLoc"
-KINDS = ["success", "carrying nothing", "right type and colour, wrong place", "another object"]
+KINDS = [
+    "success",
+    "carrying nothing",
+    "right type and colour, wrong place",
+    "another object: the mission's type",
+    "another object: the mission's colour",
+    "another object: neither",
+]
 
 
 @contextlib.contextmanager
@@ -66,8 +73,12 @@ def profile(actor: Callable[[dict[str, Any]], Any], episodes: int, seed: int, re
                 counts[KINDS[1]] += 1
             elif carried.type == wanted.type and wanted.color in (None, carried.color):
                 counts[KINDS[2]] += 1
-            else:
+            elif carried.type == wanted.type:
                 counts[KINDS[3]] += 1
+            elif carried.color == wanted.color:
+                counts[KINDS[4]] += 1
+            else:
+                counts[KINDS[5]] += 1
     return counts
 
 

@@ -45,7 +45,7 @@ def _segments(builder: SequenceBuilder, sequence: TokenSequence) -> list[tuple[s
             h, w, _ = spec.observations[key].shape
             count = builder.image.num_patches(h, w)
         else:
-            count = int(np.prod(spec.observations[key].shape))
+            count = spec.observations[key].tokens
         ids = first.ids[position : position + count]
         shown = (
             "patch placeholders"

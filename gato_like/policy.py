@@ -360,7 +360,7 @@ class Policy:
         at, at_proprio = 0, 0
         for key in builder.tensor_keys:
             obs = self.spec.observations[key]
-            n = int(np.prod(obs.shape))
+            n = obs.tokens
             chunk = values[at : at + n]
             if obs.kind == "proprio":
                 decoded = (
@@ -371,7 +371,9 @@ class Policy:
                 out[key] = np.asarray(decoded, np.float32).reshape(obs.shape)
                 at_proprio += n
             else:
-                out[key] = builder.discrete.decode(chunk).reshape(obs.shape)
+                out[key] = obs.from_cells(
+                    builder.discrete.decode(chunk).reshape(obs.shape[: -1 if obs.cell_values else None])
+                )
             at += n
         return out
 

@@ -66,7 +66,9 @@ def test_domain_weights(smoke_dataset: Path) -> None:
     samples = _take(smoke_dataset, 30, context_length=256, domain_weights=weights)
     assert {int(s["task"]) for s in samples} == {source.tasks.index("captions")}
     counts = Counter(int(s["task"]) for s in _take(smoke_dataset, 300, context_length=256))
-    assert len(counts) == 3 and min(counts.values()) > 60  # equal weights by default
+    # equal weights by default: each task's episodes are drawn alike; a window share follows the
+    # episode's length in tokens (a BabyAI episode of 49-cell views gives 1-3 windows of 256)
+    assert len(counts) == 3 and min(counts.values()) > 30, counts
 
 
 def test_one_pass_split_across_workers_sees_each_episode_once(smoke_dataset: Path) -> None:
@@ -125,9 +127,9 @@ def test_missing_index_and_too_short_context(tmp_path: Path, smoke_dataset: Path
         DatasetSource.open(smoke_dataset, tasks=["nope"])
     with pytest.raises(
         ValueError,
-        match=r"context_length 64 is shorter than one timestep of babyai-GoToRedBall \(150\+ backbone inputs\)",
+        match=r"context_length 32 is shorter than one timestep of babyai-GoToRedBall \(52\+ backbone inputs\)",
     ):
-        SequenceDataset(DatasetSource.open(smoke_dataset), LoaderConfig(context_length=64))
+        SequenceDataset(DatasetSource.open(smoke_dataset), LoaderConfig(context_length=32))
 
 
 def test_streams_from_an_http_url(smoke_dataset: Path) -> None:

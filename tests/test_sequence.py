@@ -127,6 +127,10 @@ def spec_and_episode(draw):
             "shape": draw(st.lists(st.integers(1, 3), max_size=2)),
             "num_values": draw(st.integers(1, 1024)),
         }
+        if observations["d"]["shape"] and draw(st.booleans()):  # one token per cell of the last axis
+            entries = observations["d"]["shape"][-1]
+            radix = st.integers(1, min(10, observations["d"]["num_values"]))
+            observations["d"]["cell_values"] = draw(st.lists(radix, min_size=entries, max_size=entries))
     action_shape = draw(st.lists(st.integers(1, 3), min_size=1, max_size=2))
     if draw(st.booleans()):
         low = draw(st.floats(-100, 99, allow_nan=False))
@@ -149,6 +153,8 @@ def spec_and_episode(draw):
             obs[key] = np.array(
                 draw(st.lists(st.text(max_size=12), min_size=steps, max_size=steps)), dtype=object
             )
+        elif o.cell_values:
+            obs[key] = rng.integers(0, o.cell_values, (steps, *o.shape))
         else:
             obs[key] = rng.integers(0, o.num_values, (steps, *o.shape))
     a = spec.action
@@ -173,7 +179,15 @@ def reference_ids(spec: EmbodimentSpec, obs: dict, actions: np.ndarray) -> list[
         for key in (k for k in keys if spec.observations[k].kind == "image"):
             out += [V + 2050] * len(image.encode(obs[key][t])[0])
         for key in (k for k in keys if spec.observations[k].kind in ("proprio", "discrete")):
-            tok = cont if spec.observations[key].kind == "proprio" else disc
+            o = spec.observations[key]
+            if o.cell_values:  # one token per cell: its entries as digits, the last least significant
+                for cell in np.asarray(obs[key][t]).reshape(-1, len(o.cell_values)).tolist():
+                    number = 0
+                    for entry, radix in zip(cell, o.cell_values, strict=True):
+                        number = number * radix + entry
+                    out.append(V + 1024 + number)
+                continue
+            tok = cont if o.kind == "proprio" else disc
             out += tok.encode(obs[key][t]).tolist()
         out.append(V + 2048)
         a = spec.action
@@ -306,3 +320,37 @@ def test_build_step_text_and_window_arguments() -> None:
         full.window(1.0, 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"expected 0 <= start < stop <= 3, got \[2, 2\)"):
         full.window(2, 2)
+
+
+def test_cells_are_one_token_each_and_decode_back() -> None:
+    """A BabyAI view with ``cell_values`` (object, colour, state): 49 tokens, not 147, each the
+    cell's mixed-radix number; the spec turns them back into the view exactly."""
+    from gato_like.envs.babyai import BABYAI_SPEC
+
+    observations = dict(BABYAI_SPEC["observations"])
+    observations["image"] = {**observations["image"], "cell_values": [11, 6, 3]}
+    spec = EmbodimentSpec.from_dict({**BABYAI_SPEC, "observations": observations})
+    view = np.zeros((2, 7, 7, 3), np.uint8)
+    view[0, 3, 6] = (5, 4, 0)  # a key (5), purple (4): 5 * 18 + 4 * 3 + 0 = 102
+    view[1, 0, 0] = (4, 2, 2)  # a locked (2) blue (2) door (4): 72 + 6 + 2 = 80
+    view[1, 6, 6] = (10, 0, 0)  # the agent: 180
+    obs = {"mission": np.array(["pick up the key"] * 2), "image": view, "direction": np.array([0, 3])}
+    builder = SequenceBuilder(spec, TEXT)
+    seq = builder.build(obs, np.array([[3], [1]]))
+    image = spec.observations["image"]
+    assert image.tokens == 49 and builder.group_sizes()["values"] == 50
+    values = seq.ids[seq.types == TokenType.DISCRETE].reshape(2, 50) - (V + 1024)
+    assert values[:, 0].tolist() == [0, 3]  # keys in sorted order: direction, then the view
+    cells = values[:, 1:]
+    assert cells[0, 3 * 7 + 6] == 102 and cells[1, 0] == 80 and cells[1, 48] == 180
+    assert (np.delete(cells[0], 3 * 7 + 6) == 0).all()
+    assert seq.ids.tolist() == reference_ids(spec, obs, np.array([[3], [1]]))
+    np.testing.assert_array_equal(image.from_cells(cells.reshape(2, 7, 7)), view)
+    np.testing.assert_array_equal(image.to_cells(view), cells.reshape(2, 7, 7))
+    # an entry beyond its own radix (a colour of 6) is refused before tokenizing
+    view[0, 1, 1] = (1, 6, 0)
+    with pytest.raises(
+        SpecMismatchError,
+        match=r"obs\.image: out of range: expected a cell's entry k in \[0, cell_values\[k\]\) = \[11, 6, 3\], got 6 at index \(0, 1, 1, 1\)",
+    ):
+        builder.build(obs, np.array([[3], [1]]))

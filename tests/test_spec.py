@@ -73,6 +73,34 @@ def test_round_trip_through_json(tmp_path) -> None:
             "observations.x.num_values: expected a positive integer, got None",
         ),
         (
+            {
+                "observations": {
+                    "x": {"kind": "discrete", "shape": [4, 3], "num_values": 11, "cell_values": [11, 6]}
+                }
+            },
+            "observations.x.cell_values: expected one entry per element of the last axis (3), got [11, 6]",
+        ),
+        (
+            {
+                "observations": {
+                    "x": {"kind": "discrete", "shape": [2], "num_values": 40, "cell_values": [40, 40]}
+                }
+            },
+            "observations.x.cell_values: a cell takes prod(cell_values) = 1600 values; expected at most 1024",
+        ),
+        (
+            {
+                "observations": {
+                    "x": {"kind": "discrete", "shape": [2], "num_values": 4, "cell_values": [5, 2]}
+                }
+            },
+            "observations.x.cell_values: expected entries of at most num_values (4), got [5, 2]",
+        ),
+        (
+            {"observations": {"x": {"kind": "proprio", "shape": [2], "cell_values": [2, 2]}}},
+            "observations.x.cell_values: applies to discrete observations only, not 'proprio'",
+        ),
+        (
             {"observations": {"x": {"kind": "text", "shape": [2]}}},
             "observations.x.shape: a text observation is one string per timestep",
         ),

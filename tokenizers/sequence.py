@@ -175,7 +175,7 @@ class SequenceBuilder:
         for key in self.image_keys:
             height, width, _ = self.spec.observations[key].shape
             size += self.image.num_patches(height, width)
-        return size + sum(int(np.prod(self.spec.observations[k].shape)) for k in self.tensor_keys)
+        return size + sum(self.spec.observations[k].tokens for k in self.tensor_keys)
 
     def group_sizes(self) -> dict[str, int]:
         """Tokens per timestep of each group whose size the spec fixes: ``image`` (patches of every
@@ -185,7 +185,7 @@ class SequenceBuilder:
         for key in self.image_keys:
             height, width, _ = self.spec.observations[key].shape
             images += self.image.num_patches(height, width)
-        values = sum(int(np.prod(self.spec.observations[k].shape)) for k in self.tensor_keys)
+        values = sum(self.spec.observations[k].tokens for k in self.tensor_keys)
         return {"image": images, "values": values, "action": 1 + self.action_size}
 
     # -- actions ---------------------------------------------------------------------------------
@@ -299,8 +299,9 @@ class SequenceBuilder:
             delta_blocks.append(id_blocks[-1])
             type_blocks.append(np.full(patches.shape[:2], TokenType.IMAGE, dtype=np.int8))
         for key in self.tensor_keys:
-            array = np.asarray(observations[key]).reshape(steps, -1)
-            if self.spec.observations[key].kind == "proprio":
+            obs = self.spec.observations[key]
+            array = obs.to_cells(np.asarray(observations[key])).reshape(steps, -1)
+            if obs.kind == "proprio":
                 block, kind = self.continuous.encode(array).reshape(array.shape), TokenType.CONTINUOUS
                 if previous is not None:
                     before = np.asarray(previous[key], dtype=np.float64).reshape(array.shape)

@@ -17,7 +17,9 @@ Example (``embodiment.json``)::
 
 Observation kinds: ``proprio`` (float, mu-law tokens, optional ``low``/``high`` bounds checked on
 input), ``image`` (uint8 ``(H, W, C)``, C in {1, 3}), ``text`` (one string per timestep) and
-``discrete`` (integers in ``[0, num_values)``, ``num_values <= 1024``). Action kinds:
+``discrete`` (integers in ``[0, num_values)``, ``num_values <= 1024``; with ``cell_values``, one
+token per cell of the last axis, e.g. ``"cell_values": [11, 6, 3]`` for a grid of (object,
+colour, state) cells). Action kinds:
 ``continuous`` (``low``/``high`` required; scaled to [-1, 1] before binning) and ``discrete``
 (``num_choices``). Bounds are a number or a nested list of the observation's shape.
 
@@ -182,6 +184,40 @@ def _shape(value: Any, path: str, problems: list[str]) -> tuple[int, ...] | None
     return tuple(int(v) for v in value)
 
 
+def _cell_values(
+    value: Any,
+    kind: str,
+    shape: tuple[int, ...],
+    num_values: int | None,
+    path: str,
+    problems: list[str],
+) -> tuple[int, ...] | None:
+    """``cell_values`` checked: one positive integer per entry of the last axis, each at most
+    ``num_values``, their product (the values a cell takes) at most ``DISCRETE_VALUES``."""
+    if value is None:
+        return None
+    where = f"{path}.cell_values"
+    if kind != "discrete":
+        problems.append(f"{where}: applies to discrete observations only, not {kind!r}")
+        return None
+    cells = _shape(value, where, problems)
+    if cells is None:
+        return None
+    if not shape or len(cells) != shape[-1]:
+        last = shape[-1] if shape else "none (the shape is [])"
+        problems.append(
+            f"{where}: expected one entry per element of the last axis ({last}), got {list(cells)}"
+        )
+    elif num_values is not None and max(cells) > num_values:
+        problems.append(f"{where}: expected entries of at most num_values ({num_values}), got {list(cells)}")
+    elif math.prod(cells) > DISCRETE_VALUES:
+        problems.append(
+            f"{where}: a cell takes prod(cell_values) = {math.prod(cells)} values; expected at most "
+            f"{DISCRETE_VALUES} (the discrete id range)"
+        )
+    return cells
+
+
 def _unknown_fields(
     data: Mapping[str, Any], allowed: tuple[str, ...], path: str, problems: list[str]
 ) -> None:
@@ -203,8 +239,35 @@ class ObservationSpec:
     high: np.ndarray | None = None
     num_values: int | None = None
     description: str = ""
+    cell_values: tuple[int, ...] | None = None
+    """``discrete`` only: the last axis is one cell (one symbol, e.g. a grid cell's object, colour
+    and state), tokenized as one value: the mixed-radix number of its entries, entry k in
+    ``[0, cell_values[k])``. None: every entry is a token of its own."""
 
-    FIELDS = ("kind", "shape", "dtype", "low", "high", "num_values", "description")
+    FIELDS = ("kind", "shape", "dtype", "low", "high", "num_values", "cell_values", "description")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per timestep of a ``proprio`` or ``discrete`` key: its elements, or its cells."""
+        return math.prod(self.shape[:-1] if self.cell_values else self.shape)
+
+    def to_cells(self, array: np.ndarray) -> np.ndarray:
+        """Entries ``(..., *shape)`` to one value per cell ``(..., *shape[:-1])`` (mixed radix,
+        the last entry least significant); the array itself without ``cell_values``."""
+        if not self.cell_values:
+            return array
+        radix = np.cumprod((1, *self.cell_values[:0:-1]))[::-1].astype(np.int64)  # (C,)
+        return (np.asarray(array).astype(np.int64) * radix).sum(-1)
+
+    def from_cells(self, cells: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_cells`: ``(..., *shape[:-1])`` to ``(..., *shape)``."""
+        if not self.cell_values:
+            return cells
+        parts, rest = [], np.asarray(cells).astype(np.int64)
+        for radix in self.cell_values[::-1]:
+            parts.append(rest % radix)
+            rest = rest // radix
+        return np.stack(parts[::-1], axis=-1)
 
     @classmethod
     def parse(cls, data: Any, path: str, problems: list[str]) -> ObservationSpec | None:
@@ -262,9 +325,10 @@ class ObservationSpec:
             )
         elif data.get("num_values") is not None:
             problems.append(f"{path}.num_values: applies to discrete observations only, not {kind!r}")
+        cell_values = _cell_values(data.get("cell_values"), kind, shape, num_values, path, problems)
         if len(problems) > n:
             return None
-        return cls(kind, shape, dtype, low, high, num_values, str(data.get("description", "")))
+        return cls(kind, shape, dtype, low, high, num_values, str(data.get("description", "")), cell_values)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "shape": list(self.shape), "dtype": self.dtype}
@@ -274,6 +338,8 @@ class ObservationSpec:
             out["high"] = self.high.tolist()
         if self.num_values is not None:
             out["num_values"] = self.num_values
+        if self.cell_values is not None:
+            out["cell_values"] = list(self.cell_values)
         if self.description:
             out["description"] = self.description
         return out
@@ -324,6 +390,18 @@ class ObservationSpec:
                         f"{array[index]} at index {index}",
                     )
                 )
+            elif self.cell_values is not None:
+                bad = array >= np.asarray(self.cell_values)
+                if bad.any():
+                    index = tuple(int(i) for i in np.argwhere(bad)[0])
+                    out.append(
+                        Violation(
+                            key,
+                            "out of range",
+                            f"a cell's entry k in [0, cell_values[k]) = {list(self.cell_values)}",
+                            f"{array[index]} at index {index}",
+                        )
+                    )
         if self.low is not None or self.high is not None:
             violation = _bound_violation(key, array, self.low, self.high, lead)
             if violation is not None:

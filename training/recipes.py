@@ -123,8 +123,10 @@ RECIPES: dict[str, Recipe] = {
             batch_tokens=4096,
             # BabyAI alone, 2500 steps, 10000 episodes a level, 30 episodes: 0.28 with ~52
             # one-timestep windows a batch against 0.21 with ~13; with windows of like length
-            # (no padding) 16384 tokens hold ~87 (docs/results.md)
-            discrete_batch_tokens=16384,
+            # (no padding) 16384 tokens held ~87 of 147-value views; 6300 hold as many of the
+            # 49-cell views (`cell_values`), which learned more from the same windows (3000
+            # steps: 0.60 against 0.42 over 50 episodes a level, docs/results.md)
+            discrete_batch_tokens=6300,
             # the tasks of one kind of action share each batch: the suite's hour scored 0.65 and
             # 0.82 at steps 7,500 and 15,000 (3 episodes a task) where one-task batches had
             # 0.35-0.49 and 0.59-0.65 in the three hours before; 10 episodes a task at the end:

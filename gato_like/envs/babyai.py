@@ -1,7 +1,7 @@
 """BabyAI levels (the ``minigrid`` package) with its BabyAI bot as the expert.
 
 Observations: the text mission, the 7x7 egocentric symbolic view (object, colour, state ids, all
-< 11) and the agent's heading; 7 discrete actions. Return is minigrid's ``1 - 0.9 * steps / max_steps``
+< 11; one token per cell: ``cell_values``) and the agent's heading; 7 discrete actions. Return is minigrid's ``1 - 0.9 * steps / max_steps``
 on success, 0 otherwise.
 """
 
@@ -24,7 +24,15 @@ BABYAI_SPEC: dict[str, Any] = {
     "control_hz": 10.0,
     "observations": {
         "mission": {"kind": "text"},
-        "image": {"kind": "discrete", "shape": [7, 7, 3], "num_values": 11, "dtype": "uint8"},
+        # one token per cell (object < 11, colour < 6, state < 3): "a purple key" is one token,
+        # which a model need not assemble from three (docs/model.md, "Symbols: one token per cell")
+        "image": {
+            "kind": "discrete",
+            "shape": [7, 7, 3],
+            "num_values": 11,
+            "cell_values": [11, 6, 3],
+            "dtype": "uint8",
+        },
         "direction": {"kind": "discrete", "shape": [], "num_values": 4},
     },
     "action": {"kind": "discrete", "shape": [1], "num_choices": 7},
