@@ -464,8 +464,9 @@ def example_observation(spec: Mapping[str, Any], rng: np.random.Generator | None
             out[key] = "go to the red ball"
         elif kind == "image":
             out[key] = rng.integers(0, 256, shape, dtype=np.uint8)
-        elif kind == "discrete":
-            out[key] = rng.integers(0, obs["num_values"], shape).astype(obs.get("dtype", "int64"))
+        elif kind == "discrete":  # a cell's part k below cell_values[k] where the spec has them
+            high = obs.get("cell_values") or obs["num_values"]
+            out[key] = rng.integers(0, high, shape).astype(obs.get("dtype", "int64"))
         else:
             low, high = obs.get("low"), obs.get("high")
             if low is not None and high is not None:
