@@ -347,6 +347,8 @@ def test_cells_are_one_token_each_and_decode_back() -> None:
     assert seq.ids.tolist() == reference_ids(spec, obs, np.array([[3], [1]]))
     np.testing.assert_array_equal(image.from_cells(cells.reshape(2, 7, 7)), view)
     np.testing.assert_array_equal(image.to_cells(view), cells.reshape(2, 7, 7))
+    # a value beyond the symbols (198 and up) stays out of range instead of wrapping into a cell
+    assert image.from_cells(np.array([197, 198, 1000])).tolist() == [[10, 5, 2], [11, 0, 0], [55, 3, 1]]
     # an entry beyond its own radix (a colour of 6) is refused before tokenizing
     view[0, 1, 1] = (1, 6, 0)
     with pytest.raises(

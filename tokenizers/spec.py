@@ -260,14 +260,16 @@ class ObservationSpec:
         return (np.asarray(array).astype(np.int64) * radix).sum(-1)
 
     def from_cells(self, cells: np.ndarray) -> np.ndarray:
-        """The inverse of :meth:`to_cells`: ``(..., *shape[:-1])`` to ``(..., *shape)``."""
+        """The inverse of :meth:`to_cells`: ``(..., *shape[:-1])`` to ``(..., *shape)``. A value
+        of ``prod(cell_values)`` or more (a dynamics prediction outside the symbols) keeps its
+        excess in the first part, out of its range, rather than wrapping into a valid cell."""
         if not self.cell_values:
             return cells
         parts, rest = [], np.asarray(cells).astype(np.int64)
-        for radix in self.cell_values[::-1]:
+        for radix in self.cell_values[:0:-1]:
             parts.append(rest % radix)
             rest = rest // radix
-        return np.stack(parts[::-1], axis=-1)
+        return np.stack([rest, *parts[::-1]], axis=-1)
 
     @classmethod
     def parse(cls, data: Any, path: str, problems: list[str]) -> ObservationSpec | None:
