@@ -371,9 +371,7 @@ class Policy:
                 out[key] = np.asarray(decoded, np.float32).reshape(obs.shape)
                 at_proprio += n
             else:
-                out[key] = obs.from_cells(
-                    builder.discrete.decode(chunk).reshape(obs.shape[: -1 if obs.cell_values else None])
-                )
+                out[key] = obs.from_cells(builder.discrete.decode(chunk).reshape(obs.token_shape))
             at += n
         return out
 

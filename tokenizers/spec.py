@@ -133,6 +133,16 @@ def _bounds(value: Any, shape: tuple[int, ...], path: str, problems: list[str]) 
     return np.broadcast_to(array, shape).copy()
 
 
+def _first_violation(
+    key: str, problem: str, expected: str, array: np.ndarray, bad: np.ndarray
+) -> Violation | None:
+    """A violation naming the first element of ``array`` where ``bad`` (same shape) is True, or None."""
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    return Violation(key, problem, expected, f"{array[index]} at index {index}")
+
+
 def _bound_violation(
     key: str, array: np.ndarray, low: np.ndarray | None, high: np.ndarray | None, lead: tuple[int, ...]
 ) -> Violation | None:
@@ -247,9 +257,15 @@ class ObservationSpec:
     FIELDS = ("kind", "shape", "dtype", "low", "high", "num_values", "cell_values", "description")
 
     @property
+    def token_shape(self) -> tuple[int, ...]:
+        """The shape of a ``proprio`` or ``discrete`` key's tokens in one timestep: ``shape``, or
+        ``shape[:-1]`` with ``cell_values`` (one token per cell)."""
+        return self.shape[:-1] if self.cell_values else self.shape
+
+    @property
     def tokens(self) -> int:
         """Tokens per timestep of a ``proprio`` or ``discrete`` key: its elements, or its cells."""
-        return math.prod(self.shape[:-1] if self.cell_values else self.shape)
+        return math.prod(self.token_shape)
 
     def to_cells(self, array: np.ndarray) -> np.ndarray:
         """Entries ``(..., *shape)`` to one value per cell ``(..., *shape[:-1])`` (mixed radix,
@@ -372,38 +388,22 @@ class ObservationSpec:
             ]
         out: list[Violation] = []
         if array.dtype.kind == "f":
-            bad = ~np.isfinite(array)
-            if bad.any():
-                index = tuple(int(i) for i in np.argwhere(bad)[0])
-                out.append(
-                    Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}")
-                )
-                return out
+            violation = _first_violation(key, "non-finite value", "finite values", array, ~np.isfinite(array))
+            if violation is not None:
+                return [violation]
         if self.kind == "discrete":
             assert self.num_values is not None
-            bad = (array < 0) | (array >= self.num_values)
-            if bad.any():
-                index = tuple(int(i) for i in np.argwhere(bad)[0])
-                out.append(
-                    Violation(
-                        key,
-                        "out of range",
-                        f"integers in [0, {self.num_values})",
-                        f"{array[index]} at index {index}",
-                    )
+            expected = f"integers in [0, {self.num_values})"
+            violation = _first_violation(
+                key, "out of range", expected, array, (array < 0) | (array >= self.num_values)
+            )
+            if violation is None and self.cell_values is not None:
+                expected = f"a cell's entry k in [0, cell_values[k]) = {list(self.cell_values)}"
+                violation = _first_violation(
+                    key, "out of range", expected, array, array >= np.asarray(self.cell_values)
                 )
-            elif self.cell_values is not None:
-                bad = array >= np.asarray(self.cell_values)
-                if bad.any():
-                    index = tuple(int(i) for i in np.argwhere(bad)[0])
-                    out.append(
-                        Violation(
-                            key,
-                            "out of range",
-                            f"a cell's entry k in [0, cell_values[k]) = {list(self.cell_values)}",
-                            f"{array[index]} at index {index}",
-                        )
-                    )
+            if violation is not None:
+                out.append(violation)
         if self.low is not None or self.high is not None:
             violation = _bound_violation(key, array, self.low, self.high, lead)
             if violation is not None:
@@ -498,30 +498,20 @@ class ActionSpec:
         if self.kind == "continuous":
             if array.dtype.kind != "f":
                 return [Violation(key, "wrong dtype", "a float dtype", str(array.dtype))]
-            bad = ~np.isfinite(array)
-            if bad.any():
-                index = tuple(int(i) for i in np.argwhere(bad)[0])
-                return [
-                    Violation(key, "non-finite value", "finite values", f"{array[index]} at index {index}")
-                ]
+            violation = _first_violation(key, "non-finite value", "finite values", array, ~np.isfinite(array))
+            if violation is not None:
+                return [violation]
             assert self.low is not None and self.high is not None
             violation = _bound_violation(key, array, self.low, self.high, lead)
             return [violation] if violation is not None else []
         if array.dtype.kind not in "iub":
             return [Violation(key, "wrong dtype", "an integer dtype", str(array.dtype))]
         assert self.num_choices is not None
-        bad = (array < 0) | (array >= self.num_choices)
-        if bad.any():
-            index = tuple(int(i) for i in np.argwhere(bad)[0])
-            return [
-                Violation(
-                    key,
-                    "out of range",
-                    f"integers in [0, {self.num_choices})",
-                    f"{array[index]} at index {index}",
-                )
-            ]
-        return []
+        expected = f"integers in [0, {self.num_choices})"
+        violation = _first_violation(
+            key, "out of range", expected, array, (array < 0) | (array >= self.num_choices)
+        )
+        return [violation] if violation is not None else []
 
 
 @dataclass(frozen=True, eq=False)
